@@ -1,0 +1,1 @@
+"""Analysis of finished dkd-tune searches: tidy results, Parquet, tables, plots, auto-beta validation."""

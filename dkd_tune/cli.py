@@ -1,0 +1,52 @@
+"""The `dkd-tune` command: parses arguments, validates them, and calls one function per subcommand.
+
+Heavy libraries (torch, Ray, MLflow) are imported inside the commands that need them, so
+`dkd-tune --help` is instant and a bad argument is refused before anything is started.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from dkd_tune import __version__
+from dkd_tune.errors import UserInputError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "--version", "-V", prog_name="dkd-tune")
+def cli() -> None:
+    """Hyperparameter search for Decoupled Knowledge Distillation (DKD).
+
+    Searches beta, alpha, temperature and warm-up for a teacher/student pair with Optuna (TPE)
+    and ASHA on Ray Tune, predicts beta from the teacher's logit gap, and logs everything to MLflow.
+    """
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""
+    try:
+        cli.main(args=argv, prog_name="dkd-tune", standalone_mode=False)
+    except UserInputError as error:
+        click.echo(f"dkd-tune: error: {error}", err=True)
+        sys.exit(2)
+    except click.exceptions.NoArgsIsHelpError as error:
+        click.echo(error.ctx.get_help() if error.ctx else str(error))
+        sys.exit(2)
+    except click.UsageError as error:
+        command = error.ctx.command_path if error.ctx else "dkd-tune"
+        click.echo(f"{command}: error: {error.format_message()} (see '{command} --help')", err=True)
+        sys.exit(2)
+    except click.ClickException as error:
+        click.echo(f"dkd-tune: error: {error.format_message()}", err=True)
+        sys.exit(error.exit_code)
+    except click.exceptions.Abort:
+        click.echo("dkd-tune: aborted", err=True)
+        sys.exit(130)
+    except click.exceptions.Exit as exit_request:
+        sys.exit(exit_request.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""Packaging and documentation invariants: the README's commands, CI, the installed entry points."""
+
+import re
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_commands() -> list[str]:
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    return [line.strip() for block in blocks for line in block.splitlines() if line.strip()]
+
+
+def test_readme_quickstart_has_exactly_the_demo_and_test_commands():
+    quickstart = (ROOT / "README.md").read_text().split("## Quickstart", 1)[1].split("\n## ", 1)[0]
+    commands = [
+        line.strip()
+        for block in re.findall(r"```bash\n(.*?)```", quickstart, flags=re.S)
+        for line in block.splitlines()
+        if line.strip()
+    ]
+    assert len(commands) == 2
+    demo, tests = commands
+    assert demo.startswith("python3 -m venv") and demo.endswith("dkd-tune run search_spaces/demo.yaml")
+    assert tests.startswith("python3 -m venv") and "[test]" in tests and "pytest" in tests
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    test_command = next(c for c in readme_commands() if "pytest" in c)
+    ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert test_command in ci_lines
+    assert "set -euo pipefail" in ci_lines
+
+
+def test_cli_help_and_version():
+    help_text = subprocess.run(
+        [sys.executable, "-m", "dkd_tune", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "Decoupled Knowledge Distillation" in help_text
+    version = subprocess.run(
+        [sys.executable, "-m", "dkd_tune", "--version"], capture_output=True, text=True, check=True
+    ).stdout
+    from dkd_tune import __version__
+
+    assert __version__ in version
+
+
+def test_unknown_command_is_one_line_and_exit_code_2():
+    result = subprocess.run(
+        [sys.executable, "-m", "dkd_tune", "no-such-command"], capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_non_editable_install_works_from_any_directory(tmp_path):
+    """`pip install .` into a fresh venv, then the console script and the packages work from /."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    # Reuse this environment's installed dependencies (a .pth file) and install only dkd-tune itself.
+    site_packages = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    (Path(site_packages) / "outer_env.pth").write_text(sysconfig.get_path("purelib") + "\n")
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", "--no-deps", str(ROOT)], check=True, cwd=tmp_path
+    )
+    subprocess.run([str(venv / "bin" / "dkd-tune"), "--help"], check=True, cwd="/", capture_output=True)
+    probe = "import dkd_tune, trainables, analysis; print(dkd_tune.__file__)"
+    location = subprocess.run(
+        [str(python), "-c", probe], check=True, cwd="/", capture_output=True, text=True
+    ).stdout
+    assert str(venv) in location, location
