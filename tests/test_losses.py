@@ -24,17 +24,20 @@ def paper_reference(student, teacher, target, temperature):
     p_t = torch.softmax(teacher / temperature, dim=1)
     rows = torch.arange(len(target))
     pt_s, pt_t = p_s[rows, target], p_t[rows, target]
-    b_s = torch.stack([pt_s, 1 - pt_s], dim=1)
-    b_t = torch.stack([pt_t, 1 - pt_t], dim=1)
-    tckd = (b_t * (b_t.log() - b_s.log())).sum(1)
     mask = torch.ones_like(p_s, dtype=torch.bool)
     mask[rows, target] = False
-    hat_s = (p_s * mask) / (1 - pt_s).unsqueeze(1)
-    hat_t = (p_t * mask) / (1 - pt_t).unsqueeze(1)
+    # 1 - p_t written as the sum of the non-target probabilities: the same quantity, without the
+    # cancellation that 1 - p_t suffers when p_t is within rounding of 1.
+    rest_s, rest_t = (p_s * mask).sum(1), (p_t * mask).sum(1)
+    b_s = torch.stack([pt_s, rest_s], dim=1)
+    b_t = torch.stack([pt_t, rest_t], dim=1)
+    tckd = (b_t * (b_t.log() - b_s.log())).sum(1)
+    hat_s = (p_s * mask) / rest_s.unsqueeze(1)
+    hat_t = (p_t * mask) / rest_t.unsqueeze(1)
     nckd = torch.where(mask, hat_t * (hat_t.log() - hat_s.log()), torch.zeros_like(hat_t)).sum(1)
     kd = (p_t * (p_t.log() - p_s.log())).sum(1)
     scale = temperature**2
-    return kd * scale, tckd * scale, nckd * scale, 1 - pt_t
+    return kd * scale, tckd * scale, nckd * scale, rest_t
 
 
 cases = st.tuples(
