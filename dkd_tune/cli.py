@@ -24,6 +24,37 @@ def cli() -> None:
     """
 
 
+@cli.command("calibrate")
+@click.argument("results", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--out", required=True, type=click.Path(dir_okay=False), help="Calibration file to write (JSON)."
+)
+@click.option("--family", help="Dataset family the results must be of (default: the one in the files).")
+@click.option("--name", help="Calibration name (default: the output file's stem).")
+def calibrate(results: tuple[str, ...], out: str, family: str | None, name: str | None) -> None:
+    """Fit an auto-beta calibration (teacher gap -> beta) from finished searches' results Parquet."""
+    from analysis.best_beta import calibrate_from_results
+
+    calibration = calibrate_from_results(results, out, family=family, name=name)
+    click.echo(calibration.report())
+    click.echo(f"wrote {out}")
+
+
+@cli.command("show-calibration")
+@click.argument("calibration_file", required=False, type=click.Path(dir_okay=False))
+@click.option(
+    "--family", help="Dataset family: the shipped default to show, or the one the file must be for."
+)
+@click.option(
+    "--gap", "gaps", type=float, multiple=True, help="Teacher gap to predict beta for (repeatable)."
+)
+def show_calibration(calibration_file: str | None, family: str | None, gaps: tuple[float, ...]) -> None:
+    """Show an auto-beta calibration (default: the shipped CIFAR one) and its beta for given gaps."""
+    from dkd_tune.auto_beta import describe_calibration
+
+    click.echo(describe_calibration(calibration_file, family, gaps))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""
     try:
