@@ -55,6 +55,24 @@ def show_calibration(calibration_file: str | None, family: str | None, gaps: tup
     click.echo(describe_calibration(calibration_file, family, gaps))
 
 
+@cli.command("models")
+@click.option(
+    "--family", type=click.Choice(["cifar", "imagenet"]), help="Only the CIFAR or the ImageNet networks."
+)
+def models_command(family: str | None) -> None:
+    """List the model zoo: name, family, parameters (millions, at the family's default class count), input size."""
+    from dkd_tune.models.registry import model_table
+
+    rows = model_table(family)
+    width = max(len(info.name) for info, _ in rows)
+    click.echo(f"{'name':<{width}}  family    params (M)  classes  input")
+    for info, parameters in rows:
+        click.echo(
+            f"{info.name:<{width}}  {info.family:<8}  {parameters / 1e6:>10.3f}  {info.default_num_classes:>7}  "
+            f"{info.input_size}x{info.input_size}"
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""
     try:
