@@ -73,6 +73,27 @@ def models_command(family: str | None) -> None:
         )
 
 
+@cli.command("ui")
+@click.option(
+    "--port", default=5000, show_default=True, type=click.IntRange(1, 65535), help="Port to serve on."
+)
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to bind; 0.0.0.0 exposes the UI (and the store's API) to the network.",
+)
+@click.option(
+    "--tracking-uri",
+    help="MLflow store to show (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here).",
+)
+def ui(port: int, host: str, tracking_uri: str | None) -> None:
+    """Start the MLflow UI on the searches' MLflow store to compare trials (Ctrl-C stops it)."""
+    from dkd_tune.mlflow_ui import run_ui
+
+    run_ui(tracking_uri, host=host, port=port)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""
     try:
