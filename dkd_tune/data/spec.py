@@ -1,0 +1,135 @@
+"""What data a run uses: the `DataSpec` and its parser for `cifar100:~/data` strings and YAML mappings."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dkd_tune.errors import UserInputError
+
+DATASET_NAMES = ("cifar100", "synthetic", "imagenet")
+AUGMENTATIONS = ("standard", "autoaugment", "none")
+GENERATE_KEYS = ("classes", "superclasses", "train_per_class", "test_per_class", "image_size", "seed")
+SPEC_KEYS = ("name", "root", "download", "augment", "label_noise", "noise_seed", "generate")
+FAMILY = {"cifar100": "cifar", "synthetic": "synthetic", "imagenet": "imagenet"}
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """A dataset by name and folder, with the training-set options that change what a model sees."""
+
+    name: str
+    root: Path
+    download: bool = False
+    augment: str = "standard"
+    label_noise: float = 0.0
+    noise_seed: int = 0
+    generate: dict | None = None
+
+    @property
+    def family(self) -> str:
+        """Which auto-beta calibration applies: "cifar", "imagenet" or "synthetic"."""
+        return FAMILY[self.name]
+
+
+def parse_data_spec(value: str | Mapping[str, Any] | DataSpec, source: str = "--data") -> DataSpec:
+    """Parse "NAME:PATH" (e.g. "cifar100:~/data") or a mapping with `name`, `root` and options.
+
+    Every problem raises `UserInputError` naming `source` and the offending key or value.
+    """
+    if isinstance(value, DataSpec):
+        return value
+    if isinstance(value, str):
+        name, sep, root = value.partition(":")
+        if not sep or not name.strip() or not root.strip():
+            raise UserInputError(
+                f"{source}: {value!r} is not a data spec; expected NAME:PATH with NAME one of "
+                f"{', '.join(DATASET_NAMES)}, e.g. 'cifar100:~/data'"
+            )
+        fields: dict[str, Any] = {"name": name.strip(), "root": root.strip()}
+    elif isinstance(value, Mapping):
+        unknown = sorted(str(key) for key in value if key not in SPEC_KEYS)
+        if unknown:
+            raise UserInputError(
+                f"{source}: unknown key {unknown[0]!r} in the data spec; allowed keys: {', '.join(SPEC_KEYS)}"
+            )
+        for required in ("name", "root"):
+            if required not in value:
+                raise UserInputError(f"{source}: the data spec needs the key {required!r}")
+        fields = dict(value)
+    else:
+        raise UserInputError(
+            f"{source}: expected a data spec string like 'cifar100:~/data' or a mapping, got {type(value).__name__}"
+        )
+    return _validated(fields, source)
+
+
+def _validated(fields: dict[str, Any], source: str) -> DataSpec:
+    name = fields["name"]
+    if not isinstance(name, str) or name not in DATASET_NAMES:
+        raise UserInputError(
+            f"{source}: name {name!r} is not a known dataset; expected one of {', '.join(DATASET_NAMES)}"
+        )
+    root = fields["root"]
+    if not isinstance(root, (str, Path)) or not str(root).strip():
+        raise UserInputError(f"{source}: root {root!r} is not a folder path")
+    download = fields.get("download", False)
+    if not isinstance(download, bool):
+        raise UserInputError(f"{source}: download {download!r} must be true or false")
+    if download and name != "cifar100":
+        raise UserInputError(f"{source}: download: true is available for cifar100 only, not {name!r}")
+    augment = fields.get("augment", "standard")
+    if augment not in AUGMENTATIONS:
+        raise UserInputError(f"{source}: augment {augment!r} is not one of {', '.join(AUGMENTATIONS)}")
+    if name == "imagenet" and augment != "standard":
+        raise UserInputError(
+            f"{source}: augment {augment!r} is not available for imagenet, which uses its standard "
+            "random-resized-crop/flip recipe (augment: standard)"
+        )
+    label_noise = fields.get("label_noise", 0.0)
+    if (
+        isinstance(label_noise, bool)
+        or not isinstance(label_noise, (int, float))
+        or not math.isfinite(label_noise)
+        or not 0.0 <= label_noise < 1.0
+    ):
+        raise UserInputError(f"{source}: label_noise {label_noise!r} must be a number in [0, 1)")
+    if label_noise and name == "imagenet":
+        raise UserInputError(
+            f"{source}: label_noise is available for cifar100 and synthetic data, not imagenet"
+        )
+    noise_seed = fields.get("noise_seed", 0)
+    if isinstance(noise_seed, bool) or not isinstance(noise_seed, int) or noise_seed < 0:
+        raise UserInputError(f"{source}: noise_seed {noise_seed!r} must be a non-negative integer")
+    generate = fields.get("generate")
+    if generate is not None:
+        generate = _validated_generate(generate, name, source)
+    return DataSpec(
+        name=name,
+        root=Path(str(root).strip()).expanduser(),
+        download=download,
+        augment=augment,
+        label_noise=float(label_noise),
+        noise_seed=noise_seed,
+        generate=generate,
+    )
+
+
+def _validated_generate(generate: Any, name: str, source: str) -> dict:
+    if name != "synthetic":
+        raise UserInputError(f"{source}: generate is available for synthetic data only, not {name!r}")
+    if not isinstance(generate, Mapping):
+        raise UserInputError(
+            f"{source}: generate must be a mapping of make-synthetic parameters ({', '.join(GENERATE_KEYS)})"
+        )
+    for key, item in generate.items():
+        if key not in GENERATE_KEYS:
+            raise UserInputError(
+                f"{source}: unknown key generate.{key}; allowed keys: {', '.join(GENERATE_KEYS)}"
+            )
+        if isinstance(item, bool) or not isinstance(item, int):
+            raise UserInputError(f"{source}: generate.{key} {item!r} must be an integer")
+    return dict(generate)

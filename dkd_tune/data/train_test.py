@@ -1,0 +1,58 @@
+"""Turns a DataSpec into a run's (train, test) datasets: read (or download, or generate), then label noise."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from dkd_tune.data.cifar import CIFAR100_URL, CIFAR_FOLDER, cifar100_folder, read_cifar100
+from dkd_tune.data.dataset import CIFAR100_MEAN, CIFAR100_STD, ImageDataset
+from dkd_tune.data.label_noise import symmetric_label_noise
+from dkd_tune.data.spec import DataSpec
+from dkd_tune.data.synthetic import make_synthetic
+from dkd_tune.errors import UserInputError
+
+
+def load_train_test(spec: DataSpec) -> tuple[ImageDataset, ImageDataset]:
+    """The (train, test) datasets of a cifar100 or synthetic spec; label noise, if any, on train only.
+
+    With noise, `train.labels` are noisy, `train.clean_labels` the originals and
+    `train.label_noise_rate` the realised rate.
+    """
+    if spec.name == "cifar100":
+        if spec.download and not (cifar100_folder(spec.root) / "meta").is_file():
+            _download_cifar100(spec)
+        how_to_get = (
+            f"set download: true in the data spec, or download {CIFAR100_URL} and extract it into {spec.root}"
+        )
+        train, test = read_cifar100(
+            spec.root, name="cifar100", how_to_get=how_to_get, mean=CIFAR100_MEAN, std=CIFAR100_STD
+        )
+    elif spec.name == "synthetic":
+        if spec.generate is not None:
+            make_synthetic(spec.root, **spec.generate)
+        how_to_get = f"run `dkd-tune make-synthetic --out {spec.root}`, or add generate: to the data spec"
+        train, test = read_cifar100(spec.root, name="synthetic", how_to_get=how_to_get)
+    else:
+        raise UserInputError(
+            f"data spec {spec.name!r}: train/test datasets are read for cifar100 and synthetic; "
+            "imagenet uses dkd_tune.data.imagenet_loaders"
+        )
+    if spec.label_noise > 0:
+        noisy, realised = symmetric_label_noise(
+            train.labels, spec.label_noise, train.num_classes, spec.noise_seed
+        )
+        train = dataclasses.replace(train, labels=noisy, clean_labels=train.labels, label_noise_rate=realised)
+    return train, test
+
+
+def _download_cifar100(spec: DataSpec) -> None:
+    from torchvision.datasets import CIFAR100
+
+    try:
+        spec.root.mkdir(parents=True, exist_ok=True)
+        CIFAR100(str(spec.root), train=True, download=True)
+    except (OSError, RuntimeError) as error:
+        raise UserInputError(
+            f"{spec.root / CIFAR_FOLDER}: could not download CIFAR-100 ({type(error).__name__}: {error}); "
+            f"download {CIFAR100_URL} by hand and extract it into {spec.root}"
+        ) from None
