@@ -7,6 +7,7 @@ Heavy libraries (torch, Ray, MLflow) are imported inside the commands that need 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
@@ -137,6 +138,197 @@ def make_synthetic_command(
     click.echo(
         f"synthetic dataset in {written}/cifar-100-python: {classes} classes in {superclasses} superclasses, "
         f"{classes * train_per_class} train / {classes * test_per_class} test images of {image_size}x{image_size}"
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Searches
+
+
+@cli.command("run")
+@click.argument("space_file", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--name", help="Search name (default: the file's name; a timestamp is added if it exists).")
+@click.option("--num-samples", type=int, help="Trials per teacher (overrides search.num_samples).")
+@click.option(
+    "--set",
+    "set_values",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a field, e.g. search.seed=3 or epochs=30.",
+)
+@click.option(
+    "--address", help="Ray cluster to join: 'auto' or HOST:PORT (default: a local Ray on 127.0.0.1)."
+)
+@click.option("--storage", help="Where results and checkpoints go (a path or a URI shared by the cluster).")
+@click.option("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db).")
+@click.option(
+    "--resume", "resume_existing", is_flag=True, help="Continue the search of this --name if it exists."
+)
+@click.option("--dashboard", is_flag=True, help="Start Ray's dashboard (on 127.0.0.1).")
+def run_command(
+    space_file, name, num_samples, set_values, address, storage, tracking_uri, resume_existing, dashboard
+) -> None:
+    """Run an ASHA-pruned Optuna search described by a search-space YAML file."""
+    from dkd_tune.config import load_search_space
+    from dkd_tune.search import SearchOptions, locate_search, resume_search, run_search
+
+    overrides = [*set_values, *([f"search.num_samples={num_samples}"] if num_samples is not None else [])]
+    space = load_search_space(space_file, overrides)
+    options = SearchOptions(
+        name=name, address=address, storage=storage, tracking_uri=tracking_uri, dashboard=dashboard
+    )
+    if resume_existing:
+        try:
+            existing = locate_search(name or space.name, storage or space.storage)
+        except UserInputError:
+            existing = None
+        if existing is not None:
+            _print_outcome(resume_search(str(existing), options))
+            return
+    _print_outcome(run_search(space, space_file, options))
+
+
+@cli.command("resume")
+@click.argument("name_or_path")
+@click.option("--storage", help="Storage the search was run with (default: ./dkd_runs).")
+@click.option("--address", help="Ray cluster to join: 'auto' or HOST:PORT.")
+@click.option("--tracking-uri", help="MLflow tracking URI (default: the one the search started with).")
+def resume_command(name_or_path, storage, address, tracking_uri) -> None:
+    """Continue an interrupted search: finished trials kept, unfinished ones resumed from checkpoints."""
+    from dkd_tune.search import SearchOptions, resume_search
+
+    _print_outcome(
+        resume_search(
+            name_or_path, SearchOptions(storage=storage, address=address, tracking_uri=tracking_uri)
+        )
+    )
+
+
+def _print_outcome(outcome) -> None:
+    click.echo("")
+    click.echo(outcome.table)
+    click.echo("")
+    if outcome.best:
+        best = outcome.best
+        hyper = ", ".join(
+            f"{key}={best[key]:.4g}" if isinstance(best[key], float) else f"{key}={best[key]}"
+            for key in ("beta", "alpha", "temperature", "warmup_epochs", "lr")
+            if key in best
+        )
+        click.echo(
+            f"best trial: {best['trial_id']} (teacher {best['teacher']}, loss {best['loss']}): {hyper}"
+        )
+        click.echo(
+            f"  final test top-1 {best['final_test_acc']:.2f}%, checkpoint {best.get('checkpoint_path')}"
+        )
+    else:
+        click.echo("no trial completed its full budget")
+    click.echo(f"results: {outcome.results_path}")
+    click.echo("compare the trials: dkd-tune ui  (MLflow UI on http://127.0.0.1:5000)")
+
+
+@cli.command("schema")
+@click.option(
+    "--format", "output_format", type=click.Choice(["yaml", "json"]), default="yaml", show_default=True
+)
+def schema_command(output_format: str) -> None:
+    """Print the search-space file schema (every key, its type, default and meaning)."""
+    import json
+
+    import yaml
+
+    from dkd_tune.config import SearchSpaceFile
+
+    schema = SearchSpaceFile.model_json_schema(by_alias=True)
+    click.echo(
+        json.dumps(schema, indent=2) if output_format == "json" else yaml.safe_dump(schema, sort_keys=False)
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Single runs
+
+
+def _single_run_options(function):
+    options = [
+        click.option("--data", required=True, help="Dataset, e.g. cifar100:~/data or synthetic:./demo_data."),
+        click.option(
+            "--out",
+            "out_dir",
+            required=True,
+            type=click.Path(path_type=Path, file_okay=False),
+            help="Output folder (best.pt, last.pt).",
+        ),
+        click.option(
+            "--set",
+            "set_values",
+            multiple=True,
+            metavar="KEY=VALUE",
+            help="Override a recipe field, e.g. epochs=30.",
+        ),
+        click.option(
+            "--tracking-uri", help="Log to MLflow (default: MLFLOW_TRACKING_URI if set, else no logging)."
+        ),
+        click.option("--experiment", help="MLflow experiment name."),
+        click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint."),
+        click.option("--device", help="cpu, cuda or cuda:N (default: cuda when available)."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+@cli.command("train-teacher")
+@click.option("--model", required=True, help="Teacher architecture, e.g. wrn_40_2.")
+@click.option("--recipe", default="teacher-cifar100", show_default=True, help="Recipe preset.")
+@_single_run_options
+def train_teacher_command(
+    model, recipe, data, out_dir, set_values, tracking_uri, experiment, resume, device
+) -> None:
+    """Train a network with cross-entropy (a teacher, or a student baseline)."""
+    from dkd_tune.runs import RunSettings, train_teacher
+
+    train_teacher(
+        model, RunSettings(data, out_dir, recipe, set_values, tracking_uri, experiment, resume, device)
+    )
+
+
+@cli.command("distill")
+@click.option("--teacher-model", required=True, help="Teacher architecture, e.g. resnet32x4.")
+@click.option("--teacher-checkpoint", required=True, type=click.Path(dir_okay=False), help="Teacher weights.")
+@click.option("--student", required=True, help="Student architecture, e.g. resnet8x4.")
+@click.option(
+    "--loss",
+    "loss_mode",
+    type=click.Choice(["dkd", "kd", "tckd", "nckd", "ce"]),
+    default="dkd",
+    show_default=True,
+)
+@click.option("--recipe", default="cifar100", show_default=True, help="Recipe preset.")
+@_single_run_options
+def distill_command(
+    teacher_model,
+    teacher_checkpoint,
+    student,
+    loss_mode,
+    recipe,
+    data,
+    out_dir,
+    set_values,
+    tracking_uri,
+    experiment,
+    resume,
+    device,
+) -> None:
+    """Distil a student from a trained teacher (one run, no search)."""
+    from dkd_tune.runs import RunSettings, distill
+
+    distill(
+        student,
+        teacher_model,
+        teacher_checkpoint,
+        loss_mode,
+        RunSettings(data, out_dir, recipe, set_values, tracking_uri, experiment, resume, device),
     )
 
 

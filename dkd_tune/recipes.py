@@ -140,7 +140,9 @@ def resolve_recipe(
     `source` names where the overrides came from (a file and key, or `--set`) for error messages.
     """
     if preset not in PRESETS:
-        raise UserInputError(f"{source}: unknown recipe preset {preset!r}; expected one of {', '.join(PRESETS)}")
+        raise UserInputError(
+            f"{source}: unknown recipe preset {preset!r}; expected one of {', '.join(PRESETS)}"
+        )
     recipe = PRESETS[preset](student=student, teacher=teacher)
     if not overrides:
         return validate_recipe(recipe, source)
@@ -148,7 +150,11 @@ def resolve_recipe(
     for key, value in overrides.items():
         if key not in OVERRIDABLE_FIELDS:
             close = difflib.get_close_matches(key, OVERRIDABLE_FIELDS, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; expected one of {', '.join(OVERRIDABLE_FIELDS)}"
+            hint = (
+                f"; did you mean {close[0]!r}?"
+                if close
+                else f"; expected one of {', '.join(OVERRIDABLE_FIELDS)}"
+            )
             raise UserInputError(f"{source}: unknown recipe field {key!r}{hint}")
         changes[key] = _coerce_field(key, value, source)
     return validate_recipe(dataclasses.replace(recipe, **changes), source)
@@ -194,10 +200,16 @@ def validate_recipe(recipe: Recipe, source: str = "recipe") -> Recipe:
         (recipe.alpha >= 0, "alpha", "a number >= 0"),
         (recipe.beta >= 0, "beta", "a number >= 0"),
         (recipe.temperature > 0, "temperature", "a number > 0"),
-        (0 <= recipe.warmup_epochs <= recipe.epochs, "warmup_epochs", f"an integer in [0, epochs={recipe.epochs}]"),
+        (
+            0 <= recipe.warmup_epochs <= recipe.epochs,
+            "warmup_epochs",
+            f"an integer in [0, epochs={recipe.epochs}]",
+        ),
         (all(m >= 0 for m in recipe.lr_milestones), "lr_milestones", "epochs >= 0"),
     ]
     for ok, key, expected in checks:
         if not ok:
-            raise UserInputError(f"{source}: {key} = {getattr(recipe, key)!r} is not valid; expected {expected}")
+            raise UserInputError(
+                f"{source}: {key} = {getattr(recipe, key)!r} is not valid; expected {expected}"
+            )
     return recipe

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 
-from dkd_tune.data.cifar import CIFAR100_URL, CIFAR_FOLDER, cifar100_folder, read_cifar100
+from dkd_tune.data.cifar import CIFAR100_URL, CIFAR_FILES, CIFAR_FOLDER, cifar100_folder, read_cifar100
 from dkd_tune.data.dataset import CIFAR100_MEAN, CIFAR100_STD, ImageDataset
 from dkd_tune.data.label_noise import symmetric_label_noise
 from dkd_tune.data.spec import DataSpec
-from dkd_tune.data.synthetic import make_synthetic
+from dkd_tune.data.synthetic import make_synthetic, synthetic_params
 from dkd_tune.errors import UserInputError
+
+SYNTHETIC_DEFAULT_CLASSES = 100  # make_synthetic's default
 
 
 def load_train_test(spec: DataSpec) -> tuple[ImageDataset, ImageDataset]:
@@ -56,3 +58,39 @@ def _download_cifar100(spec: DataSpec) -> None:
             f"{spec.root / CIFAR_FOLDER}: could not download CIFAR-100 ({type(error).__name__}: {error}); "
             f"download {CIFAR100_URL} by hand and extract it into {spec.root}"
         ) from None
+
+
+def dataset_problem(spec: DataSpec) -> str | None:
+    """Why `spec` cannot be read right now (one line), or None; checked before a search starts."""
+    if spec.name == "imagenet":
+        missing = [split for split in ("train", "val") if not (spec.root / split).is_dir()]
+        if missing:
+            return f"{spec.root / missing[0]}: no such folder; expected ImageFolder train/ and val/ under {spec.root}"
+        return None
+    if spec.download or (spec.name == "synthetic" and spec.generate is not None):
+        return None
+    folder = cifar100_folder(spec.root)
+    for file in CIFAR_FILES:
+        if not (folder / file).is_file():
+            how_to_get = (
+                "set download: true in the data spec"
+                if spec.name == "cifar100"
+                else f"run `dkd-tune make-synthetic --out {spec.root}` or add generate: to the data spec"
+            )
+            return f"{folder / file}: missing file; expected {CIFAR_FOLDER}/{{train,test,meta}}; {how_to_get}"
+    return None
+
+
+def dataset_num_classes(spec: DataSpec) -> int:
+    """Number of classes of `spec`'s dataset, without reading its images."""
+    if spec.name == "cifar100":
+        return 100
+    if spec.name == "imagenet":
+        return sum(1 for entry in (spec.root / "train").iterdir() if entry.is_dir())
+    params = synthetic_params(spec.root)
+    if params is not None:
+        return int(params["classes"])
+    if spec.generate is not None:
+        return int(spec.generate.get("classes", SYNTHETIC_DEFAULT_CLASSES))
+    train, _ = read_cifar100(spec.root, name="synthetic", how_to_get="")
+    return train.num_classes

@@ -1,0 +1,207 @@
+"""Single training runs outside a search: `dkd-tune train-teacher` and `dkd-tune distill`.
+
+Each run loads the data once, trains with `train.fit`, prints one line per epoch and a summary,
+keeps `best.pt` (a model checkpoint any command can load) and `last.pt` (to resume) in its
+output folder, and logs to MLflow when a tracking URI is set (flag or MLFLOW_TRACKING_URI).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dkd_tune.errors import UserInputError
+from dkd_tune.recipes import Recipe, resolve_recipe
+
+
+@dataclass
+class RunSettings:
+    """What a single run needs besides its networks."""
+
+    data: str
+    out_dir: Path
+    recipe: str
+    overrides: Sequence[str] = ()
+    tracking_uri: str | None = None
+    experiment: str | None = None
+    resume: bool = False
+    device: str | None = None
+    log: Callable[[str], None] = print
+
+
+def parse_set_overrides(assignments: Sequence[str]) -> dict[str, Any]:
+    """`--set key=value` pairs (values read as YAML) -> {key: value}; the recipe validates them."""
+    overrides: dict[str, Any] = {}
+    for assignment in assignments:
+        key, separator, text = assignment.partition("=")
+        if not separator or not key.strip():
+            raise UserInputError(f"--set {assignment!r}: expected KEY=VALUE, e.g. --set epochs=30")
+        try:
+            overrides[key.strip()] = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise UserInputError(f"--set {key}: value {text!r} is not valid YAML") from None
+    return overrides
+
+
+def train_teacher(model: str, settings: RunSettings) -> Any:
+    """Train `model` with cross-entropy only (the teacher recipe by default)."""
+    from dkd_tune.models import model_info
+
+    model_info(model)  # an unknown name fails here, with the closest valid names
+    recipe = resolve_recipe(
+        settings.recipe, student=model, overrides=parse_set_overrides(settings.overrides), source="--set"
+    )
+    return _train(
+        student=model, recipe=recipe, loss_mode="ce", teacher=None, kind="train-teacher", settings=settings
+    )
+
+
+def distill(
+    student: str, teacher_model: str, teacher_checkpoint: str, loss_mode: str, settings: RunSettings
+) -> Any:
+    """Distil `student` from a trained teacher with one loss mode (dkd by default)."""
+    from dkd_tune.models import load_teacher, model_info
+
+    model_info(student)
+    model_info(teacher_model)
+    recipe = resolve_recipe(
+        settings.recipe,
+        student=student,
+        teacher=teacher_model,
+        overrides=parse_set_overrides(settings.overrides),
+        source="--set",
+    )
+    teacher = load_teacher(teacher_model, teacher_checkpoint)
+    return _train(
+        student=student,
+        recipe=recipe,
+        loss_mode=loss_mode,
+        teacher=teacher,
+        kind="distill",
+        settings=settings,
+        extra_params={"teacher_model": teacher_model, "teacher_checkpoint": str(teacher_checkpoint)},
+    )
+
+
+def _train(
+    *,
+    student: str,
+    recipe: Recipe,
+    loss_mode: str,
+    teacher: Any,
+    kind: str,
+    settings: RunSettings,
+    extra_params: dict[str, Any] | None = None,
+) -> Any:
+    import torch
+
+    from dkd_tune.data import EvalLoader, build_train_loader, load_train_test, parse_data_spec
+    from dkd_tune.models import create_model
+    from dkd_tune.train import LAST_CHECKPOINT, Acceleration, RunIdentity, fit
+    from dkd_tune.trial import training_device
+
+    spec = parse_data_spec(settings.data, source="--data")
+    device = torch.device(settings.device) if settings.device else training_device()
+    resume_from = settings.out_dir / LAST_CHECKPOINT
+    if resume_from.exists() and not settings.resume:
+        raise UserInputError(
+            f"--out {settings.out_dir}: already holds a run ({LAST_CHECKPOINT}); pass --resume to continue it or choose another --out"
+        )
+    train_set, test_set = load_train_test(spec)
+    settings.out_dir.mkdir(parents=True, exist_ok=True)
+    acceleration = Acceleration.for_device(device)
+    train_loader = build_train_loader(
+        train_set,
+        spec.augment,
+        recipe.batch_size,
+        device,
+        seed=recipe.seed,
+        channels_last=acceleration.channels_last,
+        dtype=acceleration.input_dtype,
+    )
+    test_loader = EvalLoader(
+        test_set, 512, device, channels_last=acceleration.channels_last, dtype=acceleration.input_dtype
+    )
+    model = create_model(student, num_classes=train_set.num_classes)
+    identity = RunIdentity(
+        arch=student,
+        num_classes=train_set.num_classes,
+        dataset=spec.name,
+        input_size=int(train_set.images.shape[-1]),
+    )
+    noise = getattr(train_set, "label_noise_rate", 0.0)
+    settings.log(
+        f"dkd-tune {kind}: {student} on {spec.name} ({len(train_set.labels)} train / {len(test_set.labels)} test images, "
+        f"{train_set.num_classes} classes{f', realised label noise {noise:.3f}' if noise else ''}), loss {loss_mode}, "
+        f"{recipe.epochs} epochs, device {device}"
+    )
+    params = {
+        **recipe.to_dict(),
+        "loss": loss_mode,
+        "model": student,
+        "dataset": spec.name,
+        "label_noise_rate": noise,
+        **(extra_params or {}),
+    }
+    with _tracked_run(kind, settings, student, params) as log_epoch:
+
+        def report(epoch_report) -> None:
+            metrics = epoch_report.metrics
+            settings.log(
+                f"epoch {epoch_report.epoch:>3}/{recipe.epochs}  loss {metrics['train_loss']:.4f}  "
+                f"train {metrics['train_acc']:.2f}%  test {metrics['test_acc']:.2f}% (best {metrics['best_test_acc']:.2f}%)  "
+                f"lr {metrics['lr']:.4g}  {metrics['images_per_s']:.0f} img/s"
+            )
+            log_epoch(epoch_report)
+
+        result = fit(
+            model, train_loader, test_loader, recipe,
+            identity=identity, loss_mode=loss_mode, teacher=teacher, device=device, acceleration=acceleration,
+            reporter=report, checkpoint_dir=settings.out_dir, resume_from=resume_from if resume_from.exists() else None,
+        )  # fmt: skip
+        log_epoch(None, result=result)
+    settings.log(
+        f"dkd-tune {kind}: {result.status} after {result.epochs_completed} epochs; final test top-1 {result.final_test_acc:.2f}%, "
+        f"best {result.best_test_acc:.2f}%; best checkpoint: {result.best_checkpoint}"
+    )
+    return result
+
+
+@contextlib.contextmanager
+def _tracked_run(
+    kind: str, settings: RunSettings, model: str, params: dict[str, Any]
+) -> Iterator[Callable[..., None]]:
+    """Yield an epoch logger: MLflow when a tracking URI is set, else nothing."""
+    uri = settings.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        yield lambda *args, **kwargs: None
+        return
+    from dkd_tune import tracking
+
+    with tracking.command_run(kind, settings.experiment or kind, uri, run_name=f"{kind}-{model}") as (
+        client,
+        run_id,
+    ):
+        tracking.log_params(client, run_id, params)
+
+        def log_epoch(epoch_report, result=None) -> None:
+            if epoch_report is not None:
+                tracking.log_metrics(
+                    client,
+                    run_id,
+                    tracking.numeric_metrics(epoch_report.metrics),
+                    epoch_report.epoch,
+                    tracking.now_ms(),
+                )
+            elif result is not None:
+                tracking.set_tags(client, run_id, {tracking.TAG_STATUS: result.status})
+                if result.best_checkpoint:
+                    client.log_artifact(run_id, str(result.best_checkpoint))
+
+        yield log_epoch

@@ -1,0 +1,561 @@
+"""`dkd-tune run` and `dkd-tune resume`: teachers prepared once, then Optuna TPE + ASHA on Ray Tune, per teacher.
+
+A search is a folder `<storage>/<name>/` holding the validated config (`search.yaml`), a small
+state file (teachers' artifacts, MLflow parent run, which parts are done), one Ray Tune
+experiment per part (the CE baseline and each teacher: TPE and ASHA compare trials of the same
+teacher only, since the best beta differs by teacher) and, at the end, `results.parquet`.
+Everything needed to finish an interrupted search is in that folder: `resume` reads it back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dkd_tune.config import Distribution, SearchSpaceFile, load_search_space
+from dkd_tune.errors import UserInputError
+from dkd_tune.search_plan import BASELINE_PREFIX, search_parts, trial_plan
+from dkd_tune.storage import atomic_write_json, atomic_write_text
+
+STATE_FILE = "state.json"
+CONFIG_FILE = "search.yaml"
+RESULTS_FILE = "results.parquet"
+# TPE needs a few random trials before its model is worth anything; a third of the budget, 2..10.
+MIN_STARTUP_TRIALS, MAX_STARTUP_TRIALS = 2, 10
+
+
+@dataclass
+class SearchOptions:
+    """Command-line choices that are not part of the search-space file."""
+
+    name: str | None = None
+    address: str | None = None
+    storage: str | None = None
+    tracking_uri: str | None = None
+    dashboard: bool = False
+    log: Callable[[str], None] = print
+
+
+@dataclass
+class SearchOutcome:
+    experiment_dir: Path
+    results_path: Path
+    best: dict[str, Any] | None
+    table: str
+
+
+# ------------------------------------------------------------------------------------------------
+# Entry points
+
+
+def run_search(space: SearchSpaceFile, source: Path, options: SearchOptions) -> SearchOutcome:
+    """Start a new search from a validated file."""
+    storage = Path(options.storage or space.storage).expanduser().resolve()
+    name = options.name or space.name
+    experiment_dir = storage / name
+    if experiment_dir.exists():
+        if options.name:
+            raise UserInputError(
+                f"--name {name}: a search of that name already exists in {storage}; "
+                f"use 'dkd-tune resume {name}' to continue it, or another --name"
+            )
+        name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        experiment_dir = storage / name
+    experiment_dir.mkdir(parents=True)
+    atomic_write_text(
+        experiment_dir / CONFIG_FILE,
+        yaml.safe_dump(space.model_dump(mode="json", by_alias=True, exclude_none=True), sort_keys=False),
+    )
+    state = {
+        "name": name,
+        "source": str(source),
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "tracking_uri": _tracking_uri(space, options),
+        "teachers": {},
+        "parts_done": [],
+        "parent_run_id": None,
+        "status": "running",
+    }
+    atomic_write_json(experiment_dir / STATE_FILE, state)
+    options.log(f"dkd-tune: search '{name}' in {experiment_dir}")
+    return _execute(space, experiment_dir, state, options)
+
+
+def resume_search(name_or_path: str, options: SearchOptions) -> SearchOutcome:
+    """Finish an interrupted search: done parts kept, unfinished trials resumed from their checkpoints."""
+    experiment_dir = locate_search(name_or_path, options.storage)
+    state = json.loads((experiment_dir / STATE_FILE).read_text())
+    space = load_search_space(experiment_dir / CONFIG_FILE)
+    if options.tracking_uri:
+        state["tracking_uri"] = options.tracking_uri
+    options.log(f"dkd-tune: resuming search '{state['name']}' in {experiment_dir}")
+    return _execute(space, experiment_dir, state, options)
+
+
+def locate_search(name_or_path: str, storage: str | None) -> Path:
+    candidates = [Path(name_or_path).expanduser()]
+    candidates.append(Path(storage or "./dkd_runs").expanduser() / name_or_path)
+    for candidate in candidates:
+        if (candidate / STATE_FILE).is_file() and (candidate / CONFIG_FILE).is_file():
+            return candidate.resolve()
+    raise UserInputError(
+        f"search {name_or_path!r}: not found (looked for {STATE_FILE} in "
+        f"{' and '.join(str(c) for c in candidates)}); pass the search's folder or --storage"
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# The search itself
+
+
+def _execute(
+    space: SearchSpaceFile, experiment_dir: Path, state: dict[str, Any], options: SearchOptions
+) -> SearchOutcome:
+    import ray
+
+    from analysis.results import load_search_results, results_table, write_results
+    from dkd_tune import tracking
+    from dkd_tune.data import load_train_test, parse_data_spec
+    from dkd_tune.trial import SharedDataset
+
+    def save_state() -> None:
+        atomic_write_json(experiment_dir / STATE_FILE, state)
+
+    data_spec = parse_data_spec(space.data_spec_value(), source="data")
+    options.log(f"dkd-tune: loading {data_spec.name} from {data_spec.root}")
+    train_set, test_set = load_train_test(data_spec)
+    shared = SharedDataset.from_datasets(train_set, test_set)
+
+    _start_ray(options)
+    try:
+        shared_ref = ray.put(shared)
+        teachers = _prepare_teachers(space, data_spec, shared_ref, experiment_dir, state, save_state, options)
+
+        client = tracking.client_for(state["tracking_uri"])
+        if state.get("parent_run_id") is None:
+            state["parent_run_id"] = _start_parent_run(
+                client, space, experiment_dir, state, teachers, data_spec
+            )
+            save_state()
+        else:
+            client.update_run(state["parent_run_id"], status="RUNNING")
+
+        for part_name, teacher in search_parts(space):
+            if part_name in state["parts_done"]:
+                options.log(f"dkd-tune: part '{part_name}' already finished, kept as is")
+                continue
+            _run_part(space, part_name, teacher, teachers, shared_ref, experiment_dir, state, options)
+            state["parts_done"].append(part_name)
+            save_state()
+
+        frame = load_search_results(experiment_dir, space=space, teachers=teachers, state=state)
+        results_path = write_results(frame, experiment_dir / RESULTS_FILE)
+        _reconcile_child_runs(client, state, frame)
+        best = _best_row(frame, space)
+        _finish_parent_run(client, state["parent_run_id"], experiment_dir, frame, best, space)
+        state["status"] = "done"
+        save_state()
+        return SearchOutcome(experiment_dir, results_path, best, results_table(frame, metric=space.metric))
+    finally:
+        ray.shutdown()
+
+
+def _tracking_uri(space: SearchSpaceFile, options: SearchOptions) -> str:
+    from dkd_tune.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(options.tracking_uri or space.tracking_uri)
+    # A relative SQLite path would change meaning if `resume` ran from another directory.
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    return uri
+
+
+def _start_ray(options: SearchOptions) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    settings: dict[str, Any] = {"log_to_driver": True, "configure_logging": True, "logging_level": "WARNING"}
+    if options.address:
+        ray.init(address=options.address, **settings)
+    else:
+        # Local Ray: services on 127.0.0.1 only; the dashboard only when asked for.
+        ray.init(
+            include_dashboard=options.dashboard,
+            dashboard_host="127.0.0.1",
+            _node_ip_address="127.0.0.1",
+            **settings,
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# Teachers: loaded or trained, gap measured, logit cache built, once per search
+
+
+def _prepare_teachers(
+    space, data_spec, shared_ref, experiment_dir, state, save_state, options
+) -> dict[str, Any]:
+    import ray
+
+    from dkd_tune.teacher import TeacherArtifacts
+
+    artifacts: dict[str, TeacherArtifacts] = {}
+    for teacher in space.teachers:
+        if teacher.label in state["teachers"]:
+            artifacts[teacher.label] = TeacherArtifacts.from_dict(state["teachers"][teacher.label])
+            continue
+        cache_dir, cache_note = _cache_decision(space, data_spec, experiment_dir)
+        gpu = 1 if space.resources.gpu > 0 else 0
+        cpus = (
+            max(1, int(ray.available_resources().get("CPU", 1)))
+            if not gpu
+            else max(1, int(space.resources.cpu))
+        )
+        options.log(
+            f"dkd-tune: preparing teacher '{teacher.label}' ({teacher.model}); logit cache: {cache_note}"
+        )
+        task = ray.remote(_prepare_teacher_task).options(num_cpus=cpus, num_gpus=gpu, max_retries=0)
+        prepared = ray.get(
+            task.remote(
+                teacher,
+                space.student,
+                data_spec,
+                shared_ref,
+                str(_teachers_dir(space, experiment_dir)),
+                cache_dir,
+                cache_note,
+                cpus,
+            )
+        )
+        prepared = dataclasses.replace(prepared, predicted_beta=_predict_beta(prepared, data_spec, options))
+        artifacts[teacher.label] = prepared
+        state["teachers"][teacher.label] = prepared.to_dict()
+        save_state()
+        gap = prepared.gap
+        options.log(
+            f"dkd-tune: teacher '{teacher.label}': train top-1 {gap.train_acc:.2f}%, test top-1 {gap.test_acc:.2f}%, "
+            f"mean logit gap {gap.mean:.3f}"
+            + (f", auto-beta {prepared.predicted_beta:.2f}" if prepared.predicted_beta else "")
+        )
+    return artifacts
+
+
+def _prepare_teacher_task(teacher, student, data_spec, shared, teachers_dir, cache_dir, cache_note, cpus):
+    import torch
+
+    from dkd_tune.recipes import resolve_recipe
+    from dkd_tune.teacher import prepare_teacher
+    from dkd_tune.trial import training_device
+
+    torch.set_num_threads(cpus)
+    train_set, test_set = shared.datasets()
+    train_recipe = None
+    if teacher.train is not None:
+        train_recipe = resolve_recipe(
+            teacher.train.recipe, student=teacher.model, overrides=teacher.train.overrides
+        )
+    return prepare_teacher(
+        label=teacher.label,
+        model=teacher.model,
+        checkpoint=teacher.checkpoint,
+        train_recipe=train_recipe,
+        train_set=train_set,
+        test_set=test_set,
+        augment=data_spec.augment,
+        teachers_dir=Path(teachers_dir),
+        cache_dir=Path(cache_dir) if cache_dir else None,
+        cache_note=cache_note,
+        device=training_device(),
+    )
+
+
+def _teachers_dir(space: SearchSpaceFile, experiment_dir: Path) -> Path:
+    return experiment_dir.parent / "teachers"
+
+
+def _cache_decision(space: SearchSpaceFile, data_spec, experiment_dir: Path) -> tuple[str | None, str]:
+    """Where to build the exact teacher-logit cache, or None, and why (for the log)."""
+    from dkd_tune.data.train_loader import CIFAR_PADDING
+    from dkd_tune.data.views import num_views
+
+    mode = space.cache.teacher_logits
+    if mode == "off":
+        return None, "off (disabled in the file)"
+    if data_spec.augment == "autoaugment" or data_spec.name == "imagenet":
+        return (
+            None,
+            f"off (views are unbounded with {'AutoAugment' if data_spec.augment == 'autoaugment' else 'ImageNet crops'})",
+        )
+    if space.loss == "ce":
+        return None, "off (no teacher in CE-only trials)"
+    directory = (
+        Path(space.cache.dir).expanduser() if space.cache.dir else experiment_dir.parent / "teacher_logits"
+    )
+    views = num_views(CIFAR_PADDING, flip=True) if data_spec.augment == "standard" else 1
+    # Building costs one teacher pass per view; trials without it cost one per trial-epoch.
+    trial_epochs = space.search.num_samples * space.max_epochs()
+    if mode == "auto" and trial_epochs < views:
+        return (
+            None,
+            f"off (auto: {views} views cost more teacher passes than at most {trial_epochs} trial-epochs)",
+        )
+    return str(directory), f"on ({views} views per image, in {directory})"
+
+
+def _predict_beta(prepared, data_spec, options) -> float | None:
+    from dkd_tune.auto_beta import default_calibration_or_none
+
+    calibration = default_calibration_or_none(data_spec.family)
+    if calibration is None or prepared.gap is None:
+        return None
+    suggestion = calibration.predict(prepared.gap.mean)
+    if suggestion.warning:
+        options.log(f"dkd-tune: auto-beta: {suggestion.warning}")
+    return float(suggestion.beta)
+
+
+# ------------------------------------------------------------------------------------------------
+# One part: a Ray Tune experiment over one teacher (or a baseline)
+
+
+def _run_part(space, part_name, teacher, teachers, shared_ref, experiment_dir, state, options) -> None:
+    from ray import tune
+
+    from dkd_tune import tracking
+    from trainables import distillation_trainable
+
+    plan = trial_plan(space, teacher, teachers.get(teacher.label) if teacher else None, part_name)
+    trainable = tune.with_resources(
+        tune.with_parameters(distillation_trainable(space.resources.workers), plan=plan, data=shared_ref),
+        _resources(space),
+    )
+    part_dir = experiment_dir / part_name
+    logger = tracking.MLflowTrialLogger(
+        state["tracking_uri"],
+        space.name,
+        state["parent_run_id"],
+        teacher_label=teacher.label if teacher else part_name,
+        max_epochs=plan.max_epochs,
+        fixed_params=_fixed_params(space, plan, teacher, teachers),
+        extra_tags={tracking.TAG_SEARCH: state["name"]},
+    )
+    run_config = tune.RunConfig(
+        name=part_name,
+        storage_path=str(experiment_dir),
+        failure_config=tune.FailureConfig(max_failures=space.max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        callbacks=[logger],
+        verbose=1,
+    )
+    if part_dir.exists() and tune.Tuner.can_restore(str(part_dir)):
+        options.log(f"dkd-tune: resuming part '{part_name}' from {part_dir}")
+        tuner = tune.Tuner.restore(str(part_dir), trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        is_baseline = part_name.startswith(BASELINE_PREFIX)
+        searcher, param_space, num_samples = _search_algorithm(
+            space, {} if is_baseline else space.space_for(teacher)
+        )
+        options.log(
+            f"dkd-tune: part '{part_name}': {num_samples} trial(s), {space.search.algorithm if not is_baseline else 'fixed'}"
+        )
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(
+                metric=space.metric,
+                mode=space.mode,
+                search_alg=searcher,
+                scheduler=None if is_baseline else _scheduler(space, plan.max_epochs),
+                num_samples=num_samples,
+                max_concurrent_trials=space.search.max_concurrent_trials,
+            ),
+            run_config=run_config,
+        )
+    tuner.fit()
+
+
+def _resources(space: SearchSpaceFile) -> dict[str, float]:
+    if space.resources.workers > 1:
+        # The trial itself only coordinates; its DDP workers ask Ray Train for CPUs and GPUs.
+        return {"cpu": 0.01}
+    return {"cpu": space.resources.cpu, "gpu": space.resources.gpu}
+
+
+def _fixed_params(space, plan, teacher, teachers) -> dict[str, Any]:
+    params: dict[str, Any] = dict(plan.base_recipe.to_dict())
+    params.update(
+        loss=plan.loss_mode,
+        student=space.student,
+        teacher=teacher.label if teacher else "none",
+        teacher_model=teacher.model if teacher else "none",
+        dataset=plan.dataset_name,
+        augment=plan.augment,
+        max_epochs=plan.max_epochs,
+    )
+    if teacher is not None and teacher.label in teachers and teachers[teacher.label].gap is not None:
+        params["teacher_gap"] = round(teachers[teacher.label].gap.mean, 4)
+    return params
+
+
+def _search_algorithm(space: SearchSpaceFile, searched: dict[str, Distribution]):
+    """(search algorithm, Tuner param_space, num_samples) for one part."""
+    from ray.tune.search import BasicVariantGenerator
+
+    variable = {name: d for name, d in searched.items() if d.kind != "fixed"}
+    settings = space.search
+    if not variable:
+        return BasicVariantGenerator(random_state=settings.seed), {}, 1
+    if settings.algorithm == "optuna":
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        startup = max(MIN_STARTUP_TRIALS, min(MAX_STARTUP_TRIALS, settings.num_samples // 3))
+        sampler = optuna.samplers.TPESampler(seed=settings.seed, n_startup_trials=startup, multivariate=True)
+        distributions = {name: _optuna_distribution(d) for name, d in variable.items()}
+        return (
+            OptunaSearch(space=distributions, metric=space.metric, mode=space.mode, sampler=sampler),
+            {},
+            settings.num_samples,
+        )
+    param_space = {name: _tune_distribution(d, settings.algorithm) for name, d in variable.items()}
+    return BasicVariantGenerator(random_state=settings.seed), param_space, settings.num_samples
+
+
+def _optuna_distribution(distribution: Distribution):
+    import optuna
+
+    if distribution.kind == "uniform":
+        return optuna.distributions.FloatDistribution(*distribution.uniform)
+    if distribution.kind == "loguniform":
+        return optuna.distributions.FloatDistribution(*distribution.loguniform, log=True)
+    if distribution.kind == "int":
+        return optuna.distributions.IntDistribution(*distribution.int_range)
+    return optuna.distributions.CategoricalDistribution(distribution.choice)
+
+
+def _tune_distribution(distribution: Distribution, algorithm: str):
+    from ray import tune
+
+    kind = distribution.kind
+    if kind == "grid" or (algorithm == "grid" and kind == "choice"):
+        return tune.grid_search(list(distribution.grid or distribution.choice))
+    if kind == "uniform":
+        return tune.uniform(*distribution.uniform)
+    if kind == "loguniform":
+        return tune.loguniform(*distribution.loguniform)
+    if kind == "int":
+        low, high = distribution.int_range
+        return tune.randint(low, high + 1)
+    return tune.choice(list(distribution.choice))
+
+
+def _scheduler(space: SearchSpaceFile, max_epochs: int):
+    if space.scheduler.type == "none":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(
+        time_attr="epoch",
+        max_t=max_epochs,
+        grace_period=space.scheduler.grace_period,
+        reduction_factor=space.scheduler.reduction_factor,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# MLflow parent run
+
+
+def _start_parent_run(client, space, experiment_dir, state, teachers, data_spec) -> str:
+    from dkd_tune import tracking
+
+    tags = {
+        **tracking.standard_tags("search"),
+        tracking.TAG_SEARCH: state["name"],
+        "student": space.student,
+        "dataset": data_spec.name,
+        "dataset_family": data_spec.family,
+        "teachers": ", ".join(t.label for t in space.teachers) or "none",
+        "loss": space.loss,
+    }
+    for label, artifact in teachers.items():
+        if artifact.gap is not None:
+            tags[f"teacher_gap.{label}"] = f"{artifact.gap.mean:.4f}"
+        if artifact.predicted_beta is not None:
+            tags[f"predicted_beta.{label}"] = f"{artifact.predicted_beta:.3f}"
+    if len(teachers) == 1:
+        (only,) = teachers.values()
+        tags["teacher"] = only.label
+        tags["teacher_gap"] = f"{only.gap.mean:.4f}" if only.gap else ""
+        tags["predicted_beta"] = f"{only.predicted_beta:.3f}" if only.predicted_beta else ""
+    experiment = tracking.experiment_id(client, space.name)
+    run = client.create_run(experiment, run_name=state["name"], tags=tags)
+    tracking.log_params(
+        client, run.info.run_id, space.model_dump(mode="json", by_alias=True, exclude_none=True)
+    )
+    client.log_artifact(run.info.run_id, str(experiment_dir / CONFIG_FILE))
+    return run.info.run_id
+
+
+def _reconcile_child_runs(client, state, frame) -> None:
+    """Finish any trial run an interruption left open, with the status Ray recorded."""
+    from dkd_tune import tracking
+
+    if frame.empty:
+        return
+    children = client.search_runs(
+        [client.get_run(state["parent_run_id"]).info.experiment_id],
+        filter_string=f"tags.`{tracking.TAG_PARENT}` = '{state['parent_run_id']}'",
+        max_results=5000,
+    )
+    status_by_trial = dict(zip(frame["trial_id"], frame["status"], strict=False))
+    for run in children:
+        trial_id = run.data.tags.get(tracking.TAG_TRIAL_ID)
+        if run.info.status == "RUNNING" and trial_id in status_by_trial:
+            status = status_by_trial[trial_id]
+            tracking.set_tags(client, run.info.run_id, {tracking.TAG_STATUS: status})
+            client.set_terminated(
+                run.info.run_id, status="FAILED" if status in ("errored", "oom") else "FINISHED"
+            )
+
+
+def _best_row(frame, space: SearchSpaceFile) -> dict[str, Any] | None:
+    candidates = frame[frame["status"].isin(["completed"])] if not frame.empty else frame
+    if candidates.empty:
+        return None
+    column = "final_test_acc" if space.metric == "test_acc" else space.metric
+    if column not in candidates:
+        column = "final_test_acc"
+    index = candidates[column].idxmax() if space.mode == "max" else candidates[column].idxmin()
+    return candidates.loc[index].to_dict()
+
+
+def _finish_parent_run(client, run_id, experiment_dir, frame, best, space) -> None:
+    from dkd_tune import tracking
+
+    client.log_artifact(run_id, str(experiment_dir / RESULTS_FILE))
+    if best is not None:
+        tracking.log_metrics(
+            client,
+            run_id,
+            tracking.numeric_metrics(
+                {"best_final_test_acc": best.get("final_test_acc"), "best_beta": best.get("beta")}
+            ),
+            0,
+            tracking.now_ms(),
+        )
+        checkpoint = best.get("checkpoint_path")
+        if checkpoint and os.path.exists(checkpoint):
+            client.log_artifact(run_id, checkpoint, artifact_path="best_checkpoint")
+        tracking.set_tags(
+            client, run_id, {"best_trial_id": best.get("trial_id"), "best_teacher": best.get("teacher")}
+        )
+    client.set_terminated(run_id, status="FINISHED")

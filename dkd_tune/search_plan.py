@@ -1,0 +1,39 @@
+"""How a validated search splits into parts (reference baselines, one per teacher) and what each part's trials share."""
+
+from __future__ import annotations
+
+from dkd_tune.config import SearchSpaceFile, TeacherConfig
+from dkd_tune.data import dataset_num_classes, parse_data_spec
+from dkd_tune.trial import TrialPlan, trial_recipe
+
+BASELINE_PREFIX = "baseline-"
+
+
+def search_parts(space: SearchSpaceFile) -> list[tuple[str, TeacherConfig | None]]:
+    """The Ray experiments of a search: reference baselines first, then one per teacher."""
+    parts: list[tuple[str, TeacherConfig | None]] = [(f"{BASELINE_PREFIX}{b}", None) for b in space.baselines]
+    if space.loss == "ce" and not space.teachers:
+        return [("ce", None), *parts]
+    return parts + [(teacher.label, teacher) for teacher in space.teachers]
+
+
+def trial_plan(space: SearchSpaceFile, teacher: TeacherConfig | None, artifacts, part_name: str):
+    """What every trial of one part shares; fixed (non-searched) values are folded into the recipe."""
+    data_spec = parse_data_spec(space.data_spec_value(), source="data")
+    is_baseline = part_name.startswith(BASELINE_PREFIX)
+    base = space.base_recipe(teacher)
+    searched = {} if is_baseline else space.space_for(teacher)
+    fixed = {name: d.fixed for name, d in searched.items() if d.kind == "fixed"}
+    loss_mode = part_name.removeprefix(BASELINE_PREFIX) if is_baseline else space.loss
+    return TrialPlan(
+        student=space.student,
+        num_classes=dataset_num_classes(data_spec),
+        dataset_name=data_spec.name,
+        augment=data_spec.augment,
+        loss_mode=loss_mode,
+        base_recipe=trial_recipe(base, fixed),
+        teacher=artifacts,
+        max_epochs=space.max_epochs(),
+        compile=space.compile,
+        cpus_per_trial=space.resources.cpu,
+    )

@@ -1,0 +1,187 @@
+"""One search trial: the inputs every trial shares (prepared once per search) and the `fit` call they become.
+
+A search prepares a `TrialPlan` (what is fixed: student, recipe, loss, teacher artifacts) and a
+`SharedDataset` (the decoded images as numpy arrays, which Ray's object store hands to every
+trial without a copy) once; `run_trial` turns them plus one trial's sampled hyperparameters
+into loaders, a student, a teacher-logit source and a `train.fit` call. Torch only: a trainable
+is a thin adapter around this, and this runs without Ray in tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dkd_tune.data import EvalLoader, ImageDataset, build_train_loader
+from dkd_tune.models import create_model, load_teacher
+from dkd_tune.recipes import Recipe, validate_recipe
+from dkd_tune.teacher import TeacherArtifacts, TeacherLogitCache
+from dkd_tune.train import Acceleration, FitResult, LiveTeacher, Reporter, RunIdentity, fit
+
+EVAL_BATCH_SIZE = 512
+INTEGER_FIELDS = frozenset({"epochs", "batch_size", "warmup_epochs", "seed"})
+
+
+@dataclass
+class SharedDataset:
+    """A decoded train/test pair as numpy arrays: zero-copy through Ray's object store."""
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    num_classes: int
+    class_names: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    name: str
+    label_noise_rate: float = 0.0
+
+    @classmethod
+    def from_datasets(cls, train: ImageDataset, test: ImageDataset) -> SharedDataset:
+        return cls(
+            train_images=train.images.numpy(),
+            train_labels=train.labels.numpy(),
+            test_images=test.images.numpy(),
+            test_labels=test.labels.numpy(),
+            num_classes=train.num_classes,
+            class_names=list(train.class_names),
+            mean=tuple(train.mean),
+            std=tuple(train.std),
+            name=train.name,
+            label_noise_rate=float(getattr(train, "label_noise_rate", 0.0)),
+        )
+
+    def datasets(self) -> tuple[ImageDataset, ImageDataset]:
+        def dataset(images: np.ndarray, labels: np.ndarray) -> ImageDataset:
+            with warnings.catch_warnings():
+                # Object-store arrays are read-only; loaders only read them (padding makes a copy).
+                warnings.simplefilter("ignore", UserWarning)
+                return ImageDataset(
+                    images=torch.from_numpy(images),
+                    labels=torch.from_numpy(labels),
+                    num_classes=self.num_classes,
+                    class_names=self.class_names,
+                    mean=self.mean,
+                    std=self.std,
+                    name=self.name,
+                )
+
+        return dataset(self.train_images, self.train_labels), dataset(self.test_images, self.test_labels)
+
+
+@dataclass(frozen=True)
+class TrialPlan:
+    """Everything about a trial that is fixed for the whole search (or one teacher's part of it)."""
+
+    student: str
+    num_classes: int
+    dataset_name: str
+    augment: str
+    loss_mode: str
+    base_recipe: Recipe
+    teacher: TeacherArtifacts | None
+    max_epochs: int
+    compile: bool | None = None
+    cpus_per_trial: float = 1.0
+
+
+def trial_recipe(base: Recipe, hyperparameters: dict[str, Any]) -> Recipe:
+    """The base recipe with one trial's sampled values (numbers typed as the fields are)."""
+    changes = {
+        name: round(value) if name in INTEGER_FIELDS else float(value)
+        for name, value in hyperparameters.items()
+        if name in {field.name for field in dataclasses.fields(Recipe)} and name != "name"
+    }
+    return validate_recipe(dataclasses.replace(base, **changes), source="trial config")
+
+
+def training_device(prefer_cuda: bool = True) -> torch.device:
+    """cuda:0 when a GPU was given to this process (Ray sets CUDA_VISIBLE_DEVICES), else the CPU."""
+    if prefer_cuda and torch.cuda.is_available():
+        return torch.device("cuda", 0)
+    return torch.device("cpu")
+
+
+def run_trial(
+    plan: TrialPlan,
+    data: SharedDataset,
+    hyperparameters: dict[str, Any],
+    *,
+    reporter: Reporter | None,
+    checkpoint_dir: Path,
+    resume_from: Path | None = None,
+    device: torch.device | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> FitResult:
+    """Build one trial's loaders, student and teacher-logit source, and train it."""
+    recipe = trial_recipe(plan.base_recipe, hyperparameters)
+    device = device or training_device()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(plan.cpus_per_trial)))
+    acceleration = Acceleration.for_device(device, compile=plan.compile)
+    train_set, test_set = data.datasets()
+    train_loader = build_train_loader(
+        train_set,
+        plan.augment,
+        recipe.batch_size // world_size,
+        device,
+        seed=recipe.seed,
+        rank=rank,
+        world_size=world_size,
+        channels_last=acceleration.channels_last,
+        dtype=acceleration.input_dtype,
+    )
+    test_loader = EvalLoader(
+        test_set,
+        EVAL_BATCH_SIZE,
+        device,
+        channels_last=acceleration.channels_last,
+        dtype=acceleration.input_dtype,
+        rank=rank,
+        world_size=world_size,
+    )
+    student = create_model(plan.student, num_classes=plan.num_classes)
+    teacher = None
+    if plan.loss_mode != "ce":
+        teacher = teacher_logit_source(plan.teacher, train_loader, device)
+    identity = RunIdentity(
+        arch=plan.student,
+        num_classes=plan.num_classes,
+        dataset=plan.dataset_name,
+        input_size=int(train_set.images.shape[-1]),
+    )
+    return fit(
+        student,
+        train_loader,
+        test_loader,
+        recipe,
+        identity=identity,
+        loss_mode=plan.loss_mode,
+        teacher=teacher,
+        device=device,
+        acceleration=acceleration,
+        reporter=reporter,
+        checkpoint_dir=checkpoint_dir,
+        resume_from=resume_from,
+        stop_after_epochs=plan.max_epochs,
+    )
+
+
+def teacher_logit_source(artifacts: TeacherArtifacts | None, train_loader: Any, device: torch.device):
+    """The exact logit cache when the search built one and this loader's views are finite; else the live teacher."""
+    if artifacts is None:
+        raise ValueError("a distillation trial needs teacher artifacts")
+    uses_finite_views = getattr(train_loader, "num_views", None) is not None
+    if artifacts.cache_path and uses_finite_views and os.path.exists(artifacts.cache_path):
+        return TeacherLogitCache.open(artifacts.cache_path, verify=False).to(device)
+    model = load_teacher(artifacts.model, artifacts.checkpoint, num_classes=artifacts.num_classes)
+    return LiveTeacher(model)

@@ -1,0 +1,71 @@
+"""Ray Tune function trainable: one trial is one `run_trial`; each epoch's metrics and checkpoint go to Ray."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from dkd_tune.train import BEST_CHECKPOINT, LAST_CHECKPOINT, EpochReport
+from dkd_tune.trial import SharedDataset, TrialPlan, run_trial
+
+
+def distillation_trainable(workers: int = 1) -> Callable[..., None]:
+    """The trainable for trials of `workers` processes: this function, or DDP through Ray Train."""
+    if workers > 1:
+        from trainables.distill_ddp import make_ddp_trial
+
+        return make_ddp_trial(workers)
+    return distill_trial
+
+
+def distill_trial(config: dict[str, Any], plan: TrialPlan, data: SharedDataset) -> None:
+    """Train one trial; Ray restarts it from its last reported checkpoint after a failure or a resume."""
+    with tempfile.TemporaryDirectory(prefix="dkd-trial-") as workdir:
+        workdir_path = Path(workdir)
+        run_trial(
+            plan,
+            data,
+            config,
+            reporter=report_to_tune,
+            checkpoint_dir=workdir_path,
+            resume_from=restore_from_tune(workdir_path),
+        )
+
+
+def restore_from_tune(workdir: Path) -> Path | None:
+    """Copy the trial's last Ray checkpoint (if any) into `workdir`; returns the training checkpoint."""
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as directory:
+        for name in (LAST_CHECKPOINT, BEST_CHECKPOINT):
+            if (Path(directory) / name).exists():
+                shutil.copy2(Path(directory) / name, workdir / name)
+    last = workdir / LAST_CHECKPOINT
+    return last if last.exists() else None
+
+
+def report_to_tune(report: EpochReport) -> None:
+    """Forward an epoch to Ray: metrics, the status word, and the checkpoint files (hard-linked, not copied)."""
+    metrics = {**report.metrics, "status": report.status}
+    if report.checkpoint is None:
+        tune.report(metrics)
+        return
+    with tempfile.TemporaryDirectory(prefix="dkd-report-") as staging:
+        for source in (report.checkpoint, report.checkpoint.parent / BEST_CHECKPOINT):
+            if source.exists():
+                link_or_copy(source, Path(staging) / source.name)
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(staging))
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # another filesystem: fall back to a copy
+        shutil.copy2(source, target)
