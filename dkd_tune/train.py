@@ -101,12 +101,12 @@ class EpochReport:
     epoch: int  # epochs completed so far (1-based), the unit ASHA counts in
     metrics: dict[str, float]
     checkpoint: Path | None  # the training checkpoint written after this epoch, if any
-    status: str  # "running", "completed" or "diverged"
+    status: str  # "running", "completed", "stopped" (at stop_after_epochs) or "diverged"
 
 
 @dataclass
 class FitResult:
-    status: str  # "completed" or "diverged"
+    status: str  # "completed", "stopped" (at stop_after_epochs) or "diverged"
     epochs_completed: int
     final_test_acc: float
     best_test_acc: float
@@ -309,10 +309,12 @@ def fit(
 
         if diverged:
             status = "diverged"
-        elif epoch + 1 < last_epoch:
-            status = "running"
-        else:
+        elif epoch + 1 == recipe.epochs:
             status = "completed"
+        elif epoch + 1 == last_epoch:
+            status = "stopped"  # ended where the caller asked, before the recipe's last epoch
+        else:
+            status = "running"
         checkpoint = None
         if checkpoint_dir is not None and is_main_rank and not diverged:
             checkpoint = checkpoint_dir / LAST_CHECKPOINT

@@ -1,0 +1,221 @@
+"""The training loop on the generated dataset, CPU: every loss mode learns, schedules, resume, divergence, DDP."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from dkd_tune.data import EvalLoader, build_train_loader, load_train_test, make_synthetic, parse_data_spec
+from dkd_tune.errors import UserInputError
+from dkd_tune.models import create_model
+from dkd_tune.recipes import resolve_recipe
+from dkd_tune.train import LiveTeacher, RunIdentity, fit, training_objective
+
+CLASSES = 10
+IDENTITY = RunIdentity(arch="resnet8", num_classes=CLASSES, dataset="synthetic", input_size=16)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tests share the machine's two cores with other processes; one thread avoids oversubscription.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    make_synthetic(
+        root, classes=CLASSES, superclasses=5, train_per_class=60, test_per_class=30, image_size=16, seed=0
+    )
+    return load_train_test(parse_data_spec(f"synthetic:{root}"))
+
+
+def short_recipe(**overrides):
+    values = {"epochs": 3, "batch_size": 32, "lr_milestones": [2], "warmup_epochs": 1, "lr": 0.05, "seed": 0}
+    values.update(overrides)
+    return resolve_recipe("cifar100", overrides=values)
+
+
+def loaders(datasets, recipe, *, rank=0, world_size=1):
+    train, test = datasets
+    train_loader = build_train_loader(
+        train,
+        "standard",
+        recipe.batch_size // world_size,
+        "cpu",
+        seed=recipe.seed,
+        rank=rank,
+        world_size=world_size,
+    )
+    return train_loader, EvalLoader(test, 256, "cpu", rank=rank, world_size=world_size)
+
+
+def train(datasets, recipe, loss_mode="ce", teacher=None, **kwargs):
+    torch.manual_seed(recipe.seed)
+    student = create_model("resnet8", num_classes=CLASSES)
+    train_loader, test_loader = loaders(datasets, recipe)
+    return fit(
+        student,
+        train_loader,
+        test_loader,
+        recipe,
+        identity=IDENTITY,
+        loss_mode=loss_mode,
+        teacher=teacher,
+        **kwargs,
+    )
+
+
+@pytest.fixture(scope="module")
+def teacher(datasets, tmp_path_factory):
+    torch.set_num_threads(1)
+    result = train(
+        datasets,
+        short_recipe(epochs=6, lr_milestones=[5], warmup_epochs=0),
+        "ce",
+        checkpoint_dir=tmp_path_factory.mktemp("teacher"),
+    )
+    from dkd_tune.models import load_teacher
+
+    return load_teacher("resnet8", result.best_checkpoint)
+
+
+@pytest.mark.parametrize("loss_mode", ["ce", "kd", "dkd", "tckd", "nckd"])
+def test_each_loss_mode_learns(datasets, teacher, loss_mode):
+    result = train(datasets, short_recipe(epochs=4, lr_milestones=[3]), loss_mode, teacher=teacher)
+    chance = 100.0 / CLASSES
+    assert result.status == "completed"
+    assert result.final_test_acc > 2 * chance, result.history[-1]
+    parts = set(result.history[-1])
+    expected = {"ce": set(), "kd": {"train_kd"}, "dkd": {"train_tckd", "train_nckd"}}.get(
+        loss_mode, {"train_tckd", "train_nckd"}
+    )
+    assert expected <= parts
+
+
+def test_reported_schedule_follows_the_recipe(datasets):
+    recipe = short_recipe(epochs=4, lr_milestones=[1, 3], warmup_epochs=2)
+    reports = []
+    train(
+        datasets,
+        recipe,
+        "dkd",
+        teacher=LiveTeacher(create_model("resnet8", num_classes=CLASSES)),
+        reporter=reports.append,
+    )
+    assert [r.epoch for r in reports] == [1, 2, 3, 4]
+    assert [r.metrics["lr"] for r in reports] == pytest.approx([0.05, 0.005, 0.005, 0.0005])
+    assert [r.metrics["warmup_factor"] for r in reports] == pytest.approx([0.5, 1.0, 1.0, 1.0])
+    assert [r.status for r in reports] == ["running", "running", "running", "completed"]
+    for key in (
+        "time_data_ms",
+        "time_teacher_ms",
+        "time_student_ms",
+        "images_per_s",
+        "test_acc_top5",
+        "epoch_time_s",
+    ):
+        assert reports[0].metrics[key] >= 0
+
+
+def test_resume_continues_exactly(datasets, teacher, tmp_path):
+    recipe = short_recipe(epochs=4, lr_milestones=[2])
+    whole = train(datasets, recipe, "dkd", teacher=teacher, checkpoint_dir=tmp_path / "whole")
+    first = train(
+        datasets, recipe, "dkd", teacher=teacher, checkpoint_dir=tmp_path / "parts", stop_after_epochs=2
+    )
+    assert first.status == "stopped" and first.epochs_completed == 2
+    rest = train(
+        datasets,
+        recipe,
+        "dkd",
+        teacher=teacher,
+        checkpoint_dir=tmp_path / "parts",
+        resume_from=first.last_checkpoint,
+    )
+    assert rest.epochs_completed == 4 and len(rest.history) == 4
+    for uninterrupted, resumed in zip(whole.history, rest.history, strict=True):
+        for key in ("train_loss", "train_acc", "test_acc", "test_loss", "train_tckd", "train_nckd", "lr"):
+            assert resumed[key] == pytest.approx(uninterrupted[key], rel=1e-6, abs=1e-9), key
+
+
+def test_divergence_is_a_status_not_an_exception(datasets, tmp_path):
+    reports = []
+    result = train(datasets, short_recipe(lr=1e12), "ce", reporter=reports.append, checkpoint_dir=tmp_path)
+    assert result.status == "diverged"
+    assert reports[-1].status == "diverged" and reports[-1].metrics["diverged"] == 1.0
+    assert result.epochs_completed == reports[-1].epoch == 1
+
+
+def test_distillation_without_teacher_is_refused(datasets):
+    with pytest.raises(UserInputError, match="needs a teacher"):
+        train(datasets, short_recipe(), "dkd")
+
+
+def test_warmup_scales_only_the_distillation_term():
+    recipe = short_recipe(beta=8.0, alpha=1.0)
+    logits = torch.randn(6, CLASSES)
+    teacher_logits = torch.randn(6, CLASSES)
+    labels = torch.arange(6) % CLASSES
+    full, parts = training_objective("dkd", logits, teacher_logits, labels, recipe, 1.0)
+    half, _ = training_objective("dkd", logits, teacher_logits, labels, recipe, 0.5)
+    ce = parts["ce"]
+    distillation = recipe.alpha * parts["tckd"] + recipe.beta * parts["nckd"]
+    assert full.item() == pytest.approx((ce + distillation).item(), rel=1e-6)
+    assert half.item() == pytest.approx((ce + 0.5 * distillation).item(), rel=1e-6)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _ddp_worker(rank, world_size, port, datasets, recipe, teacher_state, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        teacher = create_model("resnet8", num_classes=CLASSES)
+        teacher.load_state_dict(teacher_state)
+        torch.manual_seed(recipe.seed)
+        student = create_model("resnet8", num_classes=CLASSES)
+        train_loader, test_loader = loaders(datasets, recipe, rank=rank, world_size=world_size)
+        result = fit(
+            student, train_loader, test_loader, recipe, identity=IDENTITY, loss_mode="dkd", teacher=teacher
+        )
+        queue.put((rank, result.history[0]["train_loss"], result.history[0]["test_acc"]))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_process_gloo_ddp_matches_one_process(datasets, teacher):
+    recipe = short_recipe(epochs=1, batch_size=64)
+    single = train(datasets, recipe, "dkd", teacher=teacher)
+    context = mp.get_context("spawn")
+    queue = context.SimpleQueue()
+    mp.start_processes(
+        _ddp_worker,
+        args=(2, _free_port(), datasets, recipe, teacher.state_dict(), queue),
+        nprocs=2,
+        join=True,
+        start_method="spawn",
+    )
+    results = sorted(queue.get() for _ in range(2))
+    (_, loss_rank0, acc_rank0), (_, loss_rank1, acc_rank1) = results
+    # Metrics are all-reduced, so both ranks report the same numbers.
+    assert loss_rank0 == pytest.approx(loss_rank1) and acc_rank0 == pytest.approx(acc_rank1)
+    # Same global batch and the same samples and views per step; batch-norm statistics are per rank
+    # (half batches), which is the only difference, so the first epoch's loss agrees closely.
+    assert math.isfinite(loss_rank0)
+    assert loss_rank0 == pytest.approx(single.history[0]["train_loss"], rel=0.03)
