@@ -217,7 +217,7 @@ def trial_row(trial: Mapping[str, Any], part_dir: Path, max_epochs: int) -> dict
         "config_json": json.dumps(trial["config"], sort_keys=True, default=str),
     }
     for name, value in trial["config"].items():
-        if name in RECIPE_COLUMNS:
+        if name in (*RECIPE_COLUMNS, "loss"):
             row[name] = value
     return row
 

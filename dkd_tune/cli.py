@@ -170,10 +170,11 @@ def run_command(
 ) -> None:
     """Run an ASHA-pruned Optuna search described by a search-space YAML file."""
     from dkd_tune.config import load_search_space
-    from dkd_tune.search import SearchOptions, locate_search, resume_search, run_search
 
     overrides = [*set_values, *([f"search.num_samples={num_samples}"] if num_samples is not None else [])]
-    space = load_search_space(space_file, overrides)
+    space = load_search_space(space_file, overrides)  # every check happens here, before Ray is imported
+    from dkd_tune.search import SearchOptions, locate_search, resume_search, run_search
+
     options = SearchOptions(
         name=name, address=address, storage=storage, tracking_uri=tracking_uri, dashboard=dashboard
     )

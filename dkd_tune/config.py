@@ -470,8 +470,18 @@ def check_search_space(space: SearchSpaceFile, path: Path) -> None:
 def check_distribution(
     name: str, distribution: Distribution, base: Recipe, algorithm: str, key: str, fail
 ) -> None:
+    if name == "loss":  # the loss mode itself can be a categorical dimension (the A.4 ablations)
+        if distribution.kind not in ("choice", "grid", "fixed"):
+            fail(
+                key,
+                f"the loss mode is categorical; use choice, grid or a fixed value, not {distribution.kind}",
+            )
+        for value in distribution.extremes():
+            if value not in LOSS_MODES:
+                fail(key, f"loss {value!r} is not one of {', '.join(LOSS_MODES)}")
+        return
     if name not in RECIPE_FIELDS or name == "lr_milestones":
-        searchable = [field for field in RECIPE_FIELDS if field != "lr_milestones"]
+        searchable = [field for field in RECIPE_FIELDS if field != "lr_milestones"] + ["loss"]
         fail(key, f"cannot search {name!r}{_did_you_mean(name, searchable)}")
     if distribution.kind == "grid" and algorithm == "optuna":
         fail(key, "grid values need search.algorithm 'grid' or 'random'; use choice with optuna")

@@ -334,7 +334,16 @@ def _run_part(space, part_name, teacher, teachers, shared_ref, experiment_dir, s
 
     plan = trial_plan(space, teacher, teachers.get(teacher.label) if teacher else None, part_name)
     trainable = tune.with_resources(
-        tune.with_parameters(distillation_trainable(space.resources.workers), plan=plan, data=shared_ref),
+        tune.with_parameters(
+            distillation_trainable(
+                space.resources.workers,
+                use_gpu=space.resources.gpu > 0,
+                cpus_per_worker=space.resources.cpu,
+                max_failures=space.max_failures,
+            ),
+            plan=plan,
+            data=shared_ref,
+        ),
         _resources(space),
     )
     part_dir = experiment_dir / part_name
@@ -359,27 +368,34 @@ def _run_part(space, part_name, teacher, teachers, shared_ref, experiment_dir, s
         options.log(f"dkd-tune: resuming part '{part_name}' from {part_dir}")
         tuner = tune.Tuner.restore(str(part_dir), trainable, resume_unfinished=True, resume_errored=True)
     else:
-        is_baseline = part_name.startswith(BASELINE_PREFIX)
-        searcher, param_space, num_samples = _search_algorithm(
-            space, {} if is_baseline else space.space_for(teacher)
-        )
+        tuner = new_tuner(space, part_name, teacher, plan, trainable, run_config)
         options.log(
-            f"dkd-tune: part '{part_name}': {num_samples} trial(s), {space.search.algorithm if not is_baseline else 'fixed'}"
-        )
-        tuner = tune.Tuner(
-            trainable,
-            param_space=param_space,
-            tune_config=tune.TuneConfig(
-                metric=space.metric,
-                mode=space.mode,
-                search_alg=searcher,
-                scheduler=None if is_baseline else _scheduler(space, plan.max_epochs),
-                num_samples=num_samples,
-                max_concurrent_trials=space.search.max_concurrent_trials,
-            ),
-            run_config=run_config,
+            f"dkd-tune: part '{part_name}': starting ({plan.loss_mode}, up to {plan.max_epochs} epochs per trial)"
         )
     tuner.fit()
+
+
+def new_tuner(space: SearchSpaceFile, part_name: str, teacher, plan, trainable, run_config):
+    """The Ray Tune Tuner of one part: its searcher, ASHA and budget (a baseline runs once, unpruned)."""
+    from ray import tune
+
+    is_baseline = part_name.startswith(BASELINE_PREFIX)
+    searcher, param_space, num_samples = _search_algorithm(
+        space, {} if is_baseline else space.space_for(teacher)
+    )
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            metric=space.metric,
+            mode=space.mode,
+            search_alg=searcher,
+            scheduler=None if is_baseline else _scheduler(space, plan.max_epochs),
+            num_samples=num_samples,
+            max_concurrent_trials=space.search.max_concurrent_trials,
+        ),
+        run_config=run_config,
+    )
 
 
 def _resources(space: SearchSpaceFile) -> dict[str, float]:

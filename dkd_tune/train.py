@@ -191,7 +191,8 @@ def fit(
     `train_loader` yields batches with `.images`, `.labels` (and `.indices`, `.view_ids` for the
     logit cache) and has `set_epoch(epoch)`, so an epoch's data depend only on the seed and the
     epoch: resuming needs nothing but the checkpoint. With torch.distributed initialised, the
-    student is wrapped in DDP, metrics are averaged over ranks and only rank 0 writes and reports.
+    student is wrapped in DDP, metrics are summed over ranks, every rank calls the reporter with the
+    same metrics and only rank 0 writes checkpoints.
     """
     if loss_mode not in LOSS_MODES:
         raise UserInputError(f"loss mode {loss_mode!r} is not valid; expected one of {', '.join(LOSS_MODES)}")
@@ -329,7 +330,9 @@ def fit(
                 best_test_acc,
                 history,
             )
-        if reporter is not None and is_main_rank:
+        if (
+            reporter is not None
+        ):  # every rank reports (Ray Train synchronises on it); only rank 0 has a checkpoint
             reporter(EpochReport(epoch=epoch + 1, metrics=metrics, checkpoint=checkpoint, status=status))
         if diverged:
             break

@@ -124,6 +124,7 @@ def run_trial(
 ) -> FitResult:
     """Build one trial's loaders, student and teacher-logit source, and train it."""
     recipe = trial_recipe(plan.base_recipe, hyperparameters)
+    loss_mode = hyperparameters.get("loss", plan.loss_mode)
     device = device or training_device()
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(plan.cpus_per_trial)))
@@ -151,7 +152,7 @@ def run_trial(
     )
     student = create_model(plan.student, num_classes=plan.num_classes)
     teacher = None
-    if plan.loss_mode != "ce":
+    if loss_mode != "ce":
         teacher = teacher_logit_source(plan.teacher, train_loader, device)
     identity = RunIdentity(
         arch=plan.student,
@@ -165,7 +166,7 @@ def run_trial(
         test_loader,
         recipe,
         identity=identity,
-        loss_mode=plan.loss_mode,
+        loss_mode=loss_mode,
         teacher=teacher,
         device=device,
         acceleration=acceleration,

@@ -15,12 +15,16 @@ from dkd_tune.train import BEST_CHECKPOINT, LAST_CHECKPOINT, EpochReport
 from dkd_tune.trial import SharedDataset, TrialPlan, run_trial
 
 
-def distillation_trainable(workers: int = 1) -> Callable[..., None]:
+def distillation_trainable(
+    workers: int = 1, *, use_gpu: bool = False, cpus_per_worker: float = 1.0, max_failures: int = 0
+) -> Callable[..., None]:
     """The trainable for trials of `workers` processes: this function, or DDP through Ray Train."""
     if workers > 1:
         from trainables.distill_ddp import make_ddp_trial
 
-        return make_ddp_trial(workers)
+        return make_ddp_trial(
+            workers, use_gpu=use_gpu, cpus_per_worker=cpus_per_worker, max_failures=max_failures
+        )
     return distill_trial
 
 
@@ -40,7 +44,11 @@ def distill_trial(config: dict[str, Any], plan: TrialPlan, data: SharedDataset) 
 
 def restore_from_tune(workdir: Path) -> Path | None:
     """Copy the trial's last Ray checkpoint (if any) into `workdir`; returns the training checkpoint."""
-    checkpoint = tune.get_checkpoint()
+    return restore_checkpoint_files(tune.get_checkpoint(), workdir)
+
+
+def restore_checkpoint_files(checkpoint: Any, workdir: Path) -> Path | None:
+    """Copy a Ray checkpoint's last.pt/best.pt into `workdir`; returns last.pt, or None without one."""
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as directory:

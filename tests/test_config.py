@@ -1,0 +1,151 @@
+"""The search-space schema: a valid file loads into typed objects; `--set` overrides; each mistake is one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dkd_tune.config import apply_set_override, load_search_space
+from dkd_tune.errors import UserInputError
+
+
+@pytest.fixture
+def valid(tmp_path) -> dict:
+    checkpoint = tmp_path / "teacher.pth"
+    checkpoint.write_bytes(b"")
+    return {
+        "name": "unit",
+        "data": {
+            "name": "synthetic",
+            "root": str(tmp_path / "data"),
+            "generate": {"classes": 10, "superclasses": 5},
+        },
+        "student": "resnet8",
+        "recipe": "cifar100",
+        "overrides": {"epochs": 10, "warmup_epochs": 2},
+        "teachers": [
+            {"model": "resnet20", "checkpoint": str(checkpoint), "space": {"beta": {"loguniform": [1, 8]}}},
+            {"name": "trained", "model": "wrn_16_2", "train": {"overrides": {"epochs": 5}}},
+        ],
+        "space": {"alpha": 1.0, "temperature": {"choice": [2, 4]}, "warmup_epochs": {"int": [0, 5]}},
+        "scheduler": {"grace_period": 2, "max_t": 10},
+    }
+
+
+def write(tmp_path: Path, content) -> Path:
+    path = tmp_path / "space.yaml"
+    path.write_text(content if isinstance(content, str) else yaml.safe_dump(content))
+    return path
+
+
+def test_a_valid_file_loads_into_typed_objects(tmp_path, valid):
+    space = load_search_space(write(tmp_path, valid))
+    first, second = space.teachers
+    assert first.label == "resnet20" and second.label == "trained"
+    assert space.space_for(first)["beta"].kind == "loguniform"
+    assert space.space_for(first)["temperature"].choice == [2, 4]
+    assert space.space_for(first)["alpha"].fixed == 1.0  # a bare value means fixed
+    assert "beta" not in space.space_for(second)
+    recipe = space.base_recipe(first)
+    assert recipe.epochs == 10 and recipe.warmup_epochs == 2 and recipe.beta == 8.0
+    assert space.max_epochs() == 10
+
+
+def test_set_overrides_reach_any_field(tmp_path, valid):
+    path = write(tmp_path, valid)
+    space = load_search_space(
+        path,
+        [
+            "search.num_samples=3",
+            "epochs=12",
+            "teachers.0.space.beta={loguniform: [2, 4]}",
+            "scheduler.max_t=12",
+        ],
+    )
+    assert space.search.num_samples == 3
+    assert space.base_recipe(space.teachers[0]).epochs == 12
+    assert space.space_for(space.teachers[0])["beta"].loguniform == (2.0, 4.0)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda v: v.update(studnet="resnet8"), r"studnet: unknown key 'studnet'; did you mean 'student'\?"),
+        (
+            lambda v: (
+                v["search"].update(algoritm="optuna") if "search" in v else v.update(search={"algoritm": "x"})
+            ),
+            "did you mean 'algorithm'",
+        ),
+        (lambda v: v.update(student="resnet3x4"), r"student: unknown model 'resnet3x4'"),
+        (
+            lambda v: v["teachers"][0]["space"].update(beta={"uniform": [-1, 2]}),
+            "beta = -1.0 is not valid; expected a number >= 0",
+        ),
+        (
+            lambda v: v["space"].update(temperature={"choice": [0, 4]}),
+            "temperature = 0.0 is not valid; expected a number > 0",
+        ),
+        (
+            lambda v: v["space"].update(warmup_epochs={"int": [0, 50]}),
+            r"warmup_epochs = 50 is not valid; expected an integer in \[0, epochs=10\]",
+        ),
+        (lambda v: v.update(resources={"gpu": 0.5, "workers": 2}), "each DDP worker needs a whole GPU"),
+        (lambda v: v.update(resources={"gpu": 1.5}), "must be a whole number"),
+        (lambda v: v.update(scheduler={"grace_period": 20}), "grace_period: 20 is more than max_t"),
+        (
+            lambda v: v["teachers"][0].update(checkpoint="/nonexistent/t.pth"),
+            "teachers\\[0\\].checkpoint: file '/nonexistent/t.pth' not found",
+        ),
+        (
+            lambda v: v.update(data="cifar100:/nonexistent"),
+            "/nonexistent/cifar-100-python/train: missing file",
+        ),
+        (lambda v: v["space"].update(betta=1.0), "cannot search 'betta'"),
+        (lambda v: v["space"].update(beta={"uniform": [1, 2], "choice": [1]}), "give exactly one of"),
+        (lambda v: v["space"].update(epochs={"uniform": [1, 2]}), "epochs is an integer"),
+        (lambda v: v.update(loss="dkdd"), "loss = 'dkdd'"),
+    ],
+)
+def test_each_mistake_is_one_line_naming_file_and_key(tmp_path, valid, change, message):
+    change(valid)
+    path = write(tmp_path, valid)
+    with pytest.raises(UserInputError, match=message) as caught:
+        load_search_space(path)
+    text = str(caught.value)
+    assert text.startswith(f"{path}: ") and "\n" not in text
+
+
+def test_syntax_errors_and_empty_and_binary_files(tmp_path):
+    for content, message in [
+        ("name: [unclosed\n", "YAML syntax error at line"),
+        ("", "file is empty"),
+        ("- just\n- a list\n", "top level is a list"),
+    ]:
+        with pytest.raises(UserInputError, match=message):
+            load_search_space(write(tmp_path, content))
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"name: \xff\xfe\x00")
+    with pytest.raises(UserInputError, match="is not UTF-8"):
+        load_search_space(binary)
+    with pytest.raises(UserInputError, match="file not found"):
+        load_search_space(tmp_path / "missing.yaml")
+
+
+def test_set_override_errors():
+    raw = {"teachers": [{"model": "x"}]}
+    with pytest.raises(UserInputError, match="expected KEY=VALUE"):
+        apply_set_override(raw, "epochs")
+    with pytest.raises(UserInputError, match="not an index"):
+        apply_set_override(raw, "teachers.3.model=y")
+    apply_set_override(raw, "teachers.0.model=resnet8")
+    assert raw["teachers"][0]["model"] == "resnet8"
+
+
+def test_yaml_is_loaded_safely(tmp_path, valid):
+    # A python/object tag would construct an object under yaml.load; safe_load refuses it.
+    text = yaml.safe_dump(valid) + "evil: !!python/object/apply:os.system ['echo pwned']\n"
+    with pytest.raises(UserInputError, match="YAML syntax error"):
+        load_search_space(write(tmp_path, text))

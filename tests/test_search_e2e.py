@@ -1,0 +1,169 @@
+"""`dkd-tune run` and `dkd-tune resume` end to end on the generated dataset, through the CLI and real Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from analysis.results import RESULT_COLUMNS
+from dkd_tune.tracking import TAG_KIND, TAG_PARENT, TAG_STATUS, TAG_TRIAL_ID
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def tiny_space(tmp_path: Path, **changes) -> Path:
+    """A search of a few seconds per trial: 5 classes of 8x8 images, resnet8 teacher and student."""
+    space = {
+        "name": "e2e",
+        "data": {
+            "name": "synthetic",
+            "root": str(tmp_path / "data"),
+            "generate": {"classes": 5, "superclasses": 5, "train_per_class": 40, "test_per_class": 20, "image_size": 8},
+        },
+        "student": "resnet8",
+        "overrides": {"epochs": 4, "lr_milestones": [3], "warmup_epochs": 1, "batch_size": 32},
+        "teachers": [{"model": "resnet8", "name": "teacher", "train": {"overrides": {"epochs": 2, "batch_size": 32}}}],
+        "space": {"beta": {"loguniform": [0.5, 8.0]}, "temperature": {"choice": [2, 4]}},
+        "baselines": ["ce"],
+        "search": {"algorithm": "optuna", "seed": 0, "num_samples": 6, "max_concurrent_trials": 2},
+        "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
+        "resources": {"cpu": 1},
+        "storage": str(tmp_path / "runs"),
+        "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+    }
+    for key, value in changes.items():
+        space[key] = value
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(space))
+    return path
+
+
+def environment() -> dict[str, str]:
+    # Ray workers import dkd_tune and trainables from this checkout.
+    return {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), "RAY_DEDUP_LOGS": "0"}
+
+
+def cli(*args: str, cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "dkd_tune", *args], cwd=cwd, env=environment(), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def mlflow_children(tmp_path: Path, parent_run_id: str):
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent = client.get_run(parent_run_id)
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`{TAG_PARENT}` = '{parent_run_id}'", max_results=1000
+    )
+    return client, parent, children
+
+
+def test_run_end_to_end_through_the_cli(tmp_path):
+    result = cli("run", str(tiny_space(tmp_path)), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "best trial:" in result.stdout
+
+    experiment = tmp_path / "runs" / "e2e"
+    state = json.loads((experiment / "state.json").read_text())
+    assert state["status"] == "done" and state["parts_done"] == ["baseline-ce", "teacher"]
+    frame = pd.read_parquet(experiment / "results.parquet")
+    assert list(frame.columns) == list(RESULT_COLUMNS)
+    assert len(frame) == 7  # 6 searched trials + the CE baseline
+    searched = frame[frame["part"] == "teacher"]
+    assert (searched["status"] == "stopped").any(), "ASHA should stop at least one trial early"
+    assert (searched["status"] == "completed").any()
+    assert searched["teacher_gap"].notna().all()
+    baseline = frame[frame["part"] == "baseline-ce"].iloc[0]
+    assert baseline["loss"] == "ce" and baseline["status"] == "completed" and baseline["stop_epoch"] == 4
+
+    client, parent, children = mlflow_children(tmp_path, state["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags[TAG_KIND] == "search"
+    assert "teacher_gap" in parent.data.tags
+    assert len(children) == 7
+    by_trial = {run.data.tags[TAG_TRIAL_ID]: run for run in children}
+    for _, row in frame.iterrows():
+        run = by_trial[row["trial_id"]]
+        assert run.info.status == "FINISHED"
+        assert run.data.tags[TAG_STATUS] == row["status"]
+        history = client.get_metric_history(run.info.run_id, "test_acc")
+        assert sorted(point.step for point in history) == list(range(1, row["stop_epoch"] + 1))
+        if row["part"] == "teacher":
+            assert float(run.data.params["beta"]) == pytest.approx(row["beta"])
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"results.parquet", "search.yaml"} <= artifacts
+
+
+def test_resume_after_the_driver_is_killed(tmp_path):
+    path = tiny_space(
+        tmp_path,
+        overrides={"epochs": 6, "lr_milestones": [5], "warmup_epochs": 1, "batch_size": 32},
+        search={"algorithm": "optuna", "seed": 1, "num_samples": 8, "max_concurrent_trials": 1},
+        scheduler={"type": "asha", "grace_period": 2, "reduction_factor": 2},
+        baselines=[],
+    )
+    experiment = tmp_path / "runs" / "e2e"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dkd_tune", "run", str(path)],
+        cwd=tmp_path, env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.time() + 600
+    finished_before_kill: dict[str, int] = {}
+    while time.time() < deadline and process.poll() is None:
+        finished_before_kill = finished_trials(experiment / "teacher")
+        if len(finished_before_kill) >= 2:
+            break
+        time.sleep(0.5)
+    assert process.poll() is None, "the search ended before it could be interrupted"
+    os.killpg(process.pid, signal.SIGKILL)  # the driver and everything it started
+    process.wait()
+    assert len(finished_before_kill) >= 2
+
+    result = cli("resume", "e2e", "--storage", str(tmp_path / "runs"), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    frame = pd.read_parquet(experiment / "results.parquet")
+    assert len(frame) == 8 and frame["trial_id"].is_unique
+    for trial_id, epochs in finished_before_kill.items():
+        # A trial that had finished was not run again: its history still ends where it ended.
+        assert result_lines(experiment / "teacher", trial_id) == epochs
+    state = json.loads((experiment / "state.json").read_text())
+    client, _, children = mlflow_children(tmp_path, state["parent_run_id"])
+    assert len(children) == len(frame)
+    assert len({run.data.tags[TAG_TRIAL_ID] for run in children}) == len(children)
+    assert all(run.info.status != "RUNNING" for run in children)
+
+
+def finished_trials(part_dir: Path) -> dict[str, int]:
+    """trial id -> reported epochs, for trials Ray has marked TERMINATED in its saved state."""
+    states = sorted(part_dir.glob("experiment_state-*.json"))
+    if not states:
+        return {}
+    try:
+        trial_data = json.loads(states[-1].read_text())["trial_data"]
+    except (json.JSONDecodeError, KeyError, OSError):
+        return {}
+    finished = {}
+    for trial_json, _ in trial_data:
+        trial = json.loads(trial_json)
+        if trial.get("status") == "TERMINATED":
+            finished[trial["trial_id"]] = result_lines(part_dir, trial["trial_id"])
+    return finished
+
+
+def result_lines(part_dir: Path, trial_id: str) -> int:
+    for trial_dir in part_dir.glob(f"*{trial_id}*"):
+        path = trial_dir / "result.json"
+        if path.exists():
+            return sum(1 for line in path.read_text().splitlines() if line.strip())
+    return 0

@@ -1,0 +1,86 @@
+"""Every shipped search space validates and builds its Ray Tune Tuner (no training, no Ray started)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dkd_tune.config import load_search_space
+from dkd_tune.search import new_tuner
+from dkd_tune.search_plan import search_parts, trial_plan
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((ROOT / "search_spaces").glob("*.yaml"))
+PAPER_PAIRS = [
+    "res56_res20", "res110_res32", "res32x4_res8x4", "wrn40_2_wrn16_2", "wrn40_2_wrn40_1", "vgg13_vgg8",
+    "res32x4_shuv1", "wrn40_2_shuv1", "vgg13_mv2", "res50_mv2", "res32x4_mv2", "res32x4_shuv2",
+]  # fmt: skip
+
+
+def placeholder_inputs(path: Path, tmp_path: Path) -> list[str]:
+    """`--set` overrides that point a file's data and checkpoints at placeholders made here."""
+    raw = yaml.safe_load(path.read_text())
+    overrides = []
+    data = raw["data"]
+    name = data["name"] if isinstance(data, dict) else data.split(":", 1)[0]
+    root = tmp_path / "data"
+    if name == "imagenet":
+        for split in ("train", "val"):
+            (root / split / "n01440764").mkdir(parents=True)
+    elif name == "cifar100":
+        (root / "cifar-100-python").mkdir(parents=True)
+        for file in ("train", "test", "meta"):
+            (root / "cifar-100-python" / file).write_bytes(b"")
+    if name != "synthetic":
+        overrides.append(f"data.root={root}" if isinstance(data, dict) else f"data={name}:{root}")
+    for index, teacher in enumerate(raw.get("teachers", [])):
+        if "checkpoint" in teacher:
+            checkpoint = tmp_path / f"teacher{index}.pth"
+            checkpoint.write_bytes(b"")
+            overrides.append(f"teachers.{index}.checkpoint={checkpoint}")
+    return overrides
+
+
+def dummy_trainable(config):
+    raise AssertionError("no trial runs in this test")
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_shipped_search_space_validates_and_builds_its_tuners(path, tmp_path):
+    from ray import tune
+
+    space = load_search_space(path, placeholder_inputs(path, tmp_path))
+    parts = search_parts(space)
+    assert parts
+    for part_name, teacher in parts:
+        plan = trial_plan(space, teacher, None, part_name)
+        assert plan.max_epochs <= plan.base_recipe.epochs
+        run_config = tune.RunConfig(name=part_name, storage_path=str(tmp_path / "runs"))
+        tuner = new_tuner(space, part_name, teacher, plan, dummy_trainable, run_config)
+        assert isinstance(tuner, tune.Tuner)
+
+
+def test_the_paper_pairs_and_ablations_are_all_shipped():
+    stems = {p.stem for p in SHIPPED}
+    assert {f"cifar_{pair}" for pair in PAPER_PAIRS} <= stems
+    assert {"demo", "cifar_shufflenet", "imagenet_res34_res18", "imagenet_res50_mv1"} <= stems
+    assert {
+        "ablation_loss_modes",
+        "ablation_tckd_temperature",
+        "ablation_autoaugment",
+        "ablation_label_noise",
+    } <= stems
+
+
+def test_cifar_shufflenet_follows_table_a1(tmp_path):
+    path = ROOT / "search_spaces" / "cifar_shufflenet.yaml"
+    space = load_search_space(path, placeholder_inputs(path, tmp_path))
+    assert space.student == "ShuffleV1"
+    assert [t.model for t in space.teachers] == ["resnet56", "wrn_40_2", "resnet32x4"]
+    paper_best = {"resnet56": 2.0, "wrn_40_2": 6.0, "resnet32x4": 8.0}
+    for teacher in space.teachers:
+        low, high = space.space_for(teacher)["beta"].loguniform
+        assert low < paper_best[teacher.model] < high
+        assert space.base_recipe(teacher).lr == 0.01  # ShuffleV1
