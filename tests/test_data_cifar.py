@@ -240,3 +240,39 @@ def test_cli_error_is_one_line_exit_code_2(tmp_path):
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "classes 1" in result.stderr
+
+
+def test_download_true_uses_torchvision_and_reports_failures(tmp_path, monkeypatch):
+    import urllib.error
+
+    import torchvision.datasets
+
+    calls = []
+
+    class FakeCIFAR100:
+        """Stands in for torchvision's downloader: writes the release's files, as the real one extracts them."""
+
+        def __init__(self, root, train, download):
+            calls.append((root, train, download))
+            write_tiny_cifar(Path(root))
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR100", FakeCIFAR100)
+    spec = parse_data_spec({"name": "cifar100", "root": str(tmp_path / "data"), "download": True})
+    train, _ = load_train_test(spec)
+    assert calls == [(str(tmp_path / "data"), True, True)] and len(train) == 20
+    load_train_test(spec)
+    assert len(calls) == 1  # already there: no second download
+
+    class Offline:
+        def __init__(self, root, train, download):
+            raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR100", Offline)
+    with pytest.raises(UserInputError) as error:
+        load_train_test(
+            parse_data_spec({"name": "cifar100", "root": str(tmp_path / "other"), "download": True})
+        )
+    assert "could not download CIFAR-100" in str(error.value) and "cifar-100-python.tar.gz" in str(
+        error.value
+    )
+    assert "\n" not in str(error.value)

@@ -1,7 +1,8 @@
 """Device-resident loaders: the whole set on the training device as uint8, augmented there in batched ops.
 
-Per training batch the hot path is: two small table look-ups and one gather (crop + flip of the
-pre-padded set), a uint8 -> float convert and one fused scale/shift. Every random draw of an epoch
+Per training batch the hot path is: a look-up of the views' pixel offsets, one `torch.take` (crop +
+flip from the zero-padded uint8 set, padded once per loader), a uint8 -> float convert and a
+scale/shift. Every random draw of an epoch
 (permutation and views) comes from a CPU generator seeded by (seed, epoch) and reaches the device
 in one copy per epoch, so CPU and CUDA runs see identical batches and resuming needs only the epoch.
 """

@@ -30,7 +30,8 @@ def imagenet_loaders(
     """(train, val) loaders over `root/train/<class>/*` and `root/val/<class>/*` (ImageFolder layout).
 
     Train: RandomResizedCrop(image_size) + horizontal flip; val: resize to image_size*256/224 and
-    center-crop image_size. Workers decode and crop to uint8; the device normalises with ImageNet's statistics.
+    center-crop image_size. Workers decode (torchvision.io) and crop uint8 tensors (antialiased
+    resizes, as PIL's); the device normalises with ImageNet's statistics.
     """
     from torchvision import transforms
 
@@ -42,17 +43,12 @@ def imagenet_loaders(
             f"{len(train_set.classes)}); expected the same class folders in train/ and val/"
         )
     train_transform = transforms.Compose(
-        [
-            transforms.RandomResizedCrop(image_size),
-            transforms.RandomHorizontalFlip(),
-            transforms.PILToTensor(),
-        ]
+        [transforms.RandomResizedCrop(image_size, antialias=True), transforms.RandomHorizontalFlip()]
     )
     val_transform = transforms.Compose(
         [
-            transforms.Resize(round(image_size * RESIZE_RATIO)),
+            transforms.Resize(round(image_size * RESIZE_RATIO), antialias=True),
             transforms.CenterCrop(image_size),
-            transforms.PILToTensor(),
         ]
     )
     common = dict(
@@ -97,13 +93,12 @@ def _image_folder(root: Path, split: str):
         raise UserInputError(f"{folder}: {error}; expected {expected}") from None
 
 
-def _load_rgb(path: str):
-    from PIL import Image, UnidentifiedImageError
+def _load_rgb(path: str) -> torch.Tensor:
+    from torchvision.io import ImageReadMode, decode_image
 
     try:
-        with open(path, "rb") as file:
-            return Image.open(file).convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError) as error:
+        return decode_image(path, mode=ImageReadMode.RGB)
+    except (OSError, RuntimeError, ValueError) as error:
         raise UserInputError(
             f"{path}: not a readable image ({type(error).__name__}); replace or remove the file"
         ) from None

@@ -135,15 +135,13 @@ def _read_all(files: list[tuple[Path, int]], how_to_get: str) -> np.ndarray:
 
 
 def _read_rgb(path: Path, how_to_get: str) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+    from torchvision.io import ImageReadMode, decode_image
 
     try:
-        with Image.open(path) as image:
-            # The release has a few greyscale JPEGs: convert everything to RGB.
-            pixels = np.asarray(image.convert("RGB"), dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, ValueError) as error:
+        # The release has a few greyscale JPEGs: decode everything as RGB.
+        return decode_image(str(path), mode=ImageReadMode.RGB).numpy()
+    except (OSError, RuntimeError, ValueError) as error:
         raise UserInputError(f"{path}: not a readable image ({type(error).__name__}); {how_to_get}") from None
-    return pixels.transpose(2, 0, 1)
 
 
 def _class_names(words: Path, wnids: list[str]) -> list[str]:
