@@ -42,6 +42,9 @@ class SearchOptions:
     tracking_uri: str | None = None
     dashboard: bool = False
     log: Callable[[str], None] = print
+    # A function trainable `(config, plan, data)` to run instead of dkd-tune's own: for custom training
+    # code, and for the tests that inject faults or measure the search machinery with a fast trainable.
+    trainable: Callable[..., None] | None = None
 
 
 @dataclass
@@ -333,19 +336,13 @@ def _run_part(space, part_name, teacher, teachers, shared_ref, experiment_dir, s
     from trainables import distillation_trainable
 
     plan = trial_plan(space, teacher, teachers.get(teacher.label) if teacher else None, part_name)
-    trainable = tune.with_resources(
-        tune.with_parameters(
-            distillation_trainable(
-                space.resources.workers,
-                use_gpu=space.resources.gpu > 0,
-                cpus_per_worker=space.resources.cpu,
-                max_failures=space.max_failures,
-            ),
-            plan=plan,
-            data=shared_ref,
-        ),
-        _resources(space),
+    function = options.trainable or distillation_trainable(
+        space.resources.workers,
+        use_gpu=space.resources.gpu > 0,
+        cpus_per_worker=space.resources.cpu,
+        max_failures=space.max_failures,
     )
+    trainable = tune.with_resources(tune.with_parameters(function, plan=plan, data=shared_ref), _resources(space))
     part_dir = experiment_dir / part_name
     logger = tracking.MLflowTrialLogger(
         state["tracking_uri"],
