@@ -179,6 +179,7 @@ def test_string_and_mapping_specs_are_equivalent():
         and full.generate == {"classes": 10, "image_size": 16}
     )
     assert parse_data_spec("imagenet:/data/imagenet").family == "imagenet"
+    assert len({full, parse_data_spec(dict(full.__dict__, root=str(full.root)))}) == 1  # hashable, by value
 
 
 @pytest.mark.parametrize(

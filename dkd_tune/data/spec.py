@@ -29,6 +29,12 @@ class DataSpec:
     noise_seed: int = 0
     generate: dict | None = None
 
+    def __hash__(self) -> int:
+        generate = None if self.generate is None else tuple(sorted(self.generate.items()))
+        return hash(
+            (self.name, self.root, self.download, self.augment, self.label_noise, self.noise_seed, generate)
+        )
+
     @property
     def family(self) -> str:
         """Which auto-beta calibration applies: "cifar", "imagenet" or "synthetic"."""
