@@ -333,6 +333,72 @@ def distill_command(
     )
 
 
+@cli.command("probe")
+@click.option(
+    "--checkpoint",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Student checkpoint (dkd-tune best.pt, mdistiller file or state dict).",
+)
+@click.option(
+    "--dataset", required=True, type=click.Choice(["stl10", "tiny-imagenet"]), help="Probe dataset."
+)
+@click.option(
+    "--data-root",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Folder holding stl10_binary/ or tiny-imagenet-200/.",
+)
+@click.option("--model", "model_name", help="Architecture, for checkpoints that do not record it.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+@click.option("--tracking-uri", help="Log to MLflow (default: MLFLOW_TRACKING_URI if set, else no logging).")
+@click.option(
+    "--parent-run-id", help="The student's MLflow run: the probe run is nested under it and tagged with it."
+)
+@click.option("--experiment", help="MLflow experiment (default: the parent run's, else 'probe').")
+@click.option("--device", help="cpu, cuda or cuda:N (default: cuda when available).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the head's init and shuffles.")
+def probe_command(
+    checkpoint, dataset, data_root, model_name, as_json, tracking_uri, parent_run_id, experiment, device, seed
+) -> None:
+    """Linear probe of a student's frozen features on STL-10 or Tiny-ImageNet (paper A.7).
+
+    Features from the student's global average pool, computed once; a linear layer trained with
+    SGD (momentum 0.9, no weight decay) for 40 epochs, lr 0.1 at batch 128, x0.1 every 10 epochs.
+    """
+    import json
+
+    from dkd_tune.probe_runs import probe_command as run_probe
+
+    result, run_id = run_probe(
+        checkpoint,
+        dataset,
+        data_root,
+        model_name=model_name,
+        tracking_uri=tracking_uri,
+        parent_run_id=parent_run_id,
+        experiment=experiment,
+        device=device,
+        seed=seed,
+        progress=not as_json,
+    )
+    if as_json:
+        click.echo(json.dumps({**result.to_dict(), "mlflow_run_id": run_id}))
+        return
+    click.echo(
+        f"probe of {result.arch} ({result.checkpoint}) on {result.dataset} at {result.input_size}x{result.input_size}: "
+        f"{result.num_train} train / {result.num_test} test images, {result.num_classes} classes, "
+        f"{result.feature_dim} features"
+    )
+    click.echo(f"train top-1 {result.train_acc:.2f}%  test top-1 {result.test_acc:.2f}%")
+    click.echo(
+        f"time: features {result.extract_seconds:.1f}s, head {result.train_seconds:.1f}s "
+        f"({result.protocol.epochs} epochs) on {result.device}"
+    )
+    if run_id:
+        click.echo(f"MLflow run {run_id}" + (f" (under {parent_run_id})" if parent_run_id else ""))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""
     try:
