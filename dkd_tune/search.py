@@ -53,6 +53,7 @@ class SearchOutcome:
     results_path: Path
     best: dict[str, Any] | None
     table: str
+    references: dict[str, float]  # baseline part -> its final test top-1, for comparison with the best
 
 
 # ------------------------------------------------------------------------------------------------
@@ -166,7 +167,12 @@ def _execute(
         _finish_parent_run(client, state["parent_run_id"], experiment_dir, frame, best, space)
         state["status"] = "done"
         save_state()
-        return SearchOutcome(experiment_dir, results_path, best, results_table(frame, metric=space.metric))
+        references = {
+            row["part"]: float(row["final_test_acc"])
+            for _, row in frame[frame["part"].str.startswith(BASELINE_PREFIX)].iterrows()
+            if row["status"] == "completed"
+        }
+        return SearchOutcome(experiment_dir, results_path, best, results_table(frame, metric=space.metric), references)
     finally:
         ray.shutdown()
 
@@ -186,7 +192,14 @@ def _start_ray(options: SearchOptions) -> None:
 
     if ray.is_initialized():
         return
-    settings: dict[str, Any] = {"log_to_driver": True, "configure_logging": True, "logging_level": "WARNING"}
+    # Ray's per-checkpoint INFO lines and snapshot warnings drown the progress table; keep warnings.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic progress table, with our columns
+    settings: dict[str, Any] = {
+        "log_to_driver": True,
+        "logging_level": "WARNING",
+        "logging_config": ray.LoggingConfig(log_level="WARNING"),
+    }
     if options.address:
         ray.init(address=options.address, **settings)
     else:
@@ -320,8 +333,8 @@ def _predict_beta(prepared, data_spec, options) -> float | None:
     if calibration is None or prepared.gap is None:
         return None
     suggestion = calibration.predict(prepared.gap.mean)
-    if suggestion.warning:
-        options.log(f"dkd-tune: auto-beta: {suggestion.warning}")
+    for warning in suggestion.warnings:
+        options.log(f"dkd-tune: auto-beta: {warning}")
     return float(suggestion.beta)
 
 
@@ -342,7 +355,9 @@ def _run_part(space, part_name, teacher, teachers, shared_ref, experiment_dir, s
         cpus_per_worker=space.resources.cpu,
         max_failures=space.max_failures,
     )
-    trainable = tune.with_resources(tune.with_parameters(function, plan=plan, data=shared_ref), _resources(space))
+    trainable = tune.with_resources(
+        tune.with_parameters(function, plan=plan, data=shared_ref), _resources(space)
+    )
     part_dir = experiment_dir / part_name
     logger = tracking.MLflowTrialLogger(
         state["tracking_uri"],
@@ -353,12 +368,24 @@ def _run_part(space, part_name, teacher, teachers, shared_ref, experiment_dir, s
         fixed_params=_fixed_params(space, plan, teacher, teachers),
         extra_tags={tracking.TAG_SEARCH: state["name"]},
     )
+    searched = [name for name, d in space.space_for(teacher).items() if d.kind != "fixed"] if teacher else []
     run_config = tune.RunConfig(
         name=part_name,
         storage_path=str(experiment_dir),
         failure_config=tune.FailureConfig(max_failures=space.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         callbacks=[logger],
+        progress_reporter=tune.CLIReporter(
+            parameter_columns=searched,
+            metric_columns={
+                "epoch": "epoch",
+                "train_loss": "loss",
+                "test_acc": "test acc",
+                "best_test_acc": "best",
+            },
+            max_report_frequency=20,
+            sort_by_metric=True,
+        ),
         verbose=1,
     )
     if part_dir.exists() and tune.Tuner.can_restore(str(part_dir)):
@@ -375,6 +402,7 @@ def _run_part(space, part_name, teacher, teachers, shared_ref, experiment_dir, s
 def new_tuner(space: SearchSpaceFile, part_name: str, teacher, plan, trainable, run_config):
     """The Ray Tune Tuner of one part: its searcher, ASHA and budget (a baseline runs once, unpruned)."""
     from ray import tune
+    from ray.tune.search import Searcher
 
     is_baseline = part_name.startswith(BASELINE_PREFIX)
     searcher, param_space, num_samples = _search_algorithm(
@@ -389,10 +417,24 @@ def new_tuner(space: SearchSpaceFile, part_name: str, teacher, plan, trainable, 
             search_alg=searcher,
             scheduler=None if is_baseline else _scheduler(space, plan.max_epochs),
             num_samples=num_samples,
-            max_concurrent_trials=space.search.max_concurrent_trials,
+            max_concurrent_trials=space.search.max_concurrent_trials
+            if isinstance(searcher, Searcher)
+            else None,
+            trial_name_creator=TrialName(part_name),
+            trial_dirname_creator=TrialName(part_name),
         ),
         run_config=run_config,
     )
+
+
+class TrialName:
+    """Trial names and folders `<part>-<trial id>` (picklable, so a restored Tuner keeps them)."""
+
+    def __init__(self, part_name: str):
+        self.part_name = part_name
+
+    def __call__(self, trial) -> str:
+        return f"{self.part_name}-{trial.trial_id}"
 
 
 def _resources(space: SearchSpaceFile) -> dict[str, float]:
@@ -424,8 +466,10 @@ def _search_algorithm(space: SearchSpaceFile, searched: dict[str, Distribution])
 
     variable = {name: d for name, d in searched.items() if d.kind != "fixed"}
     settings = space.search
+    # BasicVariantGenerator limits concurrency itself (TuneConfig's limit only applies to Searchers).
+    concurrency = settings.max_concurrent_trials or 0
     if not variable:
-        return BasicVariantGenerator(random_state=settings.seed), {}, 1
+        return BasicVariantGenerator(random_state=settings.seed, max_concurrent=concurrency), {}, 1
     if settings.algorithm == "optuna":
         import optuna
         from ray.tune.search.optuna import OptunaSearch
@@ -439,7 +483,11 @@ def _search_algorithm(space: SearchSpaceFile, searched: dict[str, Distribution])
             settings.num_samples,
         )
     param_space = {name: _tune_distribution(d, settings.algorithm) for name, d in variable.items()}
-    return BasicVariantGenerator(random_state=settings.seed), param_space, settings.num_samples
+    return (
+        BasicVariantGenerator(random_state=settings.seed, max_concurrent=concurrency),
+        param_space,
+        settings.num_samples,
+    )
 
 
 def _optuna_distribution(distribution: Distribution):
@@ -541,7 +589,10 @@ def _reconcile_child_runs(client, state, frame) -> None:
 
 
 def _best_row(frame, space: SearchSpaceFile) -> dict[str, Any] | None:
-    candidates = frame[frame["status"].isin(["completed"])] if not frame.empty else frame
+    """The best searched trial that ran its full budget (baselines are references, not candidates)."""
+    if frame.empty:
+        return None
+    candidates = frame[(frame["status"] == "completed") & ~frame["part"].str.startswith(BASELINE_PREFIX)]
     if candidates.empty:
         return None
     column = "final_test_acc" if space.metric == "test_acc" else space.metric

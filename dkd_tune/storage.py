@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import IO, Any
 
 HASH_CHUNK_BYTES = 8 << 20
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # reading the umask means setting it; put it straight back
 
 
 @contextlib.contextmanager
@@ -25,6 +27,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the permissions open() would
     try:
         yield tmp
         with open(tmp, "rb+") as written:
