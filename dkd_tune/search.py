@@ -317,8 +317,8 @@ def _predict_beta(prepared, data_spec, options) -> float | None:
     if calibration is None or prepared.gap is None:
         return None
     suggestion = calibration.predict(prepared.gap.mean)
-    if suggestion.warning:
-        options.log(f"dkd-tune: auto-beta: {suggestion.warning}")
+    for warning in suggestion.warnings:
+        options.log(f"dkd-tune: auto-beta: {warning}")
     return float(suggestion.beta)
 
 
