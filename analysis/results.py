@@ -90,10 +90,9 @@ def load_search_results(
         from dkd_tune.config import load_search_space
 
         space = load_search_space(experiment_dir / "search.yaml")
-    from dkd_tune.teacher import TeacherArtifacts
-
     from dkd_tune.data import parse_data_spec
     from dkd_tune.search_plan import BASELINE_PREFIX, search_parts, trial_plan
+    from dkd_tune.teacher import TeacherArtifacts
 
     if teachers is None:
         teachers = {

@@ -364,6 +364,12 @@ def default_calibration(family: str) -> Calibration:
         return read_calibration(path)
 
 
+def default_calibration_or_none(family: str) -> Calibration | None:
+    """The calibration dkd-tune ships for `family`, or None when it ships none (imagenet, synthetic)."""
+    _check_family(family, "family")
+    return default_calibration(family) if family in _DEFAULT_FILES else None
+
+
 def load_calibration(path: str | os.PathLike | None, family: str) -> Calibration:
     """The user's calibration file if a path is given, else the family's default; either must match `family`."""
     _check_family(family, "family")

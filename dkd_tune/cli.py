@@ -56,6 +56,50 @@ def show_calibration(calibration_file: str | None, family: str | None, gaps: tup
     click.echo(describe_calibration(calibration_file, family, gaps))
 
 
+@cli.command("suggest-beta")
+@click.option("--teacher-model", required=True, help="Teacher architecture, e.g. wrn_40_2.")
+@click.option(
+    "--teacher-checkpoint",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Teacher weights (dkd-tune, mdistiller/CRD or a bare state dict).",
+)
+@click.option("--data", required=True, help="Dataset the teacher was trained on, e.g. cifar100:~/data.")
+@click.option(
+    "--calibration",
+    type=click.Path(dir_okay=False),
+    help="Calibration file (default: the one shipped for the dataset's family).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+@click.option("--tracking-uri", help="Log to MLflow (default: MLFLOW_TRACKING_URI if set, else no logging).")
+@click.option("--device", help="cpu, cuda or cuda:N (default: cuda when available).")
+def suggest_beta_command(
+    teacher_model: str,
+    teacher_checkpoint: str,
+    data: str,
+    calibration: str | None,
+    as_json: bool,
+    tracking_uri: str | None,
+    device: str | None,
+) -> None:
+    """Measure a teacher's logit gap z_t - z_max and suggest DKD's beta with a window to search.
+
+    Prints the gap statistics (mean, median, std, share of samples the teacher gets wrong), the
+    teacher's train/test top-1, beta, the window and a ready `space:` snippet for a search file.
+    """
+    from dkd_tune.suggest import suggest_beta
+
+    report = suggest_beta(
+        teacher_model,
+        teacher_checkpoint,
+        data,
+        calibration=calibration,
+        device=device,
+        tracking_uri=tracking_uri,
+    )
+    click.echo(report.to_json() if as_json else report.text())
+
+
 @cli.command("models")
 @click.option(
     "--family", type=click.Choice(["cifar", "imagenet"]), help="Only the CIFAR or the ImageNet networks."
