@@ -268,7 +268,9 @@ def _print_outcome(outcome) -> None:
         )
         for part, accuracy in outcome.references.items():
             gain = best["final_test_acc"] - accuracy
-            click.echo(f"  reference {part}: final test top-1 {accuracy:.2f}% (best trial {gain:+.2f} points)")
+            click.echo(
+                f"  reference {part}: final test top-1 {accuracy:.2f}% (best trial {gain:+.2f} points)"
+            )
     else:
         click.echo("no trial completed its full budget")
     click.echo(f"results: {outcome.results_path}")

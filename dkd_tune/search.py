@@ -172,7 +172,9 @@ def _execute(
             for _, row in frame[frame["part"].str.startswith(BASELINE_PREFIX)].iterrows()
             if row["status"] == "completed"
         }
-        return SearchOutcome(experiment_dir, results_path, best, results_table(frame, metric=space.metric), references)
+        return SearchOutcome(
+            experiment_dir, results_path, best, results_table(frame, metric=space.metric), references
+        )
     finally:
         ray.shutdown()
 

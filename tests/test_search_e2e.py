@@ -29,11 +29,19 @@ def tiny_space(tmp_path: Path, **changes) -> Path:
         "data": {
             "name": "synthetic",
             "root": str(tmp_path / "data"),
-            "generate": {"classes": 5, "superclasses": 5, "train_per_class": 40, "test_per_class": 20, "image_size": 8},
+            "generate": {
+                "classes": 5,
+                "superclasses": 5,
+                "train_per_class": 40,
+                "test_per_class": 20,
+                "image_size": 8,
+            },
         },
         "student": "resnet8",
         "overrides": {"epochs": 4, "lr_milestones": [3], "warmup_epochs": 1, "batch_size": 32},
-        "teachers": [{"model": "resnet8", "name": "teacher", "train": {"overrides": {"epochs": 2, "batch_size": 32}}}],
+        "teachers": [
+            {"model": "resnet8", "name": "teacher", "train": {"overrides": {"epochs": 2, "batch_size": 32}}}
+        ],
         "space": {"beta": {"loguniform": [0.5, 8.0]}, "temperature": {"choice": [2, 4]}},
         "baselines": ["ce"],
         "search": {"algorithm": "optuna", "seed": 0, "num_samples": 6, "max_concurrent_trials": 2},
@@ -51,12 +59,21 @@ def tiny_space(tmp_path: Path, **changes) -> Path:
 
 def environment() -> dict[str, str]:
     # Ray workers import dkd_tune and trainables from this checkout.
-    return {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), "RAY_DEDUP_LOGS": "0"}
+    return {
+        **os.environ,
+        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "RAY_DEDUP_LOGS": "0",
+    }
 
 
 def cli(*args: str, cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "dkd_tune", *args], cwd=cwd, env=environment(), capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "dkd_tune", *args],
+        cwd=cwd,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -64,7 +81,9 @@ def mlflow_children(tmp_path: Path, parent_run_id: str):
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     parent = client.get_run(parent_run_id)
     children = client.search_runs(
-        [parent.info.experiment_id], filter_string=f"tags.`{TAG_PARENT}` = '{parent_run_id}'", max_results=1000
+        [parent.info.experiment_id],
+        filter_string=f"tags.`{TAG_PARENT}` = '{parent_run_id}'",
+        max_results=1000,
     )
     return client, parent, children
 
@@ -138,7 +157,7 @@ def test_resume_after_the_driver_is_killed(tmp_path):
         # A trial that had finished was not run again: its history still ends where it ended.
         assert result_lines(experiment / "teacher", trial_id) == epochs
     state = json.loads((experiment / "state.json").read_text())
-    client, _, children = mlflow_children(tmp_path, state["parent_run_id"])
+    _, _, children = mlflow_children(tmp_path, state["parent_run_id"])
     assert len(children) == len(frame)
     assert len({run.data.tags[TAG_TRIAL_ID] for run in children}) == len(children)
     assert all(run.info.status != "RUNNING" for run in children)

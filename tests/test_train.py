@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import socket
@@ -219,3 +220,17 @@ def test_two_process_gloo_ddp_matches_one_process(datasets, teacher):
     # (half batches), which is the only difference, so the first epoch's loss agrees closely.
     assert math.isfinite(loss_rank0)
     assert loss_rank0 == pytest.approx(single.history[0]["train_loss"], rel=0.03)
+
+
+def test_trial_recipe_types_sampled_values():
+    from dkd_tune.trial import trial_recipe
+
+    base = short_recipe()
+    recipe = trial_recipe(base, {"beta": 3, "warmup_epochs": 1.0, "temperature": "2"})
+    assert recipe.beta == 3.0 and recipe.warmup_epochs == 1 and recipe.temperature == 2.0
+    assert (
+        dataclasses.replace(
+            recipe, beta=base.beta, warmup_epochs=base.warmup_epochs, temperature=base.temperature
+        )
+        == base
+    )
