@@ -128,6 +128,7 @@ def _train(
     test_loader = EvalLoader(
         test_set, 512, device, channels_last=acceleration.channels_last, dtype=acceleration.input_dtype
     )
+    torch.manual_seed(recipe.seed)  # the initial weights depend on the seed alone
     model = create_model(student, num_classes=train_set.num_classes)
     identity = RunIdentity(
         arch=student,

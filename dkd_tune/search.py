@@ -141,24 +141,33 @@ def _execute(
     _start_ray(options)
     try:
         shared_ref = ray.put(shared)
-        teachers = _prepare_teachers(space, data_spec, shared_ref, experiment_dir, state, save_state, options)
+        parts = [part for part in search_parts(space) if part[0] not in state["parts_done"]]
+        # Teachers are prepared in Ray tasks while the teacher-free baselines train beside them.
+        baseline_cpus = sum(space.resources.cpu for name, teacher in parts if teacher is None)
+        pending = _launch_teacher_preparation(
+            space, data_spec, shared_ref, experiment_dir, state, options, baseline_cpus
+        )
 
         client = tracking.client_for(state["tracking_uri"])
         if state.get("parent_run_id") is None:
-            state["parent_run_id"] = _start_parent_run(
-                client, space, experiment_dir, state, teachers, data_spec
-            )
+            state["parent_run_id"] = _start_parent_run(client, space, experiment_dir, state, data_spec)
             save_state()
         else:
             client.update_run(state["parent_run_id"], status="RUNNING")
 
+        teachers: dict[str, Any] | None = None
         for part_name, teacher in search_parts(space):
+            if teacher is not None and teachers is None:
+                teachers = _collect_teachers(space, pending, data_spec, state, save_state, options)
+                _tag_parent_with_teachers(client, state["parent_run_id"], teachers)
             if part_name in state["parts_done"]:
                 options.log(f"dkd-tune: part '{part_name}' already finished, kept as is")
                 continue
-            _run_part(space, part_name, teacher, teachers, shared_ref, experiment_dir, state, options)
+            _run_part(space, part_name, teacher, teachers or {}, shared_ref, experiment_dir, state, options)
             state["parts_done"].append(part_name)
             save_state()
+        if teachers is None:
+            teachers = _collect_teachers(space, pending, data_spec, state, save_state, options)
 
         frame = load_search_results(experiment_dir, space=space, teachers=teachers, state=state)
         results_path = write_results(frame, experiment_dir / RESULTS_FILE)
@@ -218,41 +227,47 @@ def _start_ray(options: SearchOptions) -> None:
 # Teachers: loaded or trained, gap measured, logit cache built, once per search
 
 
-def _prepare_teachers(
-    space, data_spec, shared_ref, experiment_dir, state, save_state, options
-) -> dict[str, Any]:
+def _launch_teacher_preparation(space, data_spec, shared_ref, experiment_dir, state, options, baseline_cpus):
+    """Start one Ray task per teacher not prepared yet (load or train, gap, cache); returns their refs."""
+    import ray
+
+    pending = {}
+    total_cpus = int(ray.cluster_resources().get("CPU", 1))
+    for teacher in space.teachers:
+        if teacher.label in state["teachers"]:
+            continue
+        cache_dir, cache_note = _cache_decision(space, data_spec, experiment_dir)
+        gpu = 1 if space.resources.gpu > 0 else 0
+        cpus = max(1, int(space.resources.cpu)) if gpu else max(1, total_cpus - int(baseline_cpus))
+        options.log(
+            f"dkd-tune: preparing teacher '{teacher.label}' ({teacher.model}); logit cache: {cache_note}"
+        )
+        task = ray.remote(_prepare_teacher_task).options(num_cpus=cpus, num_gpus=gpu, max_retries=0)
+        pending[teacher.label] = task.remote(
+            teacher,
+            space.student,
+            data_spec,
+            shared_ref,
+            str(_teachers_dir(space, experiment_dir)),
+            cache_dir,
+            cache_note,
+            cpus,
+        )
+    return pending
+
+
+def _collect_teachers(space, pending, data_spec, state, save_state, options) -> dict[str, Any]:
+    """Wait for the teacher tasks; record each teacher's artifacts, gap and auto-beta in the state."""
     import ray
 
     from dkd_tune.teacher import TeacherArtifacts
 
     artifacts: dict[str, TeacherArtifacts] = {}
     for teacher in space.teachers:
-        if teacher.label in state["teachers"]:
+        if teacher.label not in pending:
             artifacts[teacher.label] = TeacherArtifacts.from_dict(state["teachers"][teacher.label])
             continue
-        cache_dir, cache_note = _cache_decision(space, data_spec, experiment_dir)
-        gpu = 1 if space.resources.gpu > 0 else 0
-        cpus = (
-            max(1, int(ray.available_resources().get("CPU", 1)))
-            if not gpu
-            else max(1, int(space.resources.cpu))
-        )
-        options.log(
-            f"dkd-tune: preparing teacher '{teacher.label}' ({teacher.model}); logit cache: {cache_note}"
-        )
-        task = ray.remote(_prepare_teacher_task).options(num_cpus=cpus, num_gpus=gpu, max_retries=0)
-        prepared = ray.get(
-            task.remote(
-                teacher,
-                space.student,
-                data_spec,
-                shared_ref,
-                str(_teachers_dir(space, experiment_dir)),
-                cache_dir,
-                cache_note,
-                cpus,
-            )
-        )
+        prepared = ray.get(pending[teacher.label])
         prepared = dataclasses.replace(prepared, predicted_beta=_predict_beta(prepared, data_spec, options))
         artifacts[teacher.label] = prepared
         state["teachers"][teacher.label] = prepared.to_dict()
@@ -422,6 +437,7 @@ def new_tuner(space: SearchSpaceFile, part_name: str, teacher, plan, trainable, 
             max_concurrent_trials=space.search.max_concurrent_trials
             if isinstance(searcher, Searcher)
             else None,
+            reuse_actors=True,  # a new trial reuses a finished trial's process: no Python + torch start-up
             trial_name_creator=TrialName(part_name),
             trial_dirname_creator=TrialName(part_name),
         ),
@@ -537,7 +553,7 @@ def _scheduler(space: SearchSpaceFile, max_epochs: int):
 # MLflow parent run
 
 
-def _start_parent_run(client, space, experiment_dir, state, teachers, data_spec) -> str:
+def _start_parent_run(client, space, experiment_dir, state, data_spec) -> str:
     from dkd_tune import tracking
 
     tags = {
@@ -549,6 +565,20 @@ def _start_parent_run(client, space, experiment_dir, state, teachers, data_spec)
         "teachers": ", ".join(t.label for t in space.teachers) or "none",
         "loss": space.loss,
     }
+    experiment = tracking.experiment_id(client, space.name)
+    run = client.create_run(experiment, run_name=state["name"], tags=tags)
+    tracking.log_params(
+        client, run.info.run_id, space.model_dump(mode="json", by_alias=True, exclude_none=True)
+    )
+    client.log_artifact(run.info.run_id, str(experiment_dir / CONFIG_FILE))
+    return run.info.run_id
+
+
+def _tag_parent_with_teachers(client, run_id: str, teachers: dict[str, Any]) -> None:
+    """Teacher gap and auto-beta as tags of the search's run (per teacher, and plain when there is one)."""
+    from dkd_tune import tracking
+
+    tags = {}
     for label, artifact in teachers.items():
         if artifact.gap is not None:
             tags[f"teacher_gap.{label}"] = f"{artifact.gap.mean:.4f}"
@@ -557,15 +587,11 @@ def _start_parent_run(client, space, experiment_dir, state, teachers, data_spec)
     if len(teachers) == 1:
         (only,) = teachers.values()
         tags["teacher"] = only.label
-        tags["teacher_gap"] = f"{only.gap.mean:.4f}" if only.gap else ""
-        tags["predicted_beta"] = f"{only.predicted_beta:.3f}" if only.predicted_beta else ""
-    experiment = tracking.experiment_id(client, space.name)
-    run = client.create_run(experiment, run_name=state["name"], tags=tags)
-    tracking.log_params(
-        client, run.info.run_id, space.model_dump(mode="json", by_alias=True, exclude_none=True)
-    )
-    client.log_artifact(run.info.run_id, str(experiment_dir / CONFIG_FILE))
-    return run.info.run_id
+        if only.gap is not None:
+            tags["teacher_gap"] = f"{only.gap.mean:.4f}"
+        if only.predicted_beta is not None:
+            tags["predicted_beta"] = f"{only.predicted_beta:.3f}"
+    tracking.set_tags(client, run_id, tags)
 
 
 def _reconcile_child_runs(client, state, frame) -> None:

@@ -738,6 +738,7 @@ def train_teacher_once(
     test_loader = EvalLoader(
         test_set, 512, device, channels_last=acceleration.channels_last, dtype=acceleration.input_dtype
     )
+    torch.manual_seed(recipe.seed)  # the initial weights depend on the seed alone
     network = create_model(model, num_classes=train_set.num_classes)
     identity = RunIdentity(
         arch=model,

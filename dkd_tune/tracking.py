@@ -50,12 +50,27 @@ def client_for(uri: str | None) -> MlflowClient:
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:
+    """The id of experiment `name`, created if needed (artifacts beside a SQLite store, not in the cwd)."""
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         if experiment.lifecycle_stage == "deleted":
             client.restore_experiment(experiment.experiment_id)
         return experiment.experiment_id
-    return client.create_experiment(name)
+    return client.create_experiment(
+        name, artifact_location=default_artifact_location(client.tracking_uri, name)
+    )
+
+
+def default_artifact_location(tracking_uri: str, experiment_name: str) -> str | None:
+    """For a SQLite store, `<store's folder>/mlruns/<experiment>`; otherwise the server's own default.
+
+    MLflow would put a SQLite store's artifacts under ./mlruns of whichever directory the command
+    ran in; keeping them beside the database keeps a search's store in one place.
+    """
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    database = Path(tracking_uri.removeprefix("sqlite:///")).expanduser().resolve()
+    return (database.parent / "mlruns" / experiment_name).as_uri()
 
 
 def git_commit() -> str | None:

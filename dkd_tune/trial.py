@@ -150,6 +150,7 @@ def run_trial(
         rank=rank,
         world_size=world_size,
     )
+    torch.manual_seed(recipe.seed)  # the student's initial weights depend on the seed alone
     student = create_model(plan.student, num_classes=plan.num_classes)
     teacher = None
     if loss_mode != "ce":
