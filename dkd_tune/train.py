@@ -202,7 +202,11 @@ def fit(
     acceleration = acceleration or Acceleration.for_device(device)
     acceleration.apply_global_settings()
     if isinstance(teacher, nn.Module):
-        teacher = LiveTeacher(teacher.to(device, memory_format=_memory_format(acceleration)))
+        teacher = LiveTeacher(teacher)
+    if isinstance(
+        teacher, LiveTeacher
+    ):  # loaded anywhere (a trial loads it on the CPU): runs beside the student
+        teacher.model.to(device, memory_format=_memory_format(acceleration))
     is_main_rank = not dist.is_initialized() or dist.get_rank() == 0
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
 

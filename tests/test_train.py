@@ -16,7 +16,7 @@ from dkd_tune.data import EvalLoader, build_train_loader, load_train_test, make_
 from dkd_tune.errors import UserInputError
 from dkd_tune.models import create_model
 from dkd_tune.recipes import resolve_recipe
-from dkd_tune.train import LiveTeacher, RunIdentity, fit, training_objective
+from dkd_tune.train import Acceleration, LiveTeacher, RunIdentity, fit, training_objective
 
 CLASSES = 10
 IDENTITY = RunIdentity(arch="resnet8", num_classes=CLASSES, dataset="synthetic", input_size=16)
@@ -155,6 +155,22 @@ def test_divergence_is_a_status_not_an_exception(datasets, tmp_path):
     assert result.status == "diverged"
     assert reports[-1].status == "diverged" and reports[-1].metrics["diverged"] == 1.0
     assert result.epochs_completed == reports[-1].epoch == 1
+
+
+def test_live_teacher_is_moved_where_the_student_runs(datasets):
+    # A trial loads its teacher on the CPU and hands fit a LiveTeacher: fit must give it the
+    # student's device and memory format (on a GPU, a CPU teacher would fail on CUDA batches).
+    teacher = LiveTeacher(create_model("resnet8", num_classes=CLASSES))
+    assert not teacher.model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    train(
+        datasets,
+        short_recipe(epochs=1),
+        "dkd",
+        teacher=teacher,
+        acceleration=Acceleration(channels_last=True),
+        stop_after_epochs=1,
+    )
+    assert teacher.model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_distillation_without_teacher_is_refused(datasets):
