@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -27,42 +26,24 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from dkd_tune.data import DeviceAugmentLoader, ImageDataset  # noqa: E402
-from dkd_tune.data.dataset import CIFAR100_MEAN, CIFAR100_STD  # noqa: E402
+from benchmarks.timing import machine_description, write_section  # noqa: E402
+from benchmarks.workloads import NUM_CLASSES, endless, random_image_dataset  # noqa: E402
+from dkd_tune.data import DeviceAugmentLoader  # noqa: E402
 from dkd_tune.models import create_model  # noqa: E402
 from dkd_tune.recipes import resolve_recipe  # noqa: E402
 from dkd_tune.teacher import CPU_BUILD_BATCH, TeacherLogitCache  # noqa: E402
 from dkd_tune.train import LiveTeacher, training_objective  # noqa: E402
 
 PAIRS = (("resnet32x4", "resnet8x4"), ("wrn_40_2", "wrn_16_2"))
-NUM_CLASSES = 100
 BATCH = 64
 DEFAULT_STEPS = 25
 CIFAR100_TRAIN_IMAGES = 50_000
 SECTION = "## Teacher-logit cache: DKD step with the cache vs the live teacher"
 
 
-def random_dataset(count: int) -> ImageDataset:
-    generator = torch.Generator().manual_seed(0)
-    return ImageDataset(
-        images=torch.randint(0, 256, (count, 3, 32, 32), dtype=torch.uint8, generator=generator),
-        labels=torch.randint(0, NUM_CLASSES, (count,), generator=generator),
-        num_classes=NUM_CLASSES,
-        class_names=[str(index) for index in range(NUM_CLASSES)],
-        mean=CIFAR100_MEAN,
-        std=CIFAR100_STD,
-        name="random",
-    )
-
-
-def endless(loader):
-    while True:
-        yield from loader
-
-
 def measure_pair(teacher_name: str, student_name: str, args, workdir: Path) -> dict:
     torch.manual_seed(0)
-    dataset = random_dataset(args.images)
+    dataset = random_image_dataset(args.images)
     teacher = create_model(teacher_name, NUM_CLASSES).eval()
     student = create_model(student_name, NUM_CLASSES).train()
     recipe = resolve_recipe("cifar100", student=student_name, teacher=teacher_name)
@@ -130,25 +111,13 @@ def measure_pair(teacher_name: str, student_name: str, args, workdir: Path) -> d
     }
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
-
-
 def report(rows: list[dict], args, load_before, load_after) -> str:
     cifar_views = CIFAR100_TRAIN_IMAGES * 162
     cifar_bytes = cifar_views * NUM_CLASSES * 2
     lines = [
         SECTION,
         "",
-        f"- Machine: {machine()}; torch threads: {args.threads}; shared with other jobs: load average "
+        f"- Machine: {machine_description()}; torch threads: {args.threads}; shared with other jobs: load average "
         f"{load_before[0]:.2f} before, {load_after[0]:.2f} after (1-minute).",
         f"- Date: {time.strftime('%Y-%m-%d %H:%M')}.",
         "- Command: `python benchmarks/logit_cache.py"
@@ -216,24 +185,6 @@ def report(rows: list[dict], args, load_before, load_after) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace this benchmark's section of docs/benchmarks.md (or add it), leaving the others alone."""
-    text = (
-        path.read_text()
-        if path.exists()
-        else "# Benchmarks\n\nMeasured tables; each section names its script.\n"
-    )
-    if SECTION in text:
-        head, rest = text.split(SECTION, 1)
-        following = rest.find("\n## ")
-        tail = rest[following + 1 :] if following >= 0 else ""
-        text = head + section + ("\n" + tail if tail else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -265,7 +216,7 @@ def main() -> None:
     section = report(rows, args, load_before, os.getloadavg())
     print(section)
     if not args.no_write:
-        write_section(args.out, section)
+        write_section(args.out, SECTION, section)
         print(f"wrote {args.out}")
 
 
