@@ -133,6 +133,26 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+
+
+def add_output_arguments(parser) -> None:
+    """--tiny, --json, --out, --no-write: the options every benchmark script shares."""
+    parser.add_argument("--tiny", action="store_true", help="a seconds-long run that checks the script works")
+    parser.add_argument("--json", type=Path, help="also write the raw results here")
+    parser.add_argument(
+        "--out", type=Path, help=f"Markdown file to update (default: {DOCS.name}; none with --tiny)"
+    )
+    parser.add_argument("--no-write", action="store_true", help="print the table only")
+
+
+def markdown_target(args) -> Path | None:
+    """Where the section goes: --out, else docs/benchmarks.md; nowhere with --no-write or for --tiny without --out."""
+    if args.no_write or (args.tiny and args.out is None):
+        return None
+    return args.out or DOCS
+
+
 def write_section(path: Path, title: str, section: str) -> None:
     """Replace the section that starts with the heading `title` in a Markdown file (or append it)."""
     text = path.read_text() if path.exists() else "# Benchmarks\n"
