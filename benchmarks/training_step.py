@@ -34,6 +34,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -187,6 +188,18 @@ def fit_throughput(student, loader, recipe: Recipe, teacher, device, acceleratio
     return Throughput(images, epoch["epoch_time_s"], cpu_seconds() - cpu_start)
 
 
+def synchronizations_per_epoch(student, loader, recipe: Recipe, teacher, device, acceleration) -> int:
+    """How many times one epoch of `fit` made the host wait for the GPU (CUDA's sync debug mode counts them)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fit_throughput(student, loader, recipe, teacher, device, acceleration)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(warning.message) for warning in caught)
+
+
 class FloorStep:
     """The bare student step on one fixed batch, with the same acceleration as dkd-tune's loop."""
 
@@ -270,6 +283,9 @@ def measure_pair(teacher_name: str, student_name: str, args, device: torch.devic
         "cache": lambda: fit_throughput(student, train_loader, recipe, cache, device, acceleration),
         "floor": lambda: floor.throughput(args.batches),
     }
+    syncs = None
+    if device.type == "cuda":
+        syncs = synchronizations_per_epoch(student, train_loader, recipe, cache, device, acceleration)
     pair = f"{teacher_name} -> {student_name}"
     results, loads = interleaved_rounds(
         contenders, args.rounds, progress=lambda line: print(f"{pair}: {line}", flush=True)
@@ -296,6 +312,8 @@ def measure_pair(teacher_name: str, student_name: str, args, device: torch.devic
         "loads": loads,
         "ratios": ratios(medians),
         "cpu_ratios": ratios(cpu_medians),
+        "synchronizations_per_epoch": syncs,
+        "batches_per_epoch": len(train_loader),
     }
 
 
@@ -350,7 +368,18 @@ def report(rows: list[dict], args, device: torch.device, load_before: float) -> 
             + f" | **{ratio['cache_vs_reference']:.2f}x** | **{ratio['live_vs_reference']:.2f}x**"
             f" | **{100 * ratio['cache_vs_floor']:.0f}%** |"
         )
-    if not on_gpu:
+    if on_gpu:
+        lines += [
+            "",
+            "Host-device synchronisations in one epoch of (c), counted by"
+            " `torch.cuda.set_sync_debug_mode('warn')`: "
+            + ", ".join(
+                f"{row['pair']}: {row['synchronizations_per_epoch']} in {row['batches_per_epoch']} steps"
+                for row in rows
+            )
+            + ".",
+        ]
+    else:
         lines += [
             "",
             "The same loops in images per CPU-second (CPU time of the benchmark process and, for (a), of its"

@@ -228,6 +228,7 @@ def fit(
     if acceleration.compile:
         model = torch.compile(model)
 
+    zero = torch.zeros((), device=device)  # the loss parts a mode does not have
     last_epoch = recipe.epochs if stop_after_epochs is None else min(recipe.epochs, stop_after_epochs)
     status = "completed"
     for epoch in range(start_epoch, last_epoch):
@@ -238,9 +239,10 @@ def fit(
 
         model.train()
         clock = PhaseClock(device)
-        sums = torch.zeros(
-            8, device=device, dtype=torch.float64
-        )  # loss, ce, kd, tckd, nckd, correct, count, batches
+        # Sums over the epoch's samples stay on the device: reading them each step would stall a GPU.
+        loss_sums = torch.zeros(5, device=device, dtype=torch.float64)  # loss, ce, kd, tckd, nckd
+        correct = torch.zeros((), device=device, dtype=torch.int64)
+        count = num_batches = 0
         epoch_start = time.perf_counter()
         batches = iter(train_loader)
         while True:
@@ -267,22 +269,24 @@ def fit(
             clock.add("teacher", mark_teacher, mark_student)
             clock.add("student", mark_student, mark_end)
             size = batch.labels.numel()
-            sums += torch.stack(
-                [
-                    loss.detach().double() * size,
-                    parts["ce"].double() * size,
-                    parts.get("kd", _ZERO).to(sums) * size,
-                    parts.get("tckd", _ZERO).to(sums) * size,
-                    parts.get("nckd", _ZERO).to(sums) * size,
-                    (logits_student.detach().argmax(1) == batch.labels).sum().double(),
-                    torch.tensor(size, dtype=torch.float64, device=device),
-                    torch.ones((), dtype=torch.float64, device=device),
-                ]
-            )
+            count, num_batches = count + size, num_batches + 1
+            # A handful of small kernels and no host-device copy: nothing here waits for the device.
+            batch_losses = [loss.detach(), parts["ce"]] + [
+                parts.get(name, zero) for name in ("kd", "tckd", "nckd")
+            ]
+            loss_sums.add_(torch.stack(batch_losses).double(), alpha=size)
+            correct += (logits_student.detach().argmax(1) == batch.labels).sum()
         phase_seconds = clock.seconds()
+        sums = torch.cat(
+            [
+                loss_sums,
+                correct.double().view(1),
+                torch.tensor([count, num_batches], dtype=torch.float64, device=device),
+            ]
+        )
         if dist.is_initialized():
             dist.all_reduce(sums)
-        loss_sum, ce_sum, kd_sum, tckd_sum, nckd_sum, correct, count, num_batches = sums.tolist()
+        loss_sum, ce_sum, kd_sum, tckd_sum, nckd_sum, correct_sum, count, num_batches = sums.tolist()
         epoch_seconds = time.perf_counter() - epoch_start
 
         test = evaluate(model, test_loader, device, acceleration)
@@ -291,7 +295,7 @@ def fit(
             "epoch": epoch + 1,
             "train_loss": loss_sum / count,
             "train_ce": ce_sum / count,
-            "train_acc": 100.0 * correct / count,
+            "train_acc": 100.0 * correct_sum / count,
             "test_acc": test["acc"],
             "test_acc_top5": test["acc_top5"],
             "test_loss": test["loss"],
@@ -353,9 +357,6 @@ def fit(
     )
 
 
-_ZERO = torch.zeros(())
-
-
 def _distillation_metrics(loss_mode: str, kd: float, tckd: float, nckd: float) -> dict[str, float]:
     if loss_mode == "kd":
         return {"train_kd": kd}
@@ -372,20 +373,22 @@ def evaluate(
     acceleration = acceleration or Acceleration()
     was_training = model.training
     model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, top1, top5
+    count = 0
     for batch in loader:
         with acceleration.autocast(device):
             logits = model(batch.images).float()
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top5 == batch.labels.unsqueeze(1)
+        count += batch.labels.numel()
         sums += torch.stack(
             [
                 F.cross_entropy(logits, batch.labels, reduction="sum").double(),
                 hits[:, 0].sum().double(),
                 hits.any(dim=1).sum().double(),
-                torch.tensor(batch.labels.numel(), dtype=torch.float64, device=device),
             ]
         )
+    sums = torch.cat([sums, torch.tensor([count], dtype=torch.float64, device=device)])
     if dist.is_initialized():
         dist.all_reduce(sums)
     model.train(was_training)
