@@ -71,6 +71,11 @@ def worker(rank: int, setup: PackingSetup, tasks, results, barriers) -> None:
     from dkd_tune.trial import SharedDataset, TrialPlan, run_trial
 
     torch.set_num_threads(setup.threads)
+    if setup.compile is not False:
+        import torch._inductor.config
+
+        # Eight workers compiling at once would each start a compile pool of every core.
+        torch._inductor.config.compile_threads = setup.threads
     device = torch.device(setup.device)
     data = SharedDataset.from_datasets(
         random_image_dataset(setup.images, image_size=setup.image_size, seed=0),
