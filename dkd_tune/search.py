@@ -23,11 +23,12 @@ import yaml
 from dkd_tune.config import Distribution, SearchSpaceFile, load_search_space
 from dkd_tune.errors import UserInputError
 from dkd_tune.search_plan import BASELINE_PREFIX, search_parts, trial_plan
-from dkd_tune.storage import atomic_write_json, atomic_write_text
+from dkd_tune.storage import atomic_path, atomic_write_json, atomic_write_text
 
 STATE_FILE = "state.json"
 CONFIG_FILE = "search.yaml"
 RESULTS_FILE = "results.parquet"
+PROBES_FILE = "probes.parquet"
 # TPE needs a few random trials before its model is worth anything; a third of the budget, 2..10.
 MIN_STARTUP_TRIALS, MAX_STARTUP_TRIALS = 2, 10
 
@@ -172,6 +173,8 @@ def _execute(
         frame = load_search_results(experiment_dir, space=space, teachers=teachers, state=state)
         results_path = write_results(frame, experiment_dir / RESULTS_FILE)
         _reconcile_child_runs(client, state, frame)
+        if space.probe is not None:
+            _probe_best_trials(space, frame, client, experiment_dir, state, options)
         best = _best_row(frame, space)
         _finish_parent_run(client, state["parent_run_id"], experiment_dir, frame, best, space)
         state["status"] = "done"
@@ -594,17 +597,25 @@ def _tag_parent_with_teachers(client, run_id: str, teachers: dict[str, Any]) -> 
     tracking.set_tags(client, run_id, tags)
 
 
+def _trial_runs(client, parent_run_id: str) -> list:
+    """The search's trial runs (children of its parent run that carry a trial id)."""
+    from dkd_tune import tracking
+
+    children = client.search_runs(
+        [client.get_run(parent_run_id).info.experiment_id],
+        filter_string=f"tags.`{tracking.TAG_PARENT}` = '{parent_run_id}'",
+        max_results=50000,
+    )
+    return [run for run in children if tracking.TAG_TRIAL_ID in run.data.tags]
+
+
 def _reconcile_child_runs(client, state, frame) -> None:
     """Finish any trial run an interruption left open, with the status Ray recorded."""
     from dkd_tune import tracking
 
     if frame.empty:
         return
-    children = client.search_runs(
-        [client.get_run(state["parent_run_id"]).info.experiment_id],
-        filter_string=f"tags.`{tracking.TAG_PARENT}` = '{state['parent_run_id']}'",
-        max_results=5000,
-    )
+    children = _trial_runs(client, state["parent_run_id"])
     status_by_trial = dict(zip(frame["trial_id"], frame["status"], strict=False))
     for run in children:
         trial_id = run.data.tags.get(tracking.TAG_TRIAL_ID)
@@ -614,6 +625,30 @@ def _reconcile_child_runs(client, state, frame) -> None:
             client.set_terminated(
                 run.info.run_id, status="FAILED" if status in ("errored", "oom") else "FINISHED"
             )
+
+
+def _probe_best_trials(space, frame, client, experiment_dir: Path, state, options) -> None:
+    """Linear probes of the best trials (Ray tasks), each logged under its trial's run; probes.parquet."""
+    from dkd_tune import tracking
+    from dkd_tune.probe_runs import probe_best_trials
+
+    child_run_ids = {
+        run.data.tags[tracking.TAG_TRIAL_ID]: run.info.run_id
+        for run in _trial_runs(client, state["parent_run_id"])
+    }
+    probes = probe_best_trials(
+        frame,
+        space.probe,
+        tracking_uri=state["tracking_uri"],
+        experiment_name=space.name,
+        child_run_ids=child_run_ids,
+        resources=space.resources,
+        log=options.log,
+    )
+    path = experiment_dir / PROBES_FILE
+    with atomic_path(path) as tmp:
+        probes.to_parquet(tmp, index=False)
+    client.log_artifact(state["parent_run_id"], str(path))
 
 
 def _best_row(frame, space: SearchSpaceFile) -> dict[str, Any] | None:

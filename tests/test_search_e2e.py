@@ -88,8 +88,23 @@ def mlflow_children(tmp_path: Path, parent_run_id: str):
     return client, parent, children
 
 
+def write_probe_data(root: Path) -> Path:
+    """A small STL-10 binary release whose classes a linear probe can separate."""
+    import numpy as np
+
+    from tests.probe_datasets import separable_images, write_stl10_split
+
+    for split, count in (("train", 60), ("test", 30)):
+        labels = np.arange(count) % 10
+        images = separable_images(labels, 10, 96, seed=len(split)).transpose(0, 3, 1, 2)
+        write_stl10_split(root, split, images, labels)
+    return root
+
+
 def test_run_end_to_end_through_the_cli(tmp_path):
-    result = cli("run", str(tiny_space(tmp_path)), cwd=tmp_path)
+    probe_root = write_probe_data(tmp_path / "probe_data")
+    space = tiny_space(tmp_path, probe={"datasets": ["stl10"], "top_k": 2, "data_root": str(probe_root)})
+    result = cli("run", str(space), cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "best trial:" in result.stdout
 
@@ -120,7 +135,18 @@ def test_run_end_to_end_through_the_cli(tmp_path):
         if row["part"] == "teacher":
             assert float(run.data.params["beta"]) == pytest.approx(row["beta"])
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"results.parquet", "search.yaml"} <= artifacts
+    assert {"results.parquet", "search.yaml", "probes.parquet"} <= artifacts
+
+    # The best two trials were probed on STL-10, each probe run nested under its trial's run.
+    probes = pd.read_parquet(experiment / "probes.parquet")
+    assert (
+        len(probes) == 2 and (probes["status"] == "completed").all() and (probes["dataset"] == "stl10").all()
+    )
+    for _, probe in probes.iterrows():
+        run = client.get_run(probe["probe_run_id"])
+        assert run.data.tags[TAG_KIND] == "probe"
+        assert run.data.tags[TAG_PARENT] == by_trial[probe["trial_id"]].info.run_id
+        assert len(client.get_metric_history(run.info.run_id, "test_acc")) == 40
 
 
 def test_resume_after_the_driver_is_killed(tmp_path):
