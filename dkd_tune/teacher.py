@@ -182,17 +182,21 @@ def teacher_weights_digest(model: nn.Module) -> str:
     return payload_digest(dict(model.state_dict()))
 
 
-def dataset_fingerprint(dataset: ImageDataset) -> str:
-    """SHA-256 of a dataset's image and label bytes, shapes and normalisation (what the teacher is shown)."""
+def dataset_fingerprint(dataset: ImageDataset, *, include_labels: bool = True) -> str:
+    """SHA-256 of a dataset's image (and label) bytes, shapes and normalisation.
+
+    Training a teacher depends on the labels (label noise changes them); its logits for an image
+    do not, so the logit cache is keyed without them and shared across label-noise settings.
+    """
     digest = hashlib.sha256()
+    tensors = [dataset.images, dataset.labels] if include_labels else [dataset.images]
     header = {
-        "images": [str(dataset.images.dtype), list(dataset.images.shape)],
-        "labels": [str(dataset.labels.dtype), list(dataset.labels.shape)],
+        "tensors": [[str(tensor.dtype), list(tensor.shape)] for tensor in tensors],
         "mean": [float(value) for value in dataset.mean],
         "std": [float(value) for value in dataset.std],
     }
     digest.update(json.dumps(header, sort_keys=True).encode())
-    for tensor in (dataset.images, dataset.labels):
+    for tensor in tensors:
         digest.update(memoryview(tensor.detach().cpu().contiguous().numpy()).cast("B"))
     return digest.hexdigest()
 
@@ -272,7 +276,7 @@ class TeacherLogitCache:
         views = num_views(padding, flip)
         key = cache_key(
             teacher_weights_digest(teacher),
-            dataset_fingerprint(dataset),
+            dataset_fingerprint(dataset, include_labels=False),
             padding=padding,
             flip=flip,
             image_shape=(channels, height, width),
