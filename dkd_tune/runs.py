@@ -101,9 +101,8 @@ def _train(
 ) -> Any:
     import torch
 
-    from dkd_tune.data import EvalLoader, build_train_loader, load_train_test, parse_data_spec
-    from dkd_tune.models import create_model
-    from dkd_tune.train import LAST_CHECKPOINT, Acceleration, RunIdentity, fit
+    from dkd_tune.data import load_train_test, parse_data_spec
+    from dkd_tune.train import LAST_CHECKPOINT, fit, prepare_run
     from dkd_tune.trial import training_device
 
     spec = parse_data_spec(settings.data, source="--data")
@@ -115,27 +114,7 @@ def _train(
         )
     train_set, test_set = load_train_test(spec)
     settings.out_dir.mkdir(parents=True, exist_ok=True)
-    acceleration = Acceleration.for_device(device)
-    train_loader = build_train_loader(
-        train_set,
-        spec.augment,
-        recipe.batch_size,
-        device,
-        seed=recipe.seed,
-        channels_last=acceleration.channels_last,
-        dtype=acceleration.input_dtype,
-    )
-    test_loader = EvalLoader(
-        test_set, 512, device, channels_last=acceleration.channels_last, dtype=acceleration.input_dtype
-    )
-    torch.manual_seed(recipe.seed)  # the initial weights depend on the seed alone
-    model = create_model(student, num_classes=train_set.num_classes)
-    identity = RunIdentity(
-        arch=student,
-        num_classes=train_set.num_classes,
-        dataset=spec.name,
-        input_size=int(train_set.images.shape[-1]),
-    )
+    run = prepare_run(student, train_set, test_set, recipe, augment=spec.augment, device=device)
     noise = getattr(train_set, "label_noise_rate", 0.0)
     settings.log(
         f"dkd-tune {kind}: {student} on {spec.name} ({len(train_set.labels)} train / {len(test_set.labels)} test images, "
@@ -162,8 +141,8 @@ def _train(
             log_epoch(epoch_report)
 
         result = fit(
-            model, train_loader, test_loader, recipe,
-            identity=identity, loss_mode=loss_mode, teacher=teacher, device=device, acceleration=acceleration,
+            run.model, run.train_loader, run.test_loader, recipe,
+            identity=run.identity, loss_mode=loss_mode, teacher=teacher, device=device, acceleration=run.acceleration,
             reporter=report, checkpoint_dir=settings.out_dir, resume_from=resume_from if resume_from.exists() else None,
         )  # fmt: skip
         log_epoch(None, result=result)

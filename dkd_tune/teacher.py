@@ -27,15 +27,15 @@ import torch
 from torch import nn
 
 from dkd_tune.checkpoint import payload_digest
-from dkd_tune.data import EvalLoader, ImageDataset, build_train_loader, normalize, render_views
+from dkd_tune.data import EvalLoader, ImageDataset, normalize, render_views
 from dkd_tune.data.train_loader import CIFAR_PADDING
 from dkd_tune.data.views import num_views
 from dkd_tune.errors import UserInputError
-from dkd_tune.models import create_model, load_teacher
+from dkd_tune.models import load_teacher
 from dkd_tune.progress import Progress
 from dkd_tune.recipes import Recipe
 from dkd_tune.storage import atomic_write_json, file_sha256
-from dkd_tune.train import BEST_CHECKPOINT, LAST_CHECKPOINT, Acceleration, RunIdentity, fit
+from dkd_tune.train import BEST_CHECKPOINT, LAST_CHECKPOINT, fit, prepare_run
 
 Log = Callable[[str], None]
 
@@ -729,27 +729,7 @@ def train_teacher_once(
             f"dkd-tune: teacher {model}: training it ({recipe.name}, {recipe.epochs} epochs, {len(train_set)} images, "
             f"augment {augment}) on {device} into {folder}"
         )
-    acceleration = Acceleration.for_device(device)
-    train_loader = build_train_loader(
-        train_set,
-        augment,
-        recipe.batch_size,
-        device,
-        seed=recipe.seed,
-        channels_last=acceleration.channels_last,
-        dtype=acceleration.input_dtype,
-    )
-    test_loader = EvalLoader(
-        test_set, 512, device, channels_last=acceleration.channels_last, dtype=acceleration.input_dtype
-    )
-    torch.manual_seed(recipe.seed)  # the initial weights depend on the seed alone
-    network = create_model(model, num_classes=train_set.num_classes)
-    identity = RunIdentity(
-        arch=model,
-        num_classes=train_set.num_classes,
-        dataset=train_set.name,
-        input_size=int(train_set.images.shape[-1]),
-    )
+    run = prepare_run(model, train_set, test_set, recipe, augment=augment, device=device)
 
     def report(epoch_report) -> None:
         metrics = epoch_report.metrics
@@ -759,14 +739,14 @@ def train_teacher_once(
         )
 
     result = fit(
-        network,
-        train_loader,
-        test_loader,
+        run.model,
+        run.train_loader,
+        run.test_loader,
         recipe,
-        identity=identity,
+        identity=run.identity,
         loss_mode="ce",
         device=device,
-        acceleration=acceleration,
+        acceleration=run.acceleration,
         reporter=report,
         checkpoint_dir=folder,
         resume_from=resume_from,

@@ -123,6 +123,66 @@ class RunIdentity:
     num_classes: int
     dataset: str = ""
     input_size: int = 32
+    mean: tuple[float, ...] = ()  # the input normalisation it was trained with (used by the probe)
+    std: tuple[float, ...] = ()
+
+
+@dataclass
+class PreparedRun:
+    """A seeded student, its loaders on the training device and the speed settings they share."""
+
+    model: nn.Module
+    train_loader: Any
+    test_loader: Any
+    acceleration: Acceleration
+    identity: RunIdentity
+
+
+def prepare_run(
+    arch: str,
+    train_set: Any,
+    test_set: Any,
+    recipe: Recipe,
+    *,
+    augment: str,
+    device: torch.device,
+    compile: bool | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    eval_batch_size: int = 512,
+) -> PreparedRun:
+    """What every run starts from (trial, teacher training, `distill`): one place, so they cannot drift.
+
+    The student's initial weights depend on `recipe.seed` alone; each rank of a DDP run gets its
+    share of every batch (`recipe.batch_size` is the global batch).
+    """
+    from dkd_tune.data import EvalLoader, build_train_loader
+    from dkd_tune.models import create_model
+
+    acceleration = Acceleration.for_device(device, compile=compile)
+    layout = {"channels_last": acceleration.channels_last, "dtype": acceleration.input_dtype}
+    train_loader = build_train_loader(
+        train_set,
+        augment,
+        recipe.batch_size // world_size,
+        device,
+        seed=recipe.seed,
+        rank=rank,
+        world_size=world_size,
+        **layout,
+    )
+    test_loader = EvalLoader(test_set, eval_batch_size, device, rank=rank, world_size=world_size, **layout)
+    torch.manual_seed(recipe.seed)
+    model = create_model(arch, num_classes=train_set.num_classes)
+    identity = RunIdentity(
+        arch=arch,
+        num_classes=train_set.num_classes,
+        dataset=train_set.name,
+        input_size=int(train_set.images.shape[-1]),
+        mean=tuple(float(v) for v in train_set.mean),
+        std=tuple(float(v) for v in train_set.std),
+    )
+    return PreparedRun(model, train_loader, test_loader, acceleration, identity)
 
 
 Reporter = Callable[[EpochReport], None]

@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from dkd_tune.data import EvalLoader, ImageDataset, build_train_loader
-from dkd_tune.models import create_model, load_teacher
+from dkd_tune.data import ImageDataset
+from dkd_tune.models import load_teacher
 from dkd_tune.recipes import Recipe, validate_recipe
 from dkd_tune.teacher import TeacherArtifacts, TeacherLogitCache
-from dkd_tune.train import Acceleration, FitResult, LiveTeacher, Reporter, RunIdentity, fit
+from dkd_tune.train import FitResult, LiveTeacher, Reporter, fit, prepare_run
 
 EVAL_BATCH_SIZE = 512
 INTEGER_FIELDS = frozenset({"epochs", "batch_size", "warmup_epochs", "seed"})
@@ -128,49 +128,23 @@ def run_trial(
     device = device or training_device()
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(plan.cpus_per_trial)))
-    acceleration = Acceleration.for_device(device, compile=plan.compile)
     train_set, test_set = data.datasets()
-    train_loader = build_train_loader(
-        train_set,
-        plan.augment,
-        recipe.batch_size // world_size,
-        device,
-        seed=recipe.seed,
-        rank=rank,
-        world_size=world_size,
-        channels_last=acceleration.channels_last,
-        dtype=acceleration.input_dtype,
-    )
-    test_loader = EvalLoader(
-        test_set,
-        EVAL_BATCH_SIZE,
-        device,
-        channels_last=acceleration.channels_last,
-        dtype=acceleration.input_dtype,
-        rank=rank,
-        world_size=world_size,
-    )
-    torch.manual_seed(recipe.seed)  # the student's initial weights depend on the seed alone
-    student = create_model(plan.student, num_classes=plan.num_classes)
-    teacher = None
-    if loss_mode != "ce":
-        teacher = teacher_logit_source(plan.teacher, train_loader, device)
-    identity = RunIdentity(
-        arch=plan.student,
-        num_classes=plan.num_classes,
-        dataset=plan.dataset_name,
-        input_size=int(train_set.images.shape[-1]),
-    )
+    run = prepare_run(
+        plan.student, train_set, test_set, recipe,
+        augment=plan.augment, device=device, compile=plan.compile, rank=rank, world_size=world_size,
+        eval_batch_size=EVAL_BATCH_SIZE,
+    )  # fmt: skip
+    teacher = teacher_logit_source(plan.teacher, run.train_loader, device) if loss_mode != "ce" else None
     return fit(
-        student,
-        train_loader,
-        test_loader,
+        run.model,
+        run.train_loader,
+        run.test_loader,
         recipe,
-        identity=identity,
+        identity=run.identity,
         loss_mode=loss_mode,
         teacher=teacher,
         device=device,
-        acceleration=acceleration,
+        acceleration=run.acceleration,
         reporter=reporter,
         checkpoint_dir=checkpoint_dir,
         resume_from=resume_from,

@@ -64,6 +64,8 @@ class ModelCheckpoint:
     state_dict: dict[str, torch.Tensor]
     source_format: str  # one of SOURCE_FORMATS
     path: Path
+    mean: tuple[float, ...] | None = None  # input normalisation the network was trained with, when recorded
+    std: tuple[float, ...] | None = None
 
 
 def save_model(
@@ -118,7 +120,9 @@ def read_model_checkpoint(path: str | os.PathLike) -> ModelCheckpoint:
             raise UserInputError(
                 f"{path}: a dkd-tune checkpoint of kind {kind!r}; expected a model or training checkpoint"
             )
-        metadata = {key: payload.get(key) for key in ("arch", "num_classes", "dataset", "input_size")}
+        metadata = {
+            key: payload.get(key) for key in ("arch", "num_classes", "dataset", "input_size", "mean", "std")
+        }
         metadata.update(recipe=payload.get("recipe"), metrics=payload.get("metrics"))
         source_format = "dkd-tune"
     elif isinstance(content, dict) and isinstance(content.get("model"), dict):
@@ -151,6 +155,8 @@ def read_model_checkpoint(path: str | os.PathLike) -> ModelCheckpoint:
         state_dict=dict(state_dict),
         source_format=source_format,
         path=path,
+        mean=tuple(metadata["mean"]) if metadata.get("mean") else None,
+        std=tuple(metadata["std"]) if metadata.get("std") else None,
     )
 
 
