@@ -444,6 +444,13 @@ def check_search_space(space: SearchSpaceFile, path: Path) -> None:
     except UserInputError as error:
         raise UserInputError(f"{path}: {error}") from None
     check_data_present(data, path)
+    if data.name == "imagenet":
+        for index, teacher in enumerate(space.teachers):
+            if teacher.train is not None:
+                fail(
+                    f"teachers[{index}].train",
+                    "ImageNet teachers are not trained here; give a checkpoint (e.g. torchvision's weights file)",
+                )
 
     for teacher in space.teachers or [None]:
         where = f"teachers[{space.teachers.index(teacher)}]" if teacher else "space"

@@ -101,7 +101,7 @@ def _train(
 ) -> Any:
     import torch
 
-    from dkd_tune.data import load_train_test, parse_data_spec
+    from dkd_tune.data import InMemoryData, load_train_test, parse_data_spec
     from dkd_tune.train import LAST_CHECKPOINT, fit, prepare_run
     from dkd_tune.trial import training_device
 
@@ -114,7 +114,7 @@ def _train(
         )
     train_set, test_set = load_train_test(spec)
     settings.out_dir.mkdir(parents=True, exist_ok=True)
-    run = prepare_run(student, train_set, test_set, recipe, augment=spec.augment, device=device)
+    run = prepare_run(student, InMemoryData(train_set, test_set, spec.augment), recipe, device=device)
     noise = getattr(train_set, "label_noise_rate", 0.0)
     settings.log(
         f"dkd-tune {kind}: {student} on {spec.name} ({len(train_set.labels)} train / {len(test_set.labels)} test images, "

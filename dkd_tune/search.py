@@ -128,16 +128,13 @@ def _execute(
 
     from analysis.results import load_search_results, results_table, write_results
     from dkd_tune import tracking
-    from dkd_tune.data import load_train_test, parse_data_spec
-    from dkd_tune.trial import SharedDataset
+    from dkd_tune.data import parse_data_spec
 
     def save_state() -> None:
         atomic_write_json(experiment_dir / STATE_FILE, state)
 
     data_spec = parse_data_spec(space.data_spec_value(), source="data")
-    options.log(f"dkd-tune: loading {data_spec.name} from {data_spec.root}")
-    train_set, test_set = load_train_test(data_spec)
-    shared = SharedDataset.from_datasets(train_set, test_set)
+    shared = shared_data(data_spec, space, options)
 
     _start_ray(options)
     try:
@@ -284,14 +281,37 @@ def _collect_teachers(space, pending, data_spec, state, save_state, options) -> 
     return artifacts
 
 
+def shared_data(data_spec, space: SearchSpaceFile, options: SearchOptions):
+    """What the trials share: the decoded dataset (read once, here), or for ImageNet its folders."""
+    from dkd_tune.data import ImageFolderData, dataset_num_classes, load_train_test
+    from dkd_tune.trial import SharedDataset
+
+    if data_spec.name == "imagenet":
+        # Folder data is read by each trial's DataLoader workers, one per CPU the trial asks for.
+        return ImageFolderData(
+            data_spec.root, dataset_num_classes(data_spec), workers=max(1, int(space.resources.cpu))
+        )
+    options.log(f"dkd-tune: loading {data_spec.name} from {data_spec.root}")
+    return SharedDataset.from_datasets(*load_train_test(data_spec))
+
+
 def _prepare_teacher_task(teacher, student, data_spec, shared, teachers_dir, cache_dir, cache_note, cpus):
     import torch
 
+    from dkd_tune.data import ImageFolderData
     from dkd_tune.recipes import resolve_recipe
-    from dkd_tune.teacher import prepare_teacher
+    from dkd_tune.teacher import prepare_folder_teacher, prepare_teacher
     from dkd_tune.trial import training_device
 
     torch.set_num_threads(cpus)
+    if isinstance(shared, ImageFolderData):
+        return prepare_folder_teacher(
+            label=teacher.label,
+            model=teacher.model,
+            checkpoint=teacher.checkpoint,
+            data=shared,
+            device=training_device(),
+        )
     train_set, test_set = shared.datasets()
     train_recipe = None
     if teacher.train is not None:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from dkd_tune.checkpoint import payload_digest
-from dkd_tune.data import EvalLoader, ImageDataset, normalize, render_views
+from dkd_tune.data import EvalLoader, ImageDataset, ImageFolderData, InMemoryData, normalize, render_views
 from dkd_tune.data.train_loader import CIFAR_PADDING
 from dkd_tune.data.views import num_views
 from dkd_tune.errors import UserInputError
@@ -107,8 +107,8 @@ class LogitGapStats:
 @torch.no_grad()
 def measure_logit_gap(
     teacher: nn.Module,
-    train: ImageDataset,
-    test: ImageDataset | None = None,
+    train: ImageDataset | Any,
+    test: ImageDataset | Any | None = None,
     *,
     device: torch.device | str = "cpu",
     batch_size: int = 512,
@@ -117,19 +117,20 @@ def measure_logit_gap(
     """Mean, median and std of z_t - max_{i != t} z_i over `train`, as the paper reports it.
 
     One pass of the teacher in eval mode over unaugmented images (and over `test` for its test
-    top-1), batched on `device`. The teacher's train/eval mode is restored afterwards.
+    top-1), batched on `device`. `train` and `test` are in-memory datasets, or loaders of
+    unaugmented batches for data read from folders (ImageNet). The teacher's mode is restored.
     """
     device = torch.device(device)
     was_training = teacher.training
     teacher = teacher.to(device).eval()
-    total = len(train) + (len(test) if test is not None else 0)
+    total = _image_count(train) + (_image_count(test) if test is not None else 0)
     try:
         with Progress("teacher logit gap", total, unit="img", enabled=progress) as bar:
             gaps, train_correct = _gap_pass(teacher, train, device, batch_size, bar)
             test_acc = math.nan
             if test is not None:
                 _, test_correct = _gap_pass(teacher, test, device, batch_size, bar)
-                test_acc = 100.0 * test_correct / max(len(test), 1)
+                test_acc = 100.0 * test_correct / max(_image_count(test), 1)
     finally:
         teacher.train(was_training)
     return LogitGapStats(
@@ -137,25 +138,32 @@ def measure_logit_gap(
         median=_median(gaps),
         std=gaps.std(correction=0).item(),
         negative_fraction=(gaps < 0).double().mean().item(),
-        train_acc=100.0 * train_correct / len(train),
+        train_acc=100.0 * train_correct / len(gaps),
         test_acc=test_acc,
-        num_samples=len(train),
+        num_samples=len(gaps),
     )
 
 
+def _image_count(source: Any) -> int:
+    return len(source) if isinstance(source, ImageDataset) else len(source.dataset)
+
+
 def _gap_pass(
-    teacher: nn.Module, dataset: ImageDataset, device: torch.device, batch_size: int, bar: Progress
+    teacher: nn.Module, source: ImageDataset | Any, device: torch.device, batch_size: int, bar: Progress
 ) -> tuple[torch.Tensor, int]:
     """(per-sample gaps as float64 on the CPU, number of top-1 hits) of one unaugmented pass."""
-    if len(dataset) == 0:
-        raise UserInputError(f"dataset {dataset.name!r} is empty; the logit gap needs training images")
+    in_memory = isinstance(source, ImageDataset)
+    name = source.name if in_memory else str(getattr(source.dataset, "root", "the dataset"))
+    num_classes = source.num_classes if in_memory else len(source.dataset.classes)
+    if _image_count(source) == 0:
+        raise UserInputError(f"dataset {name!r} is empty; the logit gap needs training images")
     gaps, correct = [], 0
-    for batch in EvalLoader(dataset, batch_size, device):
+    for batch in EvalLoader(source, batch_size, device) if in_memory else source:
         logits = teacher(batch.images).float()
-        if logits.shape[1] != dataset.num_classes:
+        if logits.shape[1] != num_classes:
             raise UserInputError(
-                f"the teacher has {logits.shape[1]} outputs but dataset {dataset.name!r} has "
-                f"{dataset.num_classes} classes; expected a teacher trained on this dataset"
+                f"the teacher has {logits.shape[1]} outputs but dataset {name!r} has "
+                f"{num_classes} classes; expected a teacher trained on this dataset"
             )
         labels = batch.labels[:, None]
         target = logits.gather(1, labels).squeeze(1)
@@ -703,6 +711,35 @@ def prepare_teacher(
     )
 
 
+def prepare_folder_teacher(
+    *, label: str, model: str, checkpoint: str, data: ImageFolderData, device: torch.device, log: Log = print
+) -> TeacherArtifacts:
+    """An ImageNet-style teacher: loaded from its checkpoint, gap measured over train/ (resized, center crop).
+
+    Folder data is decoded by workers and augmented with random-resized crops, whose views are
+    unbounded: no logit cache, and a teacher is given, not trained here.
+    """
+    from dkd_tune.data.imagenet import imagenet_eval_loader
+
+    device = torch.device(device)
+    weights = Path(checkpoint).expanduser().resolve()
+    teacher = load_teacher(model, weights, num_classes=data.num_classes, device=device)
+
+    def unaugmented(split: str):
+        return imagenet_eval_loader(
+            data.root, split, 256, workers=data.workers, image_size=data.input_size, device=device
+        )
+
+    log(f"dkd-tune: teacher '{label}': measuring the logit gap on {data.root / 'train'}")
+    gap = measure_logit_gap(teacher, unaugmented("train"), unaugmented("val"), device=device)
+    note = "off (random-resized crops of folder data have unbounded views)"
+    log(f"dkd-tune: teacher '{label}': logit cache {note}")
+    return TeacherArtifacts(
+        label=label, model=model, checkpoint=str(weights), num_classes=data.num_classes, gap=gap,
+        cache_path=None, cache_note=note,
+    )  # fmt: skip
+
+
 def train_teacher_once(
     model: str,
     recipe: Recipe,
@@ -729,7 +766,7 @@ def train_teacher_once(
             f"dkd-tune: teacher {model}: training it ({recipe.name}, {recipe.epochs} epochs, {len(train_set)} images, "
             f"augment {augment}) on {device} into {folder}"
         )
-    run = prepare_run(model, train_set, test_set, recipe, augment=augment, device=device)
+    run = prepare_run(model, InMemoryData(train_set, test_set, augment), recipe, device=device)
 
     def report(epoch_report) -> None:
         metrics = epoch_report.metrics

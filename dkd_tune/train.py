@@ -140,11 +140,9 @@ class PreparedRun:
 
 def prepare_run(
     arch: str,
-    train_set: Any,
-    test_set: Any,
+    data: Any,
     recipe: Recipe,
     *,
-    augment: str,
     device: torch.device,
     compile: bool | None = None,
     rank: int = 0,
@@ -153,34 +151,33 @@ def prepare_run(
 ) -> PreparedRun:
     """What every run starts from (trial, teacher training, `distill`): one place, so they cannot drift.
 
-    The student's initial weights depend on `recipe.seed` alone; each rank of a DDP run gets its
-    share of every batch (`recipe.batch_size` is the global batch).
+    `data` is a `dkd_tune.data.InMemoryData` or `ImageFolderData`. The student's initial weights
+    depend on `recipe.seed` alone; each rank of a DDP run gets its share of every batch
+    (`recipe.batch_size` is the global batch).
     """
-    from dkd_tune.data import EvalLoader, build_train_loader
     from dkd_tune.models import create_model
 
     acceleration = Acceleration.for_device(device, compile=compile)
-    layout = {"channels_last": acceleration.channels_last, "dtype": acceleration.input_dtype}
-    train_loader = build_train_loader(
-        train_set,
-        augment,
+    train_loader, test_loader = data.loaders(
         recipe.batch_size // world_size,
         device,
         seed=recipe.seed,
+        eval_batch_size=eval_batch_size,
         rank=rank,
         world_size=world_size,
-        **layout,
+        channels_last=acceleration.channels_last,
+        dtype=acceleration.input_dtype,
     )
-    test_loader = EvalLoader(test_set, eval_batch_size, device, rank=rank, world_size=world_size, **layout)
     torch.manual_seed(recipe.seed)
-    model = create_model(arch, num_classes=train_set.num_classes)
+    model = create_model(arch, num_classes=data.num_classes)
+    mean, std = data.normalisation
     identity = RunIdentity(
         arch=arch,
-        num_classes=train_set.num_classes,
-        dataset=train_set.name,
-        input_size=int(train_set.images.shape[-1]),
-        mean=tuple(float(v) for v in train_set.mean),
-        std=tuple(float(v) for v in train_set.std),
+        num_classes=data.num_classes,
+        dataset=data.name,
+        input_size=data.input_size,
+        mean=tuple(float(v) for v in mean),
+        std=tuple(float(v) for v in std),
     )
     return PreparedRun(model, train_loader, test_loader, acceleration, identity)
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dkd_tune.data import ImageDataset
+from dkd_tune.data import ImageDataset, ImageFolderData, InMemoryData
 from dkd_tune.models import load_teacher
 from dkd_tune.recipes import Recipe, validate_recipe
 from dkd_tune.teacher import TeacherArtifacts, TeacherLogitCache
@@ -112,7 +112,7 @@ def training_device(prefer_cuda: bool = True) -> torch.device:
 
 def run_trial(
     plan: TrialPlan,
-    data: SharedDataset,
+    data: SharedDataset | ImageFolderData,
     hyperparameters: dict[str, Any],
     *,
     reporter: Reporter | None,
@@ -128,10 +128,10 @@ def run_trial(
     device = device or training_device()
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(plan.cpus_per_trial)))
-    train_set, test_set = data.datasets()
+    source = InMemoryData(*data.datasets(), plan.augment) if isinstance(data, SharedDataset) else data
     run = prepare_run(
-        plan.student, train_set, test_set, recipe,
-        augment=plan.augment, device=device, compile=plan.compile, rank=rank, world_size=world_size,
+        plan.student, source, recipe,
+        device=device, compile=plan.compile, rank=rank, world_size=world_size,
         eval_batch_size=EVAL_BATCH_SIZE,
     )  # fmt: skip
     teacher = teacher_logit_source(plan.teacher, run.train_loader, device) if loss_mode != "ce" else None
