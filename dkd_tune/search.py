@@ -394,6 +394,7 @@ def _run_part(space, part_name, teacher, teachers, shared_ref, experiment_dir, s
         use_gpu=space.resources.gpu > 0,
         cpus_per_worker=space.resources.cpu,
         max_failures=space.max_failures,
+        storage_dir=str(experiment_dir / part_name),
     )
     trainable = tune.with_resources(
         tune.with_parameters(function, plan=plan, data=shared_ref), _resources(space)
@@ -480,8 +481,9 @@ class TrialName:
 
 def _resources(space: SearchSpaceFile) -> dict[str, float]:
     if space.resources.workers > 1:
-        # The trial itself only coordinates; its DDP workers ask Ray Train for CPUs and GPUs.
-        return {"cpu": 0.01}
+        # The trial itself only coordinates; its DDP workers ask Ray Train for CPUs and GPUs. A trial
+        # must reserve something, and any CPU share would leave too little for the workers' whole CPUs.
+        return {"cpu": 0, "memory": 1}
     return {"cpu": space.resources.cpu, "gpu": space.resources.gpu}
 
 

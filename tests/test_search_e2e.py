@@ -212,3 +212,22 @@ def result_lines(part_dir: Path, trial_id: str) -> int:
         if path.exists():
             return sum(1 for line in path.read_text().splitlines() if line.strip())
     return 0
+
+
+def test_trials_of_two_ddp_workers(tmp_path):
+    """resources.workers > 1: each trial is a Ray Train TorchTrainer with 2 gloo processes."""
+    space = tiny_space(
+        tmp_path,
+        resources={"cpu": 1, "workers": 2},
+        baselines=[],
+        search={"algorithm": "optuna", "seed": 0, "num_samples": 2, "max_concurrent_trials": 1},
+        scheduler={"type": "none"},
+    )
+    result = cli("run", str(space), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    experiment = tmp_path / "runs" / "e2e"
+    frame = pd.read_parquet(experiment / "results.parquet")
+    assert len(frame) == 2 and (frame["status"] == "completed").all() and (frame["stop_epoch"] == 4).all()
+    for path in frame["checkpoint_path"]:
+        # Ray Train kept each trial's checkpoint in the search's storage, not in a session folder.
+        assert path and Path(path).is_file() and str(experiment) in path
