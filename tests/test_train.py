@@ -237,17 +237,15 @@ def test_trial_recipe_types_sampled_values():
 
 
 def test_prepare_run_seeds_the_student_and_records_normalisation(datasets, tmp_path):
+    from dkd_tune.data import InMemoryData
     from dkd_tune.models.checkpoints import read_model_checkpoint
     from dkd_tune.train import prepare_run
 
     train_set, test_set = datasets
     recipe = short_recipe(epochs=1)
-    first = prepare_run(
-        "resnet8", train_set, test_set, recipe, augment="standard", device=torch.device("cpu")
-    )
-    second = prepare_run(
-        "resnet8", train_set, test_set, recipe, augment="standard", device=torch.device("cpu")
-    )
+    data = InMemoryData(train_set, test_set, augment="standard")
+    first = prepare_run("resnet8", data, recipe, device=torch.device("cpu"))
+    second = prepare_run("resnet8", data, recipe, device=torch.device("cpu"))
     for a, b in zip(first.model.state_dict().values(), second.model.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     result = fit(
