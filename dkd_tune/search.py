@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +31,10 @@ CONFIG_FILE = "search.yaml"
 RESULTS_FILE = "results.parquet"
 # TPE needs a few random trials before its model is worth anything; a third of the budget, 2..10.
 MIN_STARTUP_TRIALS, MAX_STARTUP_TRIALS = 2, 10
+STATE_KEYS = ("name", "tracking_uri", "teachers", "parts_done")
+# Ray replaces a local node's 127.0.0.1 by the machine's network address, and its servers then listen
+# on every interface, unless this variable (read when Ray is imported) turns off multi-node clusters.
+RAY_LOOPBACK_VARIABLE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 @dataclass
@@ -73,6 +78,7 @@ def run_search(space: SearchSpaceFile, source: Path, options: SearchOptions) -> 
             )
         name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
         experiment_dir = storage / name
+    data = _load_data(space, options)  # an unreadable dataset fails here: nothing written, Ray not started
     experiment_dir.mkdir(parents=True)
     atomic_write_text(
         experiment_dir / CONFIG_FILE,
@@ -90,18 +96,19 @@ def run_search(space: SearchSpaceFile, source: Path, options: SearchOptions) -> 
     }
     atomic_write_json(experiment_dir / STATE_FILE, state)
     options.log(f"dkd-tune: search '{name}' in {experiment_dir}")
-    return _execute(space, experiment_dir, state, options)
+    return _execute(space, experiment_dir, state, options, data)
 
 
 def resume_search(name_or_path: str, options: SearchOptions) -> SearchOutcome:
     """Finish an interrupted search: done parts kept, unfinished trials resumed from their checkpoints."""
     experiment_dir = locate_search(name_or_path, options.storage)
-    state = json.loads((experiment_dir / STATE_FILE).read_text())
+    state = read_state(experiment_dir / STATE_FILE)
     space = load_search_space(experiment_dir / CONFIG_FILE)
+    data = _load_data(space, options)
     if options.tracking_uri:
         state["tracking_uri"] = options.tracking_uri
     options.log(f"dkd-tune: resuming search '{state['name']}' in {experiment_dir}")
-    return _execute(space, experiment_dir, state, options)
+    return _execute(space, experiment_dir, state, options, data)
 
 
 def locate_search(name_or_path: str, storage: str | None) -> Path:
@@ -116,29 +123,51 @@ def locate_search(name_or_path: str, storage: str | None) -> Path:
     )
 
 
+def read_state(path: Path) -> dict[str, Any]:
+    """A search's state file, or one line saying why it cannot be used to resume."""
+    try:
+        state = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) else " ".join(str(error).split())
+        raise UserInputError(
+            f"{path}: cannot read the search's state ({reason}); expected the JSON file dkd-tune wrote"
+        ) from None
+    missing = [key for key in STATE_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise UserInputError(
+            f"{path}: not a search state file (missing {', '.join(missing)}); expected the JSON file dkd-tune wrote"
+        )
+    return state
+
+
 # ------------------------------------------------------------------------------------------------
 # The search itself
 
 
-def _execute(
-    space: SearchSpaceFile, experiment_dir: Path, state: dict[str, Any], options: SearchOptions
-) -> SearchOutcome:
-    import ray
-
-    from analysis.results import load_search_results, results_table, write_results
-    from dkd_tune import tracking
+def _load_data(space: SearchSpaceFile, options: SearchOptions):
+    """(data spec, SharedDataset) of the search, read before anything is written or started."""
     from dkd_tune.data import load_train_test, parse_data_spec
     from dkd_tune.trial import SharedDataset
-
-    def save_state() -> None:
-        atomic_write_json(experiment_dir / STATE_FILE, state)
 
     data_spec = parse_data_spec(space.data_spec_value(), source="data")
     options.log(f"dkd-tune: loading {data_spec.name} from {data_spec.root}")
     train_set, test_set = load_train_test(data_spec)
-    shared = SharedDataset.from_datasets(train_set, test_set)
+    return data_spec, SharedDataset.from_datasets(train_set, test_set)
 
+
+def _execute(
+    space: SearchSpaceFile, experiment_dir: Path, state: dict[str, Any], options: SearchOptions, data
+) -> SearchOutcome:
     _start_ray(options)
+    import ray
+
+    from analysis.results import load_search_results, results_table, write_results
+    from dkd_tune import tracking
+
+    def save_state() -> None:
+        atomic_write_json(experiment_dir / STATE_FILE, state)
+
+    data_spec, shared = data
     try:
         shared_ref = ray.put(shared)
         parts = [part for part in search_parts(space) if part[0] not in state["parts_done"]]
@@ -199,6 +228,8 @@ def _tracking_uri(space: SearchSpaceFile, options: SearchOptions) -> str:
 
 
 def _start_ray(options: SearchOptions) -> None:
+    if not options.address:
+        keep_local_ray_on_loopback()
     import ray
 
     if ray.is_initialized():
@@ -214,13 +245,21 @@ def _start_ray(options: SearchOptions) -> None:
     if options.address:
         ray.init(address=options.address, **settings)
     else:
-        # Local Ray: services on 127.0.0.1 only; the dashboard only when asked for.
+        # Local Ray: every server on 127.0.0.1 only; the dashboard only when asked for.
         ray.init(
             include_dashboard=options.dashboard,
             dashboard_host="127.0.0.1",
             _node_ip_address="127.0.0.1",
             **settings,
         )
+
+
+def keep_local_ray_on_loopback() -> None:
+    """Make a local Ray started by this process listen on 127.0.0.1 only, not on every interface."""
+    os.environ[RAY_LOOPBACK_VARIABLE] = "0"
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:  # Ray was imported before the variable was set (a library caller)
+        constants.ENABLE_RAY_CLUSTER = False
 
 
 # ------------------------------------------------------------------------------------------------
