@@ -231,7 +231,7 @@ class SearchSpaceFile(StrictModel):
     def overrides_are_recipe_fields(cls, value: dict[str, Any]) -> dict[str, Any]:
         for key in value:
             if key not in RECIPE_FIELDS:
-                raise ValueError(f"unknown recipe field {key!r}{_did_you_mean(key, RECIPE_FIELDS)}")
+                raise ValueError(f"unknown recipe field{_did_you_mean(key, RECIPE_FIELDS)}")
         return value
 
     # ---- derived, typed views used downstream -------------------------------------------------
@@ -344,8 +344,13 @@ def apply_set_override(raw: dict[str, Any], assignment: str) -> None:
 
 
 def describe_validation_error(error: ValidationError, model: type[BaseModel]) -> str:
-    """The first pydantic error as one line: the dotted key, the value, what was expected."""
-    first = error.errors()[0]
+    """The first pydantic error as one line: the dotted key, the value, what was expected.
+
+    An unknown key comes first: a misspelt key also makes the key it was meant to be "missing",
+    and the misspelling is what the user has to fix.
+    """
+    errors = error.errors()
+    first = next((item for item in errors if item["type"] == "extra_forbidden"), errors[0])
     loc = [
         part for part in first["loc"] if not (isinstance(part, str) and part in ("function-after[", "dict"))
     ]
@@ -444,6 +449,7 @@ def check_search_space(space: SearchSpaceFile, path: Path) -> None:
     except UserInputError as error:
         raise UserInputError(f"{path}: {error}") from None
     check_data_present(data, path)
+    check_teacher_checkpoints(space, data, path)
 
     for teacher in space.teachers or [None]:
         where = f"teachers[{space.teachers.index(teacher)}]" if teacher else "space"
@@ -465,6 +471,25 @@ def check_search_space(space: SearchSpaceFile, path: Path) -> None:
         )
     if space.probe is not None and not resolve_path(space.probe.data_root).is_dir():
         fail("probe.data_root", f"folder {str(resolve_path(space.probe.data_root))!r} not found")
+
+
+def check_teacher_checkpoints(space: SearchSpaceFile, data: Any, path: Path) -> None:
+    """Each teacher file is readable, intact and holds its model with the dataset's class count."""
+    from dkd_tune.data import dataset_num_classes
+    from dkd_tune.models import matching_state_dict
+
+    given = [(index, t) for index, t in enumerate(space.teachers) if t.checkpoint is not None]
+    if not given:
+        return
+    try:
+        num_classes = dataset_num_classes(data)
+    except UserInputError as error:
+        raise UserInputError(f"{path}: data: {error}") from None
+    for index, teacher in given:
+        try:
+            matching_state_dict(teacher.model, resolve_path(teacher.checkpoint), num_classes)
+        except UserInputError as error:
+            raise UserInputError(f"{path}: teachers[{index}].checkpoint: {error}") from None
 
 
 def check_distribution(

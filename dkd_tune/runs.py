@@ -66,6 +66,7 @@ def distill(
     student: str, teacher_model: str, teacher_checkpoint: str, loss_mode: str, settings: RunSettings
 ) -> Any:
     """Distil `student` from a trained teacher with one loss mode (dkd by default)."""
+    from dkd_tune.data import dataset_num_classes, dataset_problem, parse_data_spec
     from dkd_tune.models import load_teacher, model_info
 
     model_info(student)
@@ -77,7 +78,11 @@ def distill(
         overrides=parse_set_overrides(settings.overrides),
         source="--set",
     )
-    teacher = load_teacher(teacher_model, teacher_checkpoint)
+    spec = parse_data_spec(settings.data, source="--data")
+    problem = dataset_problem(spec)
+    if problem:
+        raise UserInputError(f"--data: {problem}")
+    teacher = load_teacher(teacher_model, teacher_checkpoint, num_classes=dataset_num_classes(spec))
     return _train(
         student=student,
         recipe=recipe,
@@ -104,10 +109,10 @@ def _train(
     from dkd_tune.data import EvalLoader, build_train_loader, load_train_test, parse_data_spec
     from dkd_tune.models import create_model
     from dkd_tune.train import LAST_CHECKPOINT, Acceleration, RunIdentity, fit
-    from dkd_tune.trial import training_device
+    from dkd_tune.trial import chosen_device
 
     spec = parse_data_spec(settings.data, source="--data")
-    device = torch.device(settings.device) if settings.device else training_device()
+    device = chosen_device(settings.device)
     resume_from = settings.out_dir / LAST_CHECKPOINT
     if resume_from.exists() and not settings.resume:
         raise UserInputError(
