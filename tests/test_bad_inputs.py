@@ -15,10 +15,8 @@ import json
 import os
 import pickle
 import shutil
-import struct
 import subprocess
 import sys
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +28,7 @@ from dkd_tune.auto_beta import CalibrationPoint, fit_calibration, save_calibrati
 from dkd_tune.config import load_search_space
 from dkd_tune.data import make_synthetic
 from dkd_tune.models import create_model, save_model
+from tests.damaged_files import flip_tensor_byte
 from tests.probe_datasets import write_stl10_split
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,18 +52,6 @@ class MaliciousPayload:
 # The workspace
 
 
-def _flip_tensor_byte(source: Path, target: Path) -> None:
-    """Copy a checkpoint with one byte flipped inside its largest tensor (the zip still opens)."""
-    data = bytearray(source.read_bytes())
-    with zipfile.ZipFile(source) as archive:
-        largest = max(archive.infolist(), key=lambda info: info.file_size)
-    name_length, extra_length = struct.unpack(
-        "<HH", data[largest.header_offset + 26 : largest.header_offset + 30]
-    )
-    data[largest.header_offset + 30 + name_length + extra_length + 100] ^= 0xFF
-    target.write_bytes(bytes(data))
-
-
 def _write_search_folder(folder: Path, state: bytes | None, config_text: str) -> None:
     folder.mkdir(parents=True)
     (folder / "search.yaml").write_text(config_text)
@@ -86,7 +73,7 @@ def workspace(tmp_path_factory) -> Path:
         model = create_model(arch, num_classes=classes)
         save_model(root / name, model, arch=arch, num_classes=classes, dataset="synthetic", input_size=8)
     good = (root / "teacher_resnet8.pt").read_bytes()
-    _flip_tensor_byte(root / "teacher_resnet8.pt", root / "corrupted.pt")
+    flip_tensor_byte(root / "teacher_resnet8.pt", root / "corrupted.pt")
     (root / "truncated.pt").write_bytes(good[: len(good) // 2])
     (root / "empty.pt").write_bytes(b"")
     torch.save(
