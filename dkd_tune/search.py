@@ -21,7 +21,13 @@ from typing import Any
 
 import yaml
 
-from dkd_tune.config import Distribution, SearchSpaceFile, load_search_space
+from dkd_tune.config import (
+    Distribution,
+    SearchSpaceFile,
+    check_storage,
+    check_tracking_uri,
+    load_search_space,
+)
 from dkd_tune.errors import UserInputError
 from dkd_tune.search_plan import BASELINE_PREFIX, search_parts, trial_plan
 from dkd_tune.storage import atomic_write_json, atomic_write_text
@@ -67,6 +73,9 @@ class SearchOutcome:
 
 def run_search(space: SearchSpaceFile, source: Path, options: SearchOptions) -> SearchOutcome:
     """Start a new search from a validated file."""
+    check_storage(options.storage, "--storage")
+    check_tracking_uri(options.tracking_uri, "--tracking-uri")
+    check_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI"), "MLFLOW_TRACKING_URI")
     storage = Path(options.storage or space.storage).expanduser().resolve()
     name = options.name or space.name
     experiment_dir = storage / name
@@ -101,6 +110,7 @@ def run_search(space: SearchSpaceFile, source: Path, options: SearchOptions) -> 
 
 def resume_search(name_or_path: str, options: SearchOptions) -> SearchOutcome:
     """Finish an interrupted search: done parts kept, unfinished trials resumed from their checkpoints."""
+    check_tracking_uri(options.tracking_uri, "--tracking-uri")
     experiment_dir = locate_search(name_or_path, options.storage)
     state = read_state(experiment_dir / STATE_FILE)
     space = load_search_space(experiment_dir / CONFIG_FILE)
@@ -634,7 +644,13 @@ def _tag_parent_with_teachers(client, run_id: str, teachers: dict[str, Any]) -> 
 
 
 def _reconcile_child_runs(client, state, frame) -> None:
-    """Finish any trial run an interruption left open, with the status Ray recorded."""
+    """Make MLflow's trial runs match Ray's trials after an interruption.
+
+    A run left open gets the status Ray recorded. A run whose trial Ray never recorded (the
+    driver died after the trial started but before Ray saved its state; Ray runs that sample
+    again as a new trial) is ended as KILLED, tagged "lost" and moved to MLflow's trash, where it
+    stays until `mlflow gc`: the search then has one run per trial of its results, none twice.
+    """
     from dkd_tune import tracking
 
     if frame.empty:
@@ -647,7 +663,14 @@ def _reconcile_child_runs(client, state, frame) -> None:
     status_by_trial = dict(zip(frame["trial_id"], frame["status"], strict=False))
     for run in children:
         trial_id = run.data.tags.get(tracking.TAG_TRIAL_ID)
-        if run.info.status == "RUNNING" and trial_id in status_by_trial:
+        if trial_id is None or run.data.tags.get(tracking.TAG_KIND) != "trial":
+            continue  # not a trial's run (a probe run nests under its trial's run, not here)
+        if trial_id not in status_by_trial:
+            tracking.set_tags(client, run.info.run_id, {tracking.TAG_STATUS: "lost"})
+            if run.info.status == "RUNNING":
+                client.set_terminated(run.info.run_id, status="KILLED")
+            client.delete_run(run.info.run_id)
+        elif run.info.status == "RUNNING":
             status = status_by_trial[trial_id]
             tracking.set_tags(client, run.info.run_id, {tracking.TAG_STATUS: status})
             client.set_terminated(
