@@ -90,7 +90,11 @@ def probe_command(
     Returns the result and the probe run's id (None without a store). With `parent_run_id` the
     run is nested under that (student) run and, unless `experiment` says otherwise, in its experiment.
     """
+    from dkd_tune.config import check_tracking_uri
+
     _check_device(device)
+    check_tracking_uri(tracking_uri, "--tracking-uri")
+    check_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI"), "MLFLOW_TRACKING_URI")
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if parent_run_id and not uri:
         raise UserInputError(

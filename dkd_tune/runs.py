@@ -49,10 +49,21 @@ def parse_set_overrides(assignments: Sequence[str]) -> dict[str, Any]:
     return overrides
 
 
+def check_settings(settings: RunSettings) -> None:
+    """The tracking URI and device are usable, before any data or weights are read."""
+    from dkd_tune.config import check_tracking_uri
+    from dkd_tune.trial import chosen_device
+
+    check_tracking_uri(settings.tracking_uri, "--tracking-uri")
+    check_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI"), "MLFLOW_TRACKING_URI")
+    chosen_device(settings.device)
+
+
 def train_teacher(model: str, settings: RunSettings) -> Any:
     """Train `model` with cross-entropy only (the teacher recipe by default)."""
     from dkd_tune.models import model_info
 
+    check_settings(settings)
     model_info(model)  # an unknown name fails here, with the closest valid names
     recipe = resolve_recipe(
         settings.recipe, student=model, overrides=parse_set_overrides(settings.overrides), source="--set"
@@ -69,6 +80,7 @@ def distill(
     from dkd_tune.data import dataset_num_classes, dataset_problem, parse_data_spec
     from dkd_tune.models import load_teacher, model_info
 
+    check_settings(settings)
     model_info(student)
     model_info(teacher_model)
     recipe = resolve_recipe(

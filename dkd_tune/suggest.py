@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dkd_tune.auto_beta import BetaSuggestion, load_calibration
+from dkd_tune.config import check_tracking_uri
 from dkd_tune.teacher import LogitGapStats
 
 EXPERIMENT = "suggest-beta"
@@ -91,6 +92,8 @@ def suggest_beta(
     from dkd_tune.teacher import measure_logit_gap
     from dkd_tune.trial import chosen_device
 
+    check_tracking_uri(tracking_uri, "--tracking-uri")
+    check_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI"), "MLFLOW_TRACKING_URI")
     spec = parse_data_spec(data, source="--data")
     fitted = load_calibration(calibration, spec.family)
     model_info(teacher_model)

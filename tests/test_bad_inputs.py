@@ -218,6 +218,14 @@ COMMAND_CASES = {
     ),
     "run-num-samples-zero": (["run", str(VALID), "--num-samples", "0"], ["search.num_samples = 0"]),
     "run-num-samples-text": (["run", str(VALID), "--num-samples", "many"], ["--num-samples", "'many'"]),
+    "run-tracking-uri-of-unknown-scheme": (
+        ["run", str(VALID), "--tracking-uri", "sqlite3:///mlflow.db"],
+        ["--tracking-uri 'sqlite3:///mlflow.db': unknown scheme 'sqlite3'"],
+    ),
+    "run-storage-is-a-file": (
+        ["run", str(VALID), "--storage", "empty.pt"],
+        ["--storage 'empty.pt': empty.pt is a file"],
+    ),
     "resume-unknown-search": (["resume", "nothing", "--storage", "runs"], ["search 'nothing': not found"]),
     "resume-cut-state-file": (
         ["resume", "runs/corrupted-state"],
@@ -290,6 +298,18 @@ COMMAND_CASES = {
         [*DISTILL, "--teacher-checkpoint", "teacher_resnet8.pt", *DISTILL_OUT, "--device", "tpu:7"],
         ["--device 'tpu:7'"],
     ),
+    "distill-tracking-uri-of-unknown-scheme": (
+        [
+            *DISTILL,
+            "--teacher-checkpoint",
+            "teacher_resnet8.pt",
+            "--out",
+            "distilled",
+            "--tracking-uri",
+            "mlflow://x",
+        ],
+        ["--tracking-uri 'mlflow://x': unknown scheme 'mlflow'"],
+    ),
     "train-teacher-unknown-recipe": (
         [*TRAIN, "--data", "synthetic:data", "--recipe", "imagenet1k"],
         ["imagenet1k"],
@@ -329,6 +349,10 @@ COMMAND_CASES = {
     "probe-malicious-checkpoint": (
         [*PROBE, "--checkpoint", "malicious.pt"],
         ["malicious.pt: cannot read checkpoint", "weights_only=True"],
+    ),
+    "probe-tracking-uri-of-unknown-scheme": (
+        [*PROBE, "--checkpoint", "teacher_resnet8.pt", "--tracking-uri", "ftp://host/mlruns"],
+        ["--tracking-uri 'ftp://host/mlruns': unknown scheme 'ftp'"],
     ),
     "probe-empty-checkpoint": ([*PROBE, "--checkpoint", "empty.pt"], ["empty.pt: cannot read checkpoint"]),
     "calibrate-text-as-parquet": (
