@@ -49,10 +49,21 @@ def parse_set_overrides(assignments: Sequence[str]) -> dict[str, Any]:
     return overrides
 
 
+def check_settings(settings: RunSettings) -> None:
+    """The tracking URI and device are usable, before any data or weights are read."""
+    from dkd_tune.config import check_tracking_uri
+    from dkd_tune.trial import chosen_device
+
+    check_tracking_uri(settings.tracking_uri, "--tracking-uri")
+    check_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI"), "MLFLOW_TRACKING_URI")
+    chosen_device(settings.device)
+
+
 def train_teacher(model: str, settings: RunSettings) -> Any:
     """Train `model` with cross-entropy only (the teacher recipe by default)."""
     from dkd_tune.models import model_info
 
+    check_settings(settings)
     model_info(model)  # an unknown name fails here, with the closest valid names
     recipe = resolve_recipe(
         settings.recipe, student=model, overrides=parse_set_overrides(settings.overrides), source="--set"
@@ -66,8 +77,10 @@ def distill(
     student: str, teacher_model: str, teacher_checkpoint: str, loss_mode: str, settings: RunSettings
 ) -> Any:
     """Distil `student` from a trained teacher with one loss mode (dkd by default)."""
+    from dkd_tune.data import dataset_num_classes, dataset_problem, parse_data_spec
     from dkd_tune.models import load_teacher, model_info
 
+    check_settings(settings)
     model_info(student)
     model_info(teacher_model)
     recipe = resolve_recipe(
@@ -77,7 +90,11 @@ def distill(
         overrides=parse_set_overrides(settings.overrides),
         source="--set",
     )
-    teacher = load_teacher(teacher_model, teacher_checkpoint)
+    spec = parse_data_spec(settings.data, source="--data")
+    problem = dataset_problem(spec)
+    if problem:
+        raise UserInputError(f"--data: {problem}")
+    teacher = load_teacher(teacher_model, teacher_checkpoint, num_classes=dataset_num_classes(spec))
     return _train(
         student=student,
         recipe=recipe,
@@ -99,14 +116,13 @@ def _train(
     settings: RunSettings,
     extra_params: dict[str, Any] | None = None,
 ) -> Any:
-    import torch
 
     from dkd_tune.data import InMemoryData, load_train_test, parse_data_spec
     from dkd_tune.train import LAST_CHECKPOINT, fit, prepare_run
-    from dkd_tune.trial import training_device
+    from dkd_tune.trial import chosen_device
 
     spec = parse_data_spec(settings.data, source="--data")
-    device = torch.device(settings.device) if settings.device else training_device()
+    device = chosen_device(settings.device)
     resume_from = settings.out_dir / LAST_CHECKPOINT
     if resume_from.exists() and not settings.resume:
         raise UserInputError(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +21,13 @@ from typing import Any
 
 import yaml
 
-from dkd_tune.config import Distribution, SearchSpaceFile, load_search_space
+from dkd_tune.config import (
+    Distribution,
+    SearchSpaceFile,
+    check_storage,
+    check_tracking_uri,
+    load_search_space,
+)
 from dkd_tune.errors import UserInputError
 from dkd_tune.search_plan import BASELINE_PREFIX, search_parts, trial_plan
 from dkd_tune.storage import atomic_path, atomic_write_json, atomic_write_text
@@ -31,6 +38,10 @@ RESULTS_FILE = "results.parquet"
 PROBES_FILE = "probes.parquet"
 # TPE needs a few random trials before its model is worth anything; a third of the budget, 2..10.
 MIN_STARTUP_TRIALS, MAX_STARTUP_TRIALS = 2, 10
+STATE_KEYS = ("name", "tracking_uri", "teachers", "parts_done")
+# Ray replaces a local node's 127.0.0.1 by the machine's network address, and its servers then listen
+# on every interface, unless this variable (read when Ray is imported) turns off multi-node clusters.
+RAY_LOOPBACK_VARIABLE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 @dataclass
@@ -63,6 +74,9 @@ class SearchOutcome:
 
 def run_search(space: SearchSpaceFile, source: Path, options: SearchOptions) -> SearchOutcome:
     """Start a new search from a validated file."""
+    check_storage(options.storage, "--storage")
+    check_tracking_uri(options.tracking_uri, "--tracking-uri")
+    check_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI"), "MLFLOW_TRACKING_URI")
     storage = Path(options.storage or space.storage).expanduser().resolve()
     name = options.name or space.name
     experiment_dir = storage / name
@@ -74,6 +88,7 @@ def run_search(space: SearchSpaceFile, source: Path, options: SearchOptions) -> 
             )
         name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
         experiment_dir = storage / name
+    data = _load_data(space, options)  # an unreadable dataset fails here: nothing written, Ray not started
     experiment_dir.mkdir(parents=True)
     atomic_write_text(
         experiment_dir / CONFIG_FILE,
@@ -91,18 +106,20 @@ def run_search(space: SearchSpaceFile, source: Path, options: SearchOptions) -> 
     }
     atomic_write_json(experiment_dir / STATE_FILE, state)
     options.log(f"dkd-tune: search '{name}' in {experiment_dir}")
-    return _execute(space, experiment_dir, state, options)
+    return _execute(space, experiment_dir, state, options, data)
 
 
 def resume_search(name_or_path: str, options: SearchOptions) -> SearchOutcome:
     """Finish an interrupted search: done parts kept, unfinished trials resumed from their checkpoints."""
+    check_tracking_uri(options.tracking_uri, "--tracking-uri")
     experiment_dir = locate_search(name_or_path, options.storage)
-    state = json.loads((experiment_dir / STATE_FILE).read_text())
+    state = read_state(experiment_dir / STATE_FILE)
     space = load_search_space(experiment_dir / CONFIG_FILE)
+    data = _load_data(space, options)
     if options.tracking_uri:
         state["tracking_uri"] = options.tracking_uri
     options.log(f"dkd-tune: resuming search '{state['name']}' in {experiment_dir}")
-    return _execute(space, experiment_dir, state, options)
+    return _execute(space, experiment_dir, state, options, data)
 
 
 def locate_search(name_or_path: str, storage: str | None) -> Path:
@@ -117,26 +134,48 @@ def locate_search(name_or_path: str, storage: str | None) -> Path:
     )
 
 
+def read_state(path: Path) -> dict[str, Any]:
+    """A search's state file, or one line saying why it cannot be used to resume."""
+    try:
+        state = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) else " ".join(str(error).split())
+        raise UserInputError(
+            f"{path}: cannot read the search's state ({reason}); expected the JSON file dkd-tune wrote"
+        ) from None
+    missing = [key for key in STATE_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise UserInputError(
+            f"{path}: not a search state file (missing {', '.join(missing)}); expected the JSON file dkd-tune wrote"
+        )
+    return state
+
+
 # ------------------------------------------------------------------------------------------------
 # The search itself
 
 
+def _load_data(space: SearchSpaceFile, options: SearchOptions):
+    """(data spec, what the trials share) of the search, read before anything is written or started."""
+    from dkd_tune.data import parse_data_spec
+
+    data_spec = parse_data_spec(space.data_spec_value(), source="data")
+    return data_spec, shared_data(data_spec, space, options)
+
+
 def _execute(
-    space: SearchSpaceFile, experiment_dir: Path, state: dict[str, Any], options: SearchOptions
+    space: SearchSpaceFile, experiment_dir: Path, state: dict[str, Any], options: SearchOptions, data
 ) -> SearchOutcome:
+    _start_ray(options)
     import ray
 
     from analysis.results import load_search_results, results_table, write_results
     from dkd_tune import tracking
-    from dkd_tune.data import parse_data_spec
 
     def save_state() -> None:
         atomic_write_json(experiment_dir / STATE_FILE, state)
 
-    data_spec = parse_data_spec(space.data_spec_value(), source="data")
-    shared = shared_data(data_spec, space, options)
-
-    _start_ray(options)
+    data_spec, shared = data
     try:
         shared_ref = ray.put(shared)
         parts = [part for part in search_parts(space) if part[0] not in state["parts_done"]]
@@ -199,6 +238,8 @@ def _tracking_uri(space: SearchSpaceFile, options: SearchOptions) -> str:
 
 
 def _start_ray(options: SearchOptions) -> None:
+    if not options.address:
+        keep_local_ray_on_loopback()
     import ray
 
     if ray.is_initialized():
@@ -214,13 +255,21 @@ def _start_ray(options: SearchOptions) -> None:
     if options.address:
         ray.init(address=options.address, **settings)
     else:
-        # Local Ray: services on 127.0.0.1 only; the dashboard only when asked for.
+        # Local Ray: every server on 127.0.0.1 only; the dashboard only when asked for.
         ray.init(
             include_dashboard=options.dashboard,
             dashboard_host="127.0.0.1",
             _node_ip_address="127.0.0.1",
             **settings,
         )
+
+
+def keep_local_ray_on_loopback() -> None:
+    """Make a local Ray started by this process listen on 127.0.0.1 only, not on every interface."""
+    os.environ[RAY_LOOPBACK_VARIABLE] = "0"
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:  # Ray was imported before the variable was set (a library caller)
+        constants.ENABLE_RAY_CLUSTER = False
 
 
 # ------------------------------------------------------------------------------------------------
@@ -632,7 +681,13 @@ def _trial_runs(client, parent_run_id: str) -> list:
 
 
 def _reconcile_child_runs(client, state, frame) -> None:
-    """Finish any trial run an interruption left open, with the status Ray recorded."""
+    """Make MLflow's trial runs match Ray's trials after an interruption.
+
+    A run left open gets the status Ray recorded. A run whose trial Ray never recorded (the
+    driver died after the trial started but before Ray saved its state; Ray runs that sample
+    again as a new trial) is ended as KILLED, tagged "lost" and moved to MLflow's trash, where it
+    stays until `mlflow gc`: the search then has one run per trial of its results, none twice.
+    """
     from dkd_tune import tracking
 
     if frame.empty:
@@ -641,7 +696,14 @@ def _reconcile_child_runs(client, state, frame) -> None:
     status_by_trial = dict(zip(frame["trial_id"], frame["status"], strict=False))
     for run in children:
         trial_id = run.data.tags.get(tracking.TAG_TRIAL_ID)
-        if run.info.status == "RUNNING" and trial_id in status_by_trial:
+        if trial_id is None or run.data.tags.get(tracking.TAG_KIND) != "trial":
+            continue  # not a trial's run (a probe run nests under its trial's run, not here)
+        if trial_id not in status_by_trial:
+            tracking.set_tags(client, run.info.run_id, {tracking.TAG_STATUS: "lost"})
+            if run.info.status == "RUNNING":
+                client.set_terminated(run.info.run_id, status="KILLED")
+            client.delete_run(run.info.run_id)
+        elif run.info.status == "RUNNING":
             status = status_by_trial[trial_id]
             tracking.set_tags(client, run.info.run_id, {tracking.TAG_STATUS: status})
             client.set_terminated(

@@ -34,13 +34,14 @@ from dkd_tune.errors import UserInputError
 from dkd_tune.models import load_teacher
 from dkd_tune.progress import Progress
 from dkd_tune.recipes import Recipe
-from dkd_tune.storage import atomic_write_json, file_sha256
+from dkd_tune.storage import atomic_write_json, commit_file, file_sha256
 from dkd_tune.train import BEST_CHECKPOINT, LAST_CHECKPOINT, fit, prepare_run
 
 Log = Callable[[str], None]
 
 CACHE_FORMAT = "dkd-tune-teacher-logits/1"
 CACHE_DATA_FILE = "logits.f16"  # raw float16, row-major (num_samples, num_views, num_classes)
+CACHE_PARTIAL_FILE = "logits.f16.partial"  # the table while it is built; renamed to CACHE_DATA_FILE when done
 CACHE_META_FILE = "cache.json"  # written last, atomically: its presence marks a complete cache
 CACHE_PROGRESS_FILE = "build.json"  # how many images are done while a build is under way
 CACHE_LOCK_FILE = "build.lock"
@@ -56,6 +57,9 @@ DISK_MARGIN_BYTES = 256 << 20
 # On CUDA the table moves to the GPU only when it takes at most this share of the free memory.
 GPU_TABLE_SHARE = 0.5
 TEACHER_RECORD = "teacher.json"
+# Tables whose SHA-256 this process has checked, with the file version checked: a reused trial
+# process hashes a table once, and again only if the file changed.
+_VERIFIED_TABLES: dict[tuple[str, str], tuple[int, int, int, int]] = {}
 
 
 class CorruptCacheError(UserInputError):
@@ -372,11 +376,8 @@ class TeacherLogitCache:
                 + ("missing" if found is None else f"{found} bytes")
                 + f" but its shape {shape} needs {expected} bytes (truncated or damaged); delete the folder to rebuild it"
             )
-        if verify and file_sha256(data_path) != meta["sha256"]:
-            raise CorruptCacheError(
-                f"{data_path}: teacher-logit cache does not match its recorded SHA-256 (corrupted); "
-                "delete the folder to rebuild it"
-            )
+        if verify:
+            _verify_table(data_path, str(meta["sha256"]))
         # MAP_PRIVATE: pages come from the shared page cache; nothing can write back to the file.
         table = torch.from_file(str(data_path), shared=False, size=math.prod(shape), dtype=CACHE_DTYPE)
         return cls(folder, meta, table.view(shape))
@@ -413,6 +414,20 @@ class TeacherLogitCache:
         )
 
 
+def _verify_table(data_path: Path, expected_sha256: str) -> None:
+    stat = data_path.stat()
+    version = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    key = (str(data_path.resolve()), expected_sha256)
+    if _VERIFIED_TABLES.get(key) == version:
+        return
+    if file_sha256(data_path) != expected_sha256:
+        raise CorruptCacheError(
+            f"{data_path}: teacher-logit cache does not match its recorded SHA-256 (corrupted); "
+            "delete the folder to rebuild it"
+        )
+    _VERIFIED_TABLES[key] = version
+
+
 def _build_into(
     folder: Path,
     meta: dict[str, Any],
@@ -424,8 +439,12 @@ def _build_into(
     progress: bool,
     log: Log,
 ) -> None:
-    """Fill `folder/logits.f16` chunk by chunk (resuming a matching unfinished build), then mark it complete."""
-    data_path, progress_path = folder / CACHE_DATA_FILE, folder / CACHE_PROGRESS_FILE
+    """Fill the table chunk by chunk (resuming a matching unfinished build), then rename it and mark it complete.
+
+    The table is written into `logits.f16.partial` and renamed to `logits.f16` only once every chunk
+    is on disk and hashed; `cache.json`, written atomically after that, marks the cache complete.
+    """
+    data_path, progress_path = folder / CACHE_PARTIAL_FILE, folder / CACHE_PROGRESS_FILE
     count, views, classes, nbytes = (
         meta["num_samples"],
         meta["num_views"],
@@ -474,6 +493,7 @@ def _build_into(
         "build_seconds": round(seconds, 3),
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+    commit_file(data_path, folder / CACHE_DATA_FILE)
     atomic_write_json(folder / CACHE_META_FILE, meta)
     progress_path.unlink(missing_ok=True)
     log(

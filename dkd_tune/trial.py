@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +21,10 @@ import numpy as np
 import torch
 
 from dkd_tune.data import ImageDataset, ImageFolderData, InMemoryData
+from dkd_tune.errors import UserInputError
 from dkd_tune.models import load_teacher
 from dkd_tune.recipes import Recipe, validate_recipe
-from dkd_tune.teacher import TeacherArtifacts, TeacherLogitCache
+from dkd_tune.teacher import CorruptCacheError, TeacherArtifacts, TeacherLogitCache
 from dkd_tune.train import FitResult, LiveTeacher, Reporter, fit, prepare_run
 
 EVAL_BATCH_SIZE = 512
@@ -110,6 +112,27 @@ def training_device(prefer_cuda: bool = True) -> torch.device:
     return torch.device("cpu")
 
 
+def chosen_device(name: str | None, source: str = "--device") -> torch.device:
+    """The device a user named (cpu, cuda, cuda:N), checked against this machine; None: `training_device()`."""
+    if name is None:
+        return training_device()
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserInputError(f"{source} {name!r}: expected cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserInputError(f"{source} {name!r}: expected cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise UserInputError(f"{source} {name}: no CUDA GPU is available on this machine")
+        if device.index is not None and device.index >= count:
+            raise UserInputError(
+                f"{source} {name}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}"
+            )
+    return device
+
+
 def run_trial(
     plan: TrialPlan,
     data: SharedDataset | ImageFolderData,
@@ -153,11 +176,18 @@ def run_trial(
 
 
 def teacher_logit_source(artifacts: TeacherArtifacts | None, train_loader: Any, device: torch.device):
-    """The exact logit cache when the search built one and this loader's views are finite; else the live teacher."""
+    """The exact logit cache when the search built one and this loader's views are finite; else the live teacher.
+
+    The cache's hash is checked (once per process and file version): a damaged cache is reported
+    in one line and the trial runs the live teacher instead, never the damaged logits.
+    """
     if artifacts is None:
         raise ValueError("a distillation trial needs teacher artifacts")
     uses_finite_views = getattr(train_loader, "num_views", None) is not None
     if artifacts.cache_path and uses_finite_views and os.path.exists(artifacts.cache_path):
-        return TeacherLogitCache.open(artifacts.cache_path, verify=False).to(device)
+        try:
+            return TeacherLogitCache.open(artifacts.cache_path, verify=True).to(device)
+        except CorruptCacheError as error:
+            print(f"dkd-tune: {error}; this trial runs the live teacher instead", file=sys.stderr, flush=True)
     model = load_teacher(artifacts.model, artifacts.checkpoint, num_classes=artifacts.num_classes)
     return LiveTeacher(model)

@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from ray.tune import ExperimentAnalysis
 
 from analysis.results import RESULT_COLUMNS
 from dkd_tune.tracking import TAG_KIND, TAG_PARENT, TAG_STATUS, TAG_TRIAL_ID
@@ -179,14 +180,25 @@ def test_resume_after_the_driver_is_killed(tmp_path):
 
     frame = pd.read_parquet(experiment / "results.parquet")
     assert len(frame) == 8 and frame["trial_id"].is_unique
+    assert not set(frame["status"]) & {"running", "pending"}
     for trial_id, epochs in finished_before_kill.items():
         # A trial that had finished was not run again: its history still ends where it ended.
         assert result_lines(experiment / "teacher", trial_id) == epochs
     state = json.loads((experiment / "state.json").read_text())
-    _, _, children = mlflow_children(tmp_path, state["parent_run_id"])
-    assert len(children) == len(frame)
-    assert len({run.data.tags[TAG_TRIAL_ID] for run in children}) == len(children)
-    assert all(run.info.status != "RUNNING" for run in children)
+    client, parent, children = mlflow_children(tmp_path, state["parent_run_id"])
+    ray_trials = ExperimentAnalysis(str(experiment / "teacher")).trials
+    assert len(ray_trials) == len(frame) == len(children)
+    assert (
+        {t.trial_id for t in ray_trials}
+        == set(frame["trial_id"])
+        == {run.data.tags[TAG_TRIAL_ID] for run in children}
+    )
+    assert all(run.info.status != "RUNNING" for run in children) and parent.info.status == "FINISHED"
+    by_trial = {run.data.tags[TAG_TRIAL_ID]: run for run in children}
+    for row in frame.itertuples():
+        assert by_trial[row.trial_id].data.tags[TAG_STATUS] == row.status
+        steps = [p.step for p in client.get_metric_history(by_trial[row.trial_id].info.run_id, "test_acc")]
+        assert sorted(steps) == list(range(1, row.stop_epoch + 1))  # every epoch once, none duplicated
 
 
 def finished_trials(part_dir: Path) -> dict[str, int]:

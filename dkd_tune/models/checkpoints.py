@@ -167,6 +167,25 @@ def load_teacher(
 
     `num_classes=None` takes the class count from the file; a number is checked against it.
     """
+    state_dict, found_classes = matching_state_dict(name, path, num_classes)
+    model = create_model(name, found_classes)
+    expected = model.state_dict()
+    for key in expected:
+        if key.endswith(BATCH_COUNTER) and key not in state_dict:
+            state_dict[key] = torch.zeros_like(expected[key])
+    model.load_state_dict(state_dict, strict=True)
+    model.eval().requires_grad_(False)
+    return model.to(device)
+
+
+def matching_state_dict(
+    name: str, path: str | os.PathLike, num_classes: int | None = None
+) -> tuple[dict[str, torch.Tensor], int]:
+    """The weights in `path` and their class count, if they are a `name` (of `num_classes` classes, when given).
+
+    Raises one line for a file that cannot be read, is corrupted, holds another architecture
+    (named when the registry recognises it) or another class count; builds no model.
+    """
     model_info(name)
     checkpoint = read_model_checkpoint(path)
     path = checkpoint.path
@@ -194,15 +213,7 @@ def load_teacher(
         raise ClassCountMismatchError(
             f"checkpoint {path} ({name}) has {found_classes} classes but {num_classes} were expected"
         )
-    model = create_model(name, found_classes)
-    expected = model.state_dict()
-    state_dict = dict(state_dict)
-    for key in expected:
-        if key.endswith(BATCH_COUNTER) and key not in state_dict:
-            state_dict[key] = torch.zeros_like(expected[key])
-    model.load_state_dict(state_dict, strict=True)
-    model.eval().requires_grad_(False)
-    return model.to(device)
+    return dict(state_dict), found_classes
 
 
 @functools.cache
