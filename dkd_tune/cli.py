@@ -277,6 +277,44 @@ def _print_outcome(outcome) -> None:
     click.echo("compare the trials: dkd-tune ui  (MLflow UI on http://127.0.0.1:5000)")
 
 
+@cli.command("analyze")
+@click.argument("name_or_path")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Folder to write into (default: the search's analysis/ folder, or ./NAME-analysis for an MLflow run).",
+)
+@click.option("--storage", help="Storage the search was run with (default: ./dkd_runs).")
+@click.option(
+    "--tracking-uri",
+    help="MLflow store to read a search from when no folder is found, and to log to "
+    "(default: the search's own, else MLFLOW_TRACKING_URI, else ./mlflow.db).",
+)
+@click.option(
+    "--no-mlflow", is_flag=True, help="Do not log the tables and figures to the search's MLflow run."
+)
+def analyze_command(name_or_path, out, storage, tracking_uri, no_mlflow) -> None:
+    """Tables (Markdown), Parquet and figures (PNG) of a finished search, from its folder or its MLflow run.
+
+    NAME_OR_PATH is the search's folder, its name under --storage, or the name or run id of its MLflow
+    parent run. Writes results.parquet (one row per trial), histories.parquet (one row per trial and
+    epoch), tables.md and three figures, logs them to the search's MLflow run, and prints the main table.
+    """
+    from analysis.search_analysis import analyze_search
+
+    outputs = analyze_search(
+        name_or_path, out=out, storage=storage, tracking_uri=tracking_uri, log_to_mlflow=not no_mlflow
+    )
+    click.echo(outputs.main_table())
+    for note in outputs.notes:
+        click.echo(f"note: {note}")
+    click.echo("")
+    click.echo(f"wrote {outputs.results_path}, {outputs.histories_path.name}, {outputs.tables_path.name}, "
+               + ", ".join(path.name for path in outputs.figures) + f" in {outputs.out_dir}")  # fmt: skip
+    if outputs.logged_to:
+        click.echo(f"logged to MLflow {outputs.logged_to} (artifacts under analysis/)")
+
+
 @cli.command("schema")
 @click.option(
     "--format", "output_format", type=click.Choice(["yaml", "json"]), default="yaml", show_default=True
