@@ -315,6 +315,65 @@ def analyze_command(name_or_path, out, storage, tracking_uri, no_mlflow) -> None
         click.echo(f"logged to MLflow {outputs.logged_to} (artifacts under analysis/)")
 
 
+@cli.command("validate-beta")
+@click.argument("space_file", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--name", help="Validation name (default: the file's name); an existing one is resumed.")
+@click.option(
+    "--set",
+    "set_values",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a field, e.g. search.num_samples=16.",
+)
+@click.option("--storage", help="Where the validation's folder goes (default: the file's storage).")
+@click.option("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db).")
+@click.option("--address", help="Ray cluster to join: 'auto' or HOST:PORT (default: a local Ray).")
+@click.option(
+    "--calibration",
+    type=click.Path(dir_okay=False),
+    help="A calibration file for the dataset's family, evaluated beside the leave-one-out predictions.",
+)
+def validate_beta_command(space_file, name, set_values, storage, tracking_uri, address, calibration) -> None:
+    """Check auto-beta against a search: per teacher, searched best beta vs predicted beta, regret and compute.
+
+    For every teacher of SPACE_FILE (at least 3; only beta searched): the gap is measured and beta
+    searched (ASHA-pruned Optuna); beta is predicted from the gap by auto-beta refitted on the OTHER
+    teachers' searched points (leave-one-teacher-out) and by a constant (the others' mean best beta);
+    a full run trains at each prediction the search did not already cover. The report gives per teacher
+    the gap, the betas, the top-1 at each, the regret and the compute spent by the search vs auto-beta.
+    Run the same command again to resume an interrupted validation.
+    """
+    import shlex
+
+    from dkd_tune.config import load_search_space
+
+    space = load_search_space(space_file, list(set_values))
+    from analysis.validation import ValidationOptions, check_validation_space, validate_beta
+
+    check_validation_space(space, space_file)
+    command = "dkd-tune " + " ".join(shlex.quote(argument) for argument in sys.argv[1:])
+    outcome = validate_beta(
+        space,
+        space_file,
+        ValidationOptions(
+            name=name,
+            storage=storage,
+            tracking_uri=tracking_uri,
+            address=address,
+            calibration=calibration,
+            command=command,
+        ),
+    )
+    click.echo("")
+    click.echo(outcome.summary)
+    click.echo("")
+    click.echo(f"report: {outcome.report_path}")
+    click.echo(
+        f"tables: {outcome.evaluation_path}, {outcome.compute_path}; figures: "
+        + ", ".join(str(path) for path in outcome.figures)
+    )
+
+
 @cli.command("schema")
 @click.option(
     "--format", "output_format", type=click.Choice(["yaml", "json"]), default="yaml", show_default=True
