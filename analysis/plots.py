@@ -129,8 +129,10 @@ def plot_accuracy_vs_beta(
             color=colors.get(mark.teacher, "black"),
             markersize=10,
             markeredgecolor="black",
-            label=mark.label,
         )
+    for label, marker in {mark.label: mark.marker for mark in marks}.items():
+        # One legend entry per kind of mark, uncoloured: the colour is the teacher's.
+        axis.plot([], [], marker, color="white", markeredgecolor="black", markersize=10, label=label)
     for part, reference in frame[frame["part"].astype(str).str.startswith(BASELINE_PREFIX)].groupby("part"):
         finished = reference[(reference["status"] == "completed") & reference[metric].notna()]
         if not finished.empty:
