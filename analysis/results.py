@@ -273,7 +273,8 @@ def results_table(frame: pd.DataFrame, metric: str = "test_acc", limit: int = 20
 
 
 def _latest_checkpoint_file(trial_dir: Path) -> str | None:
-    checkpoints = sorted(trial_dir.glob("checkpoint_*"))
+    """The newest checkpoint's best.pt (or last.pt): Tune's checkpoint_* folders, or Ray Train's for DDP trials."""
+    checkpoints = sorted(trial_dir.rglob("checkpoint_*"), key=lambda path: path.stat().st_mtime)
     for directory in reversed(checkpoints):
         for name in ("best.pt", "last.pt"):
             if (directory / name).is_file():

@@ -79,8 +79,10 @@ def read_checkpoint_file(path: str | os.PathLike) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types here: unpickling, zip, EOF, runtime
-        reason = " ".join(str(error).split())
-        if "weights_only" in reason or "Unsupported global" in reason or "GLOBAL" in reason:
+        reason = " ".join(str(error).split()) or type(error).__name__
+        if path.stat().st_size == 0:
+            reason = "the file is empty"
+        elif "weights_only" in reason or "Unsupported global" in reason or "GLOBAL" in reason:
             reason = "it contains pickled Python objects that safe loading (weights_only=True) refuses"
         elif len(reason) > 160:
             reason = reason[:160] + "..."

@@ -10,8 +10,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -20,6 +22,20 @@ from dkd_tune.errors import UserInputError
 from dkd_tune.recipes import PRESETS, RECIPE_FIELDS, Recipe, resolve_recipe, validate_recipe
 
 LOSS_MODES = ("ce", "kd", "dkd", "tckd", "nckd")
+# The URI schemes MLflow's tracking store registry knows ('' is a local folder), plus plugins' schemes.
+MLFLOW_SCHEMES = (
+    "",
+    "file",
+    "sqlite",
+    "postgresql",
+    "mysql",
+    "mssql",
+    "http",
+    "https",
+    "databricks",
+    "databricks-uc",
+    "uc",
+)
 METRICS = ("test_acc", "best_test_acc", "test_acc_top5", "test_loss", "train_loss", "train_acc")
 INTEGER_FIELDS = frozenset({"epochs", "batch_size", "warmup_epochs", "seed"})
 
@@ -231,7 +247,7 @@ class SearchSpaceFile(StrictModel):
     def overrides_are_recipe_fields(cls, value: dict[str, Any]) -> dict[str, Any]:
         for key in value:
             if key not in RECIPE_FIELDS:
-                raise ValueError(f"unknown recipe field {key!r}{_did_you_mean(key, RECIPE_FIELDS)}")
+                raise ValueError(f"unknown recipe field{_did_you_mean(key, RECIPE_FIELDS)}")
         return value
 
     # ---- derived, typed views used downstream -------------------------------------------------
@@ -344,8 +360,13 @@ def apply_set_override(raw: dict[str, Any], assignment: str) -> None:
 
 
 def describe_validation_error(error: ValidationError, model: type[BaseModel]) -> str:
-    """The first pydantic error as one line: the dotted key, the value, what was expected."""
-    first = error.errors()[0]
+    """The first pydantic error as one line: the dotted key, the value, what was expected.
+
+    An unknown key comes first: a misspelt key also makes the key it was meant to be "missing",
+    and the misspelling is what the user has to fix.
+    """
+    errors = error.errors()
+    first = next((item for item in errors if item["type"] == "extra_forbidden"), errors[0])
     loc = [
         part for part in first["loc"] if not (isinstance(part, str) and part in ("function-after[", "dict"))
     ]
@@ -444,6 +465,14 @@ def check_search_space(space: SearchSpaceFile, path: Path) -> None:
     except UserInputError as error:
         raise UserInputError(f"{path}: {error}") from None
     check_data_present(data, path)
+    if data.name == "imagenet":
+        for index, teacher in enumerate(space.teachers):
+            if teacher.train is not None:
+                fail(
+                    f"teachers[{index}].train",
+                    "ImageNet teachers are not trained here; give a checkpoint (e.g. torchvision's weights file)",
+                )
+    check_teacher_checkpoints(space, data, path)
 
     for teacher in space.teachers or [None]:
         where = f"teachers[{space.teachers.index(teacher)}]" if teacher else "space"
@@ -463,8 +492,36 @@ def check_search_space(space: SearchSpaceFile, path: Path) -> None:
             "scheduler.grace_period",
             f"{space.scheduler.grace_period} is more than max_t ({max_t}); expected <= max_t",
         )
+    if space.tracking_uri is not None:
+        try:
+            check_tracking_uri(space.tracking_uri, "tracking_uri")
+        except UserInputError as error:
+            raise UserInputError(f"{path}: {error}") from None
+    try:
+        check_storage(space.storage, "storage")
+    except UserInputError as error:
+        raise UserInputError(f"{path}: {error}") from None
     if space.probe is not None and not resolve_path(space.probe.data_root).is_dir():
         fail("probe.data_root", f"folder {str(resolve_path(space.probe.data_root))!r} not found")
+
+
+def check_teacher_checkpoints(space: SearchSpaceFile, data: Any, path: Path) -> None:
+    """Each teacher file is readable, intact and holds its model with the dataset's class count."""
+    from dkd_tune.data import dataset_num_classes
+    from dkd_tune.models import matching_state_dict
+
+    given = [(index, t) for index, t in enumerate(space.teachers) if t.checkpoint is not None]
+    if not given:
+        return
+    try:
+        num_classes = dataset_num_classes(data)
+    except UserInputError as error:
+        raise UserInputError(f"{path}: data: {error}") from None
+    for index, teacher in given:
+        try:
+            matching_state_dict(teacher.model, resolve_path(teacher.checkpoint), num_classes)
+        except UserInputError as error:
+            raise UserInputError(f"{path}: teachers[{index}].checkpoint: {error}") from None
 
 
 def check_distribution(
@@ -509,6 +566,33 @@ def check_data_present(data: Any, path: Path) -> None:
     problem = dataset_problem(data)
     if problem:
         raise UserInputError(f"{path}: data: {problem}")
+
+
+def check_tracking_uri(uri: str | None, source: str) -> None:
+    """A tracking URI of a kind MLflow can open (checked without opening it: nothing is created)."""
+    if not uri:
+        return
+    scheme = urlsplit(uri).scheme
+    if scheme in MLFLOW_SCHEMES or (len(scheme) == 1 and uri[1:2] == ":"):  # C:\... is a folder
+        return
+    plugins = {entry.name for entry in entry_points(group="mlflow.tracking_store")}
+    if scheme not in plugins:
+        raise UserInputError(
+            f"{source} {uri!r}: unknown scheme {scheme!r}; expected an MLflow store such as "
+            "sqlite:///path/mlflow.db, a folder, or http(s)://host:port"
+        )
+
+
+def check_storage(storage: str | None, source: str) -> None:
+    """A local storage path must be a folder or creatable as one (URIs such as s3:// are left to Ray)."""
+    if not storage or "://" in storage:
+        return
+    path = resolve_path(storage)
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise UserInputError(
+            f"{source} {storage!r}: {existing} is a file; expected a folder for the searches"
+        )
 
 
 def resolve_path(value: str) -> Path:

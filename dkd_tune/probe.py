@@ -117,8 +117,8 @@ def load_student(
 
     dkd-tune checkpoints record their architecture and input size; foreign files (mdistiller,
     bare state dicts) do not, so they need `model_name`, and their input size is the
-    architecture's default. Inputs are normalised as the student was trained: ImageNet
-    statistics for ImageNet students, CIFAR-100's otherwise (the data readers' default).
+    architecture's default. Inputs are normalised as the student was trained: with the statistics
+    its checkpoint records, else ImageNet's for ImageNet students and CIFAR-100's otherwise.
     """
     checkpoint = read_model_checkpoint(checkpoint_path)
     arch = model_name or checkpoint.arch
@@ -132,6 +132,8 @@ def load_student(
     input_size = checkpoint.input_size or info.input_size
     imagenet = info.family == "imagenet" or checkpoint.dataset == "imagenet"
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if imagenet else (CIFAR100_MEAN, CIFAR100_STD)
+    if checkpoint.mean and checkpoint.std:  # dkd-tune checkpoints record what the network was trained with
+        mean, std = checkpoint.mean, checkpoint.std
     return Student(model, arch, int(input_size), checkpoint.dataset or "", mean, std, checkpoint.path)
 
 

@@ -27,7 +27,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dkd_tune import tracking
 from dkd_tune.data import ImageDataset
 from dkd_tune.errors import UserInputError
 from dkd_tune.probe import (
@@ -91,7 +90,11 @@ def probe_command(
     Returns the result and the probe run's id (None without a store). With `parent_run_id` the
     run is nested under that (student) run and, unless `experiment` says otherwise, in its experiment.
     """
+    from dkd_tune.config import check_tracking_uri
+
     _check_device(device)
+    check_tracking_uri(tracking_uri, "--tracking-uri")
+    check_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI"), "MLFLOW_TRACKING_URI")
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if parent_run_id and not uri:
         raise UserInputError(
@@ -112,20 +115,16 @@ def probe_command(
 
 
 def _check_device(device: str | None) -> None:
-    import torch
+    from dkd_tune.trial import chosen_device
 
-    if device is None:
-        return
-    try:
-        parsed = torch.device(device)
-    except RuntimeError:
-        raise UserInputError(f"--device {device!r}: expected cpu, cuda or cuda:N") from None
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise UserInputError(f"--device {device}: no CUDA GPU is available on this machine")
+    if device is not None:
+        chosen_device(device)
 
 
 def _run_experiment_name(uri: str, run_id: str) -> str:
     from mlflow.exceptions import MlflowException
+
+    from dkd_tune import tracking
 
     client = tracking.client_for(uri)
     try:
@@ -148,6 +147,8 @@ def log_probe_run(
     tags: Mapping[str, Any] | None = None,
 ) -> str:
     """One finished probe as an MLflow run, nested under and tagged with the student's run; returns its id."""
+    from dkd_tune import tracking
+
     run_tags = {TAG_PROBE_DATASET: result.dataset, **(tags or {})}
     if student_run_id:
         run_tags[TAG_STUDENT_RUN] = student_run_id
@@ -194,6 +195,8 @@ def log_failed_probe(
     tags: Mapping[str, Any],
 ) -> str:
     """A probe that could not run, as a FAILED run with the reason in `dkd_tune.error`."""
+    from dkd_tune import tracking
+
     client = tracking.client_for(tracking_uri)
     run_tags = {
         **tracking.standard_tags("probe"),
@@ -255,6 +258,8 @@ def probe_best_trials(
     in this process, without Ray. Returns one row per (trial, dataset) (schema: PROBE_COLUMNS);
     a probe that fails is an "errored" row and a FAILED run, and does not stop the others.
     """
+    from dkd_tune import tracking
+
     chosen = best_trials(results, probe_config.top_k)
     if chosen.empty:
         log("dkd-tune: probe: no completed trial with a checkpoint to probe")
@@ -457,6 +462,8 @@ def _restored(fields: Mapping[str, Any]) -> ImageDataset:
 
 def _reuse_finished_probes(rows: dict[tuple[str, str], dict[str, Any]], tracking_uri: str) -> None:
     """Fill the rows whose trial already has a FINISHED probe run for that dataset (a resumed search)."""
+    from dkd_tune import tracking
+
     linked = [row for row in rows.values() if row["student_run_id"]]
     if not linked:
         return

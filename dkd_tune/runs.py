@@ -49,10 +49,21 @@ def parse_set_overrides(assignments: Sequence[str]) -> dict[str, Any]:
     return overrides
 
 
+def check_settings(settings: RunSettings) -> None:
+    """The tracking URI and device are usable, before any data or weights are read."""
+    from dkd_tune.config import check_tracking_uri
+    from dkd_tune.trial import chosen_device
+
+    check_tracking_uri(settings.tracking_uri, "--tracking-uri")
+    check_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI"), "MLFLOW_TRACKING_URI")
+    chosen_device(settings.device)
+
+
 def train_teacher(model: str, settings: RunSettings) -> Any:
     """Train `model` with cross-entropy only (the teacher recipe by default)."""
     from dkd_tune.models import model_info
 
+    check_settings(settings)
     model_info(model)  # an unknown name fails here, with the closest valid names
     recipe = resolve_recipe(
         settings.recipe, student=model, overrides=parse_set_overrides(settings.overrides), source="--set"
@@ -66,8 +77,10 @@ def distill(
     student: str, teacher_model: str, teacher_checkpoint: str, loss_mode: str, settings: RunSettings
 ) -> Any:
     """Distil `student` from a trained teacher with one loss mode (dkd by default)."""
+    from dkd_tune.data import dataset_num_classes, dataset_problem, parse_data_spec
     from dkd_tune.models import load_teacher, model_info
 
+    check_settings(settings)
     model_info(student)
     model_info(teacher_model)
     recipe = resolve_recipe(
@@ -77,7 +90,11 @@ def distill(
         overrides=parse_set_overrides(settings.overrides),
         source="--set",
     )
-    teacher = load_teacher(teacher_model, teacher_checkpoint)
+    spec = parse_data_spec(settings.data, source="--data")
+    problem = dataset_problem(spec)
+    if problem:
+        raise UserInputError(f"--data: {problem}")
+    teacher = load_teacher(teacher_model, teacher_checkpoint, num_classes=dataset_num_classes(spec))
     return _train(
         student=student,
         recipe=recipe,
@@ -99,15 +116,13 @@ def _train(
     settings: RunSettings,
     extra_params: dict[str, Any] | None = None,
 ) -> Any:
-    import torch
 
-    from dkd_tune.data import EvalLoader, build_train_loader, load_train_test, parse_data_spec
-    from dkd_tune.models import create_model
-    from dkd_tune.train import LAST_CHECKPOINT, Acceleration, RunIdentity, fit
-    from dkd_tune.trial import training_device
+    from dkd_tune.data import InMemoryData, load_train_test, parse_data_spec
+    from dkd_tune.train import LAST_CHECKPOINT, fit, prepare_run
+    from dkd_tune.trial import chosen_device
 
     spec = parse_data_spec(settings.data, source="--data")
-    device = torch.device(settings.device) if settings.device else training_device()
+    device = chosen_device(settings.device)
     resume_from = settings.out_dir / LAST_CHECKPOINT
     if resume_from.exists() and not settings.resume:
         raise UserInputError(
@@ -115,27 +130,7 @@ def _train(
         )
     train_set, test_set = load_train_test(spec)
     settings.out_dir.mkdir(parents=True, exist_ok=True)
-    acceleration = Acceleration.for_device(device)
-    train_loader = build_train_loader(
-        train_set,
-        spec.augment,
-        recipe.batch_size,
-        device,
-        seed=recipe.seed,
-        channels_last=acceleration.channels_last,
-        dtype=acceleration.input_dtype,
-    )
-    test_loader = EvalLoader(
-        test_set, 512, device, channels_last=acceleration.channels_last, dtype=acceleration.input_dtype
-    )
-    torch.manual_seed(recipe.seed)  # the initial weights depend on the seed alone
-    model = create_model(student, num_classes=train_set.num_classes)
-    identity = RunIdentity(
-        arch=student,
-        num_classes=train_set.num_classes,
-        dataset=spec.name,
-        input_size=int(train_set.images.shape[-1]),
-    )
+    run = prepare_run(student, InMemoryData(train_set, test_set, spec.augment), recipe, device=device)
     noise = getattr(train_set, "label_noise_rate", 0.0)
     settings.log(
         f"dkd-tune {kind}: {student} on {spec.name} ({len(train_set.labels)} train / {len(test_set.labels)} test images, "
@@ -162,8 +157,8 @@ def _train(
             log_epoch(epoch_report)
 
         result = fit(
-            model, train_loader, test_loader, recipe,
-            identity=identity, loss_mode=loss_mode, teacher=teacher, device=device, acceleration=acceleration,
+            run.model, run.train_loader, run.test_loader, recipe,
+            identity=run.identity, loss_mode=loss_mode, teacher=teacher, device=device, acceleration=run.acceleration,
             reporter=report, checkpoint_dir=settings.out_dir, resume_from=resume_from if resume_from.exists() else None,
         )  # fmt: skip
         log_epoch(None, result=result)

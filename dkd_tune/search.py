@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,16 +21,27 @@ from typing import Any
 
 import yaml
 
-from dkd_tune.config import Distribution, SearchSpaceFile, load_search_space
+from dkd_tune.config import (
+    Distribution,
+    SearchSpaceFile,
+    check_storage,
+    check_tracking_uri,
+    load_search_space,
+)
 from dkd_tune.errors import UserInputError
 from dkd_tune.search_plan import BASELINE_PREFIX, search_parts, trial_plan
-from dkd_tune.storage import atomic_write_json, atomic_write_text
+from dkd_tune.storage import atomic_path, atomic_write_json, atomic_write_text
 
 STATE_FILE = "state.json"
 CONFIG_FILE = "search.yaml"
 RESULTS_FILE = "results.parquet"
+PROBES_FILE = "probes.parquet"
 # TPE needs a few random trials before its model is worth anything; a third of the budget, 2..10.
 MIN_STARTUP_TRIALS, MAX_STARTUP_TRIALS = 2, 10
+STATE_KEYS = ("name", "tracking_uri", "teachers", "parts_done")
+# Ray replaces a local node's 127.0.0.1 by the machine's network address, and its servers then listen
+# on every interface, unless this variable (read when Ray is imported) turns off multi-node clusters.
+RAY_LOOPBACK_VARIABLE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 @dataclass
@@ -64,6 +76,9 @@ class SearchOutcome:
 
 def run_search(space: SearchSpaceFile, source: Path, options: SearchOptions) -> SearchOutcome:
     """Start a new search from a validated file."""
+    check_storage(options.storage, "--storage")
+    check_tracking_uri(options.tracking_uri, "--tracking-uri")
+    check_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI"), "MLFLOW_TRACKING_URI")
     storage = Path(options.storage or space.storage).expanduser().resolve()
     name = options.name or space.name
     experiment_dir = storage / name
@@ -75,6 +90,7 @@ def run_search(space: SearchSpaceFile, source: Path, options: SearchOptions) -> 
             )
         name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
         experiment_dir = storage / name
+    data = _load_data(space, options)  # an unreadable dataset fails here: nothing written, Ray not started
     experiment_dir.mkdir(parents=True)
     atomic_write_text(
         experiment_dir / CONFIG_FILE,
@@ -92,18 +108,20 @@ def run_search(space: SearchSpaceFile, source: Path, options: SearchOptions) -> 
     }
     atomic_write_json(experiment_dir / STATE_FILE, state)
     options.log(f"dkd-tune: search '{name}' in {experiment_dir}")
-    return _execute(space, experiment_dir, state, options)
+    return _execute(space, experiment_dir, state, options, data)
 
 
 def resume_search(name_or_path: str, options: SearchOptions) -> SearchOutcome:
     """Finish an interrupted search: done parts kept, unfinished trials resumed from their checkpoints."""
+    check_tracking_uri(options.tracking_uri, "--tracking-uri")
     experiment_dir = locate_search(name_or_path, options.storage)
-    state = json.loads((experiment_dir / STATE_FILE).read_text())
+    state = read_state(experiment_dir / STATE_FILE)
     space = load_search_space(experiment_dir / CONFIG_FILE)
+    data = _load_data(space, options)
     if options.tracking_uri:
         state["tracking_uri"] = options.tracking_uri
     options.log(f"dkd-tune: resuming search '{state['name']}' in {experiment_dir}")
-    return _execute(space, experiment_dir, state, options)
+    return _execute(space, experiment_dir, state, options, data)
 
 
 def locate_search(name_or_path: str, storage: str | None) -> Path:
@@ -118,29 +136,48 @@ def locate_search(name_or_path: str, storage: str | None) -> Path:
     )
 
 
+def read_state(path: Path) -> dict[str, Any]:
+    """A search's state file, or one line saying why it cannot be used to resume."""
+    try:
+        state = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) else " ".join(str(error).split())
+        raise UserInputError(
+            f"{path}: cannot read the search's state ({reason}); expected the JSON file dkd-tune wrote"
+        ) from None
+    missing = [key for key in STATE_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise UserInputError(
+            f"{path}: not a search state file (missing {', '.join(missing)}); expected the JSON file dkd-tune wrote"
+        )
+    return state
+
+
 # ------------------------------------------------------------------------------------------------
 # The search itself
 
 
+def _load_data(space: SearchSpaceFile, options: SearchOptions):
+    """(data spec, what the trials share) of the search, read before anything is written or started."""
+    from dkd_tune.data import parse_data_spec
+
+    data_spec = parse_data_spec(space.data_spec_value(), source="data")
+    return data_spec, shared_data(data_spec, space, options)
+
+
 def _execute(
-    space: SearchSpaceFile, experiment_dir: Path, state: dict[str, Any], options: SearchOptions
+    space: SearchSpaceFile, experiment_dir: Path, state: dict[str, Any], options: SearchOptions, data
 ) -> SearchOutcome:
+    _start_ray(options)
     import ray
 
     from analysis.results import load_search_results, results_table, write_results
     from dkd_tune import tracking
-    from dkd_tune.data import load_train_test, parse_data_spec
-    from dkd_tune.trial import SharedDataset
 
     def save_state() -> None:
         atomic_write_json(experiment_dir / STATE_FILE, state)
 
-    data_spec = parse_data_spec(space.data_spec_value(), source="data")
-    options.log(f"dkd-tune: loading {data_spec.name} from {data_spec.root}")
-    train_set, test_set = load_train_test(data_spec)
-    shared = SharedDataset.from_datasets(train_set, test_set)
-
-    _start_ray(options)
+    data_spec, shared = data
     try:
         shared_ref = ray.put(shared)
         parts = [part for part in search_parts(space) if part[0] not in state["parts_done"]]
@@ -176,6 +213,8 @@ def _execute(
         frame = load_search_results(experiment_dir, space=space, teachers=teachers, state=state)
         results_path = write_results(frame, experiment_dir / RESULTS_FILE)
         _reconcile_child_runs(client, state, frame)
+        if space.probe is not None:
+            _probe_best_trials(space, frame, client, experiment_dir, state, options)
         best = _best_row(frame, space)
         _write_analysis(client, state, experiment_dir, frame, options)
         _finish_parent_run(client, state["parent_run_id"], experiment_dir, frame, best, space)
@@ -201,6 +240,8 @@ def _tracking_uri(space: SearchSpaceFile, options: SearchOptions) -> str:
 
 
 def _start_ray(options: SearchOptions) -> None:
+    if not options.address:
+        keep_local_ray_on_loopback()
     import ray
 
     if ray.is_initialized():
@@ -216,13 +257,21 @@ def _start_ray(options: SearchOptions) -> None:
     if options.address:
         ray.init(address=options.address, **settings)
     else:
-        # Local Ray: services on 127.0.0.1 only; the dashboard only when asked for.
+        # Local Ray: every server on 127.0.0.1 only; the dashboard only when asked for.
         ray.init(
             include_dashboard=options.dashboard,
             dashboard_host="127.0.0.1",
             _node_ip_address="127.0.0.1",
             **settings,
         )
+
+
+def keep_local_ray_on_loopback() -> None:
+    """Make a local Ray started by this process listen on 127.0.0.1 only, not on every interface."""
+    os.environ[RAY_LOOPBACK_VARIABLE] = "0"
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:  # Ray was imported before the variable was set (a library caller)
+        constants.ENABLE_RAY_CLUSTER = False
 
 
 # ------------------------------------------------------------------------------------------------
@@ -283,14 +332,37 @@ def _collect_teachers(space, pending, data_spec, state, save_state, options) -> 
     return artifacts
 
 
+def shared_data(data_spec, space: SearchSpaceFile, options: SearchOptions):
+    """What the trials share: the decoded dataset (read once, here), or for ImageNet its folders."""
+    from dkd_tune.data import ImageFolderData, dataset_num_classes, load_train_test
+    from dkd_tune.trial import SharedDataset
+
+    if data_spec.name == "imagenet":
+        # Folder data is read by each trial's DataLoader workers, one per CPU the trial asks for.
+        return ImageFolderData(
+            data_spec.root, dataset_num_classes(data_spec), workers=max(1, int(space.resources.cpu))
+        )
+    options.log(f"dkd-tune: loading {data_spec.name} from {data_spec.root}")
+    return SharedDataset.from_datasets(*load_train_test(data_spec))
+
+
 def _prepare_teacher_task(teacher, student, data_spec, shared, teachers_dir, cache_dir, cache_note, cpus):
     import torch
 
+    from dkd_tune.data import ImageFolderData
     from dkd_tune.recipes import resolve_recipe
-    from dkd_tune.teacher import prepare_teacher
+    from dkd_tune.teacher import prepare_folder_teacher, prepare_teacher
     from dkd_tune.trial import training_device
 
     torch.set_num_threads(cpus)
+    if isinstance(shared, ImageFolderData):
+        return prepare_folder_teacher(
+            label=teacher.label,
+            model=teacher.model,
+            checkpoint=teacher.checkpoint,
+            data=shared,
+            device=training_device(),
+        )
     train_set, test_set = shared.datasets()
     train_recipe = None
     if teacher.train is not None:
@@ -373,6 +445,7 @@ def _run_part(space, part_name, teacher, teachers, shared_ref, experiment_dir, s
         use_gpu=space.resources.gpu > 0,
         cpus_per_worker=space.resources.cpu,
         max_failures=space.max_failures,
+        storage_dir=str(experiment_dir / part_name),
     )
     trainable = tune.with_resources(
         tune.with_parameters(function, plan=plan, data=shared_ref), _resources(space)
@@ -459,8 +532,9 @@ class TrialName:
 
 def _resources(space: SearchSpaceFile) -> dict[str, float]:
     if space.resources.workers > 1:
-        # The trial itself only coordinates; its DDP workers ask Ray Train for CPUs and GPUs.
-        return {"cpu": 0.01}
+        # The trial itself only coordinates; its DDP workers ask Ray Train for CPUs and GPUs. A trial
+        # must reserve something, and any CPU share would leave too little for the workers' whole CPUs.
+        return {"cpu": 0, "memory": 1}
     return {"cpu": space.resources.cpu, "gpu": space.resources.gpu}
 
 
@@ -598,26 +672,71 @@ def _tag_parent_with_teachers(client, run_id: str, teachers: dict[str, Any]) -> 
     tracking.set_tags(client, run_id, tags)
 
 
+def _trial_runs(client, parent_run_id: str) -> list:
+    """The search's trial runs (children of its parent run that carry a trial id)."""
+    from dkd_tune import tracking
+
+    children = client.search_runs(
+        [client.get_run(parent_run_id).info.experiment_id],
+        filter_string=f"tags.`{tracking.TAG_PARENT}` = '{parent_run_id}'",
+        max_results=50000,
+    )
+    return [run for run in children if tracking.TAG_TRIAL_ID in run.data.tags]
+
+
 def _reconcile_child_runs(client, state, frame) -> None:
-    """Finish any trial run an interruption left open, with the status Ray recorded."""
+    """Make MLflow's trial runs match Ray's trials after an interruption.
+
+    A run left open gets the status Ray recorded. A run whose trial Ray never recorded (the
+    driver died after the trial started but before Ray saved its state; Ray runs that sample
+    again as a new trial) is ended as KILLED, tagged "lost" and moved to MLflow's trash, where it
+    stays until `mlflow gc`: the search then has one run per trial of its results, none twice.
+    """
     from dkd_tune import tracking
 
     if frame.empty:
         return
-    children = client.search_runs(
-        [client.get_run(state["parent_run_id"]).info.experiment_id],
-        filter_string=f"tags.`{tracking.TAG_PARENT}` = '{state['parent_run_id']}'",
-        max_results=5000,
-    )
+    children = _trial_runs(client, state["parent_run_id"])
     status_by_trial = dict(zip(frame["trial_id"], frame["status"], strict=False))
     for run in children:
         trial_id = run.data.tags.get(tracking.TAG_TRIAL_ID)
-        if run.info.status == "RUNNING" and trial_id in status_by_trial:
+        if trial_id is None or run.data.tags.get(tracking.TAG_KIND) != "trial":
+            continue  # not a trial's run (a probe run nests under its trial's run, not here)
+        if trial_id not in status_by_trial:
+            tracking.set_tags(client, run.info.run_id, {tracking.TAG_STATUS: "lost"})
+            if run.info.status == "RUNNING":
+                client.set_terminated(run.info.run_id, status="KILLED")
+            client.delete_run(run.info.run_id)
+        elif run.info.status == "RUNNING":
             status = status_by_trial[trial_id]
             tracking.set_tags(client, run.info.run_id, {tracking.TAG_STATUS: status})
             client.set_terminated(
                 run.info.run_id, status="FAILED" if status in ("errored", "oom") else "FINISHED"
             )
+
+
+def _probe_best_trials(space, frame, client, experiment_dir: Path, state, options) -> None:
+    """Linear probes of the best trials (Ray tasks), each logged under its trial's run; probes.parquet."""
+    from dkd_tune import tracking
+    from dkd_tune.probe_runs import probe_best_trials
+
+    child_run_ids = {
+        run.data.tags[tracking.TAG_TRIAL_ID]: run.info.run_id
+        for run in _trial_runs(client, state["parent_run_id"])
+    }
+    probes = probe_best_trials(
+        frame,
+        space.probe,
+        tracking_uri=state["tracking_uri"],
+        experiment_name=space.name,
+        child_run_ids=child_run_ids,
+        resources=space.resources,
+        log=options.log,
+    )
+    path = experiment_dir / PROBES_FILE
+    with atomic_path(path) as tmp:
+        probes.to_parquet(tmp, index=False)
+    client.log_artifact(state["parent_run_id"], str(path))
 
 
 def _best_row(frame, space: SearchSpaceFile) -> dict[str, Any] | None:

@@ -30,12 +30,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the permissions open() would
     try:
         yield tmp
-        with open(tmp, "rb+") as written:
-            os.fsync(written.fileno())
-        os.replace(tmp, path)
-        _fsync_directory(path.parent)
+        commit_file(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def commit_file(written: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Make a fully written temporary file `written` durable, then rename it to `path` (same folder)."""
+    with open(written, "rb+") as file:
+        os.fsync(file.fileno())
+    os.replace(written, path)
+    _fsync_directory(Path(path).parent)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> None:

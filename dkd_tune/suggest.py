@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dkd_tune.auto_beta import BetaSuggestion, load_calibration
+from dkd_tune.config import check_tracking_uri
 from dkd_tune.teacher import LogitGapStats
 
 EXPERIMENT = "suggest-beta"
@@ -85,17 +86,18 @@ def suggest_beta(
     The calibration (the family's default, or `calibration`) is read first, so a family without
     one fails in a second with one line, before any data or weights are loaded.
     """
-    import torch
 
     from dkd_tune.data import load_train_test, parse_data_spec
     from dkd_tune.models import load_teacher, model_info
     from dkd_tune.teacher import measure_logit_gap
-    from dkd_tune.trial import training_device
+    from dkd_tune.trial import chosen_device
 
+    check_tracking_uri(tracking_uri, "--tracking-uri")
+    check_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI"), "MLFLOW_TRACKING_URI")
     spec = parse_data_spec(data, source="--data")
     fitted = load_calibration(calibration, spec.family)
     model_info(teacher_model)
-    target = torch.device(device) if device else training_device()
+    target = chosen_device(device)
     train_set, test_set = load_train_test(spec)
     teacher = load_teacher(
         teacher_model, teacher_checkpoint, num_classes=train_set.num_classes, device=target

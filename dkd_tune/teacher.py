@@ -27,20 +27,21 @@ import torch
 from torch import nn
 
 from dkd_tune.checkpoint import payload_digest
-from dkd_tune.data import EvalLoader, ImageDataset, build_train_loader, normalize, render_views
+from dkd_tune.data import EvalLoader, ImageDataset, ImageFolderData, InMemoryData, normalize, render_views
 from dkd_tune.data.train_loader import CIFAR_PADDING
 from dkd_tune.data.views import num_views
 from dkd_tune.errors import UserInputError
-from dkd_tune.models import create_model, load_teacher
+from dkd_tune.models import load_teacher
 from dkd_tune.progress import Progress
 from dkd_tune.recipes import Recipe
-from dkd_tune.storage import atomic_write_json, file_sha256
-from dkd_tune.train import BEST_CHECKPOINT, LAST_CHECKPOINT, Acceleration, RunIdentity, fit
+from dkd_tune.storage import atomic_write_json, commit_file, file_sha256
+from dkd_tune.train import BEST_CHECKPOINT, LAST_CHECKPOINT, fit, prepare_run
 
 Log = Callable[[str], None]
 
 CACHE_FORMAT = "dkd-tune-teacher-logits/1"
 CACHE_DATA_FILE = "logits.f16"  # raw float16, row-major (num_samples, num_views, num_classes)
+CACHE_PARTIAL_FILE = "logits.f16.partial"  # the table while it is built; renamed to CACHE_DATA_FILE when done
 CACHE_META_FILE = "cache.json"  # written last, atomically: its presence marks a complete cache
 CACHE_PROGRESS_FILE = "build.json"  # how many images are done while a build is under way
 CACHE_LOCK_FILE = "build.lock"
@@ -56,6 +57,9 @@ DISK_MARGIN_BYTES = 256 << 20
 # On CUDA the table moves to the GPU only when it takes at most this share of the free memory.
 GPU_TABLE_SHARE = 0.5
 TEACHER_RECORD = "teacher.json"
+# Tables whose SHA-256 this process has checked, with the file version checked: a reused trial
+# process hashes a table once, and again only if the file changed.
+_VERIFIED_TABLES: dict[tuple[str, str], tuple[int, int, int, int]] = {}
 
 
 class CorruptCacheError(UserInputError):
@@ -107,8 +111,8 @@ class LogitGapStats:
 @torch.no_grad()
 def measure_logit_gap(
     teacher: nn.Module,
-    train: ImageDataset,
-    test: ImageDataset | None = None,
+    train: ImageDataset | Any,
+    test: ImageDataset | Any | None = None,
     *,
     device: torch.device | str = "cpu",
     batch_size: int = 512,
@@ -117,19 +121,20 @@ def measure_logit_gap(
     """Mean, median and std of z_t - max_{i != t} z_i over `train`, as the paper reports it.
 
     One pass of the teacher in eval mode over unaugmented images (and over `test` for its test
-    top-1), batched on `device`. The teacher's train/eval mode is restored afterwards.
+    top-1), batched on `device`. `train` and `test` are in-memory datasets, or loaders of
+    unaugmented batches for data read from folders (ImageNet). The teacher's mode is restored.
     """
     device = torch.device(device)
     was_training = teacher.training
     teacher = teacher.to(device).eval()
-    total = len(train) + (len(test) if test is not None else 0)
+    total = _image_count(train) + (_image_count(test) if test is not None else 0)
     try:
         with Progress("teacher logit gap", total, unit="img", enabled=progress) as bar:
             gaps, train_correct = _gap_pass(teacher, train, device, batch_size, bar)
             test_acc = math.nan
             if test is not None:
                 _, test_correct = _gap_pass(teacher, test, device, batch_size, bar)
-                test_acc = 100.0 * test_correct / max(len(test), 1)
+                test_acc = 100.0 * test_correct / max(_image_count(test), 1)
     finally:
         teacher.train(was_training)
     return LogitGapStats(
@@ -137,25 +142,32 @@ def measure_logit_gap(
         median=_median(gaps),
         std=gaps.std(correction=0).item(),
         negative_fraction=(gaps < 0).double().mean().item(),
-        train_acc=100.0 * train_correct / len(train),
+        train_acc=100.0 * train_correct / len(gaps),
         test_acc=test_acc,
-        num_samples=len(train),
+        num_samples=len(gaps),
     )
 
 
+def _image_count(source: Any) -> int:
+    return len(source) if isinstance(source, ImageDataset) else len(source.dataset)
+
+
 def _gap_pass(
-    teacher: nn.Module, dataset: ImageDataset, device: torch.device, batch_size: int, bar: Progress
+    teacher: nn.Module, source: ImageDataset | Any, device: torch.device, batch_size: int, bar: Progress
 ) -> tuple[torch.Tensor, int]:
     """(per-sample gaps as float64 on the CPU, number of top-1 hits) of one unaugmented pass."""
-    if len(dataset) == 0:
-        raise UserInputError(f"dataset {dataset.name!r} is empty; the logit gap needs training images")
+    in_memory = isinstance(source, ImageDataset)
+    name = source.name if in_memory else str(getattr(source.dataset, "root", "the dataset"))
+    num_classes = source.num_classes if in_memory else len(source.dataset.classes)
+    if _image_count(source) == 0:
+        raise UserInputError(f"dataset {name!r} is empty; the logit gap needs training images")
     gaps, correct = [], 0
-    for batch in EvalLoader(dataset, batch_size, device):
+    for batch in EvalLoader(source, batch_size, device) if in_memory else source:
         logits = teacher(batch.images).float()
-        if logits.shape[1] != dataset.num_classes:
+        if logits.shape[1] != num_classes:
             raise UserInputError(
-                f"the teacher has {logits.shape[1]} outputs but dataset {dataset.name!r} has "
-                f"{dataset.num_classes} classes; expected a teacher trained on this dataset"
+                f"the teacher has {logits.shape[1]} outputs but dataset {name!r} has "
+                f"{num_classes} classes; expected a teacher trained on this dataset"
             )
         labels = batch.labels[:, None]
         target = logits.gather(1, labels).squeeze(1)
@@ -182,17 +194,21 @@ def teacher_weights_digest(model: nn.Module) -> str:
     return payload_digest(dict(model.state_dict()))
 
 
-def dataset_fingerprint(dataset: ImageDataset) -> str:
-    """SHA-256 of a dataset's image and label bytes, shapes and normalisation (what the teacher is shown)."""
+def dataset_fingerprint(dataset: ImageDataset, *, include_labels: bool = True) -> str:
+    """SHA-256 of a dataset's image (and label) bytes, shapes and normalisation.
+
+    Training a teacher depends on the labels (label noise changes them); its logits for an image
+    do not, so the logit cache is keyed without them and shared across label-noise settings.
+    """
     digest = hashlib.sha256()
+    tensors = [dataset.images, dataset.labels] if include_labels else [dataset.images]
     header = {
-        "images": [str(dataset.images.dtype), list(dataset.images.shape)],
-        "labels": [str(dataset.labels.dtype), list(dataset.labels.shape)],
+        "tensors": [[str(tensor.dtype), list(tensor.shape)] for tensor in tensors],
         "mean": [float(value) for value in dataset.mean],
         "std": [float(value) for value in dataset.std],
     }
     digest.update(json.dumps(header, sort_keys=True).encode())
-    for tensor in (dataset.images, dataset.labels):
+    for tensor in tensors:
         digest.update(memoryview(tensor.detach().cpu().contiguous().numpy()).cast("B"))
     return digest.hexdigest()
 
@@ -272,7 +288,7 @@ class TeacherLogitCache:
         views = num_views(padding, flip)
         key = cache_key(
             teacher_weights_digest(teacher),
-            dataset_fingerprint(dataset),
+            dataset_fingerprint(dataset, include_labels=False),
             padding=padding,
             flip=flip,
             image_shape=(channels, height, width),
@@ -360,11 +376,8 @@ class TeacherLogitCache:
                 + ("missing" if found is None else f"{found} bytes")
                 + f" but its shape {shape} needs {expected} bytes (truncated or damaged); delete the folder to rebuild it"
             )
-        if verify and file_sha256(data_path) != meta["sha256"]:
-            raise CorruptCacheError(
-                f"{data_path}: teacher-logit cache does not match its recorded SHA-256 (corrupted); "
-                "delete the folder to rebuild it"
-            )
+        if verify:
+            _verify_table(data_path, str(meta["sha256"]))
         # MAP_PRIVATE: pages come from the shared page cache; nothing can write back to the file.
         table = torch.from_file(str(data_path), shared=False, size=math.prod(shape), dtype=CACHE_DTYPE)
         return cls(folder, meta, table.view(shape))
@@ -401,6 +414,20 @@ class TeacherLogitCache:
         )
 
 
+def _verify_table(data_path: Path, expected_sha256: str) -> None:
+    stat = data_path.stat()
+    version = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    key = (str(data_path.resolve()), expected_sha256)
+    if _VERIFIED_TABLES.get(key) == version:
+        return
+    if file_sha256(data_path) != expected_sha256:
+        raise CorruptCacheError(
+            f"{data_path}: teacher-logit cache does not match its recorded SHA-256 (corrupted); "
+            "delete the folder to rebuild it"
+        )
+    _VERIFIED_TABLES[key] = version
+
+
 def _build_into(
     folder: Path,
     meta: dict[str, Any],
@@ -412,8 +439,12 @@ def _build_into(
     progress: bool,
     log: Log,
 ) -> None:
-    """Fill `folder/logits.f16` chunk by chunk (resuming a matching unfinished build), then mark it complete."""
-    data_path, progress_path = folder / CACHE_DATA_FILE, folder / CACHE_PROGRESS_FILE
+    """Fill the table chunk by chunk (resuming a matching unfinished build), then rename it and mark it complete.
+
+    The table is written into `logits.f16.partial` and renamed to `logits.f16` only once every chunk
+    is on disk and hashed; `cache.json`, written atomically after that, marks the cache complete.
+    """
+    data_path, progress_path = folder / CACHE_PARTIAL_FILE, folder / CACHE_PROGRESS_FILE
     count, views, classes, nbytes = (
         meta["num_samples"],
         meta["num_views"],
@@ -462,6 +493,7 @@ def _build_into(
         "build_seconds": round(seconds, 3),
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+    commit_file(data_path, folder / CACHE_DATA_FILE)
     atomic_write_json(folder / CACHE_META_FILE, meta)
     progress_path.unlink(missing_ok=True)
     log(
@@ -699,6 +731,35 @@ def prepare_teacher(
     )
 
 
+def prepare_folder_teacher(
+    *, label: str, model: str, checkpoint: str, data: ImageFolderData, device: torch.device, log: Log = print
+) -> TeacherArtifacts:
+    """An ImageNet-style teacher: loaded from its checkpoint, gap measured over train/ (resized, center crop).
+
+    Folder data is decoded by workers and augmented with random-resized crops, whose views are
+    unbounded: no logit cache, and a teacher is given, not trained here.
+    """
+    from dkd_tune.data.imagenet import imagenet_eval_loader
+
+    device = torch.device(device)
+    weights = Path(checkpoint).expanduser().resolve()
+    teacher = load_teacher(model, weights, num_classes=data.num_classes, device=device)
+
+    def unaugmented(split: str):
+        return imagenet_eval_loader(
+            data.root, split, 256, workers=data.workers, image_size=data.input_size, device=device
+        )
+
+    log(f"dkd-tune: teacher '{label}': measuring the logit gap on {data.root / 'train'}")
+    gap = measure_logit_gap(teacher, unaugmented("train"), unaugmented("val"), device=device)
+    note = "off (random-resized crops of folder data have unbounded views)"
+    log(f"dkd-tune: teacher '{label}': logit cache {note}")
+    return TeacherArtifacts(
+        label=label, model=model, checkpoint=str(weights), num_classes=data.num_classes, gap=gap,
+        cache_path=None, cache_note=note,
+    )  # fmt: skip
+
+
 def train_teacher_once(
     model: str,
     recipe: Recipe,
@@ -725,27 +786,7 @@ def train_teacher_once(
             f"dkd-tune: teacher {model}: training it ({recipe.name}, {recipe.epochs} epochs, {len(train_set)} images, "
             f"augment {augment}) on {device} into {folder}"
         )
-    acceleration = Acceleration.for_device(device)
-    train_loader = build_train_loader(
-        train_set,
-        augment,
-        recipe.batch_size,
-        device,
-        seed=recipe.seed,
-        channels_last=acceleration.channels_last,
-        dtype=acceleration.input_dtype,
-    )
-    test_loader = EvalLoader(
-        test_set, 512, device, channels_last=acceleration.channels_last, dtype=acceleration.input_dtype
-    )
-    torch.manual_seed(recipe.seed)  # the initial weights depend on the seed alone
-    network = create_model(model, num_classes=train_set.num_classes)
-    identity = RunIdentity(
-        arch=model,
-        num_classes=train_set.num_classes,
-        dataset=train_set.name,
-        input_size=int(train_set.images.shape[-1]),
-    )
+    run = prepare_run(model, InMemoryData(train_set, test_set, augment), recipe, device=device)
 
     def report(epoch_report) -> None:
         metrics = epoch_report.metrics
@@ -755,14 +796,14 @@ def train_teacher_once(
         )
 
     result = fit(
-        network,
-        train_loader,
-        test_loader,
+        run.model,
+        run.train_loader,
+        run.test_loader,
         recipe,
-        identity=identity,
+        identity=run.identity,
         loss_mode="ce",
         device=device,
-        acceleration=acceleration,
+        acceleration=run.acceleration,
         reporter=report,
         checkpoint_dir=folder,
         resume_from=resume_from,

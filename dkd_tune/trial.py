@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +20,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from dkd_tune.data import EvalLoader, ImageDataset, build_train_loader
-from dkd_tune.models import create_model, load_teacher
+from dkd_tune.data import ImageDataset, ImageFolderData, InMemoryData
+from dkd_tune.errors import UserInputError
+from dkd_tune.models import load_teacher
 from dkd_tune.recipes import Recipe, validate_recipe
-from dkd_tune.teacher import TeacherArtifacts, TeacherLogitCache
-from dkd_tune.train import Acceleration, FitResult, LiveTeacher, Reporter, RunIdentity, fit
+from dkd_tune.teacher import CorruptCacheError, TeacherArtifacts, TeacherLogitCache
+from dkd_tune.train import FitResult, LiveTeacher, Reporter, fit, prepare_run
 
 EVAL_BATCH_SIZE = 512
 INTEGER_FIELDS = frozenset({"epochs", "batch_size", "warmup_epochs", "seed"})
@@ -110,9 +112,30 @@ def training_device(prefer_cuda: bool = True) -> torch.device:
     return torch.device("cpu")
 
 
+def chosen_device(name: str | None, source: str = "--device") -> torch.device:
+    """The device a user named (cpu, cuda, cuda:N), checked against this machine; None: `training_device()`."""
+    if name is None:
+        return training_device()
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserInputError(f"{source} {name!r}: expected cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserInputError(f"{source} {name!r}: expected cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise UserInputError(f"{source} {name}: no CUDA GPU is available on this machine")
+        if device.index is not None and device.index >= count:
+            raise UserInputError(
+                f"{source} {name}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}"
+            )
+    return device
+
+
 def run_trial(
     plan: TrialPlan,
-    data: SharedDataset,
+    data: SharedDataset | ImageFolderData,
     hyperparameters: dict[str, Any],
     *,
     reporter: Reporter | None,
@@ -128,49 +151,23 @@ def run_trial(
     device = device or training_device()
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(plan.cpus_per_trial)))
-    acceleration = Acceleration.for_device(device, compile=plan.compile)
-    train_set, test_set = data.datasets()
-    train_loader = build_train_loader(
-        train_set,
-        plan.augment,
-        recipe.batch_size // world_size,
-        device,
-        seed=recipe.seed,
-        rank=rank,
-        world_size=world_size,
-        channels_last=acceleration.channels_last,
-        dtype=acceleration.input_dtype,
-    )
-    test_loader = EvalLoader(
-        test_set,
-        EVAL_BATCH_SIZE,
-        device,
-        channels_last=acceleration.channels_last,
-        dtype=acceleration.input_dtype,
-        rank=rank,
-        world_size=world_size,
-    )
-    torch.manual_seed(recipe.seed)  # the student's initial weights depend on the seed alone
-    student = create_model(plan.student, num_classes=plan.num_classes)
-    teacher = None
-    if loss_mode != "ce":
-        teacher = teacher_logit_source(plan.teacher, train_loader, device)
-    identity = RunIdentity(
-        arch=plan.student,
-        num_classes=plan.num_classes,
-        dataset=plan.dataset_name,
-        input_size=int(train_set.images.shape[-1]),
-    )
+    source = InMemoryData(*data.datasets(), plan.augment) if isinstance(data, SharedDataset) else data
+    run = prepare_run(
+        plan.student, source, recipe,
+        device=device, compile=plan.compile, rank=rank, world_size=world_size,
+        eval_batch_size=EVAL_BATCH_SIZE,
+    )  # fmt: skip
+    teacher = teacher_logit_source(plan.teacher, run.train_loader, device) if loss_mode != "ce" else None
     return fit(
-        student,
-        train_loader,
-        test_loader,
+        run.model,
+        run.train_loader,
+        run.test_loader,
         recipe,
-        identity=identity,
+        identity=run.identity,
         loss_mode=loss_mode,
         teacher=teacher,
         device=device,
-        acceleration=acceleration,
+        acceleration=run.acceleration,
         reporter=reporter,
         checkpoint_dir=checkpoint_dir,
         resume_from=resume_from,
@@ -179,11 +176,18 @@ def run_trial(
 
 
 def teacher_logit_source(artifacts: TeacherArtifacts | None, train_loader: Any, device: torch.device):
-    """The exact logit cache when the search built one and this loader's views are finite; else the live teacher."""
+    """The exact logit cache when the search built one and this loader's views are finite; else the live teacher.
+
+    The cache's hash is checked (once per process and file version): a damaged cache is reported
+    in one line and the trial runs the live teacher instead, never the damaged logits.
+    """
     if artifacts is None:
         raise ValueError("a distillation trial needs teacher artifacts")
     uses_finite_views = getattr(train_loader, "num_views", None) is not None
     if artifacts.cache_path and uses_finite_views and os.path.exists(artifacts.cache_path):
-        return TeacherLogitCache.open(artifacts.cache_path, verify=False).to(device)
+        try:
+            return TeacherLogitCache.open(artifacts.cache_path, verify=True).to(device)
+        except CorruptCacheError as error:
+            print(f"dkd-tune: {error}; this trial runs the live teacher instead", file=sys.stderr, flush=True)
     model = load_teacher(artifacts.model, artifacts.checkpoint, num_classes=artifacts.num_classes)
     return LiveTeacher(model)

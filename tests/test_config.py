@@ -9,12 +9,20 @@ import yaml
 
 from dkd_tune.config import apply_set_override, load_search_space
 from dkd_tune.errors import UserInputError
+from dkd_tune.models import create_model, save_model
 
 
 @pytest.fixture
 def valid(tmp_path) -> dict:
     checkpoint = tmp_path / "teacher.pth"
-    checkpoint.write_bytes(b"")
+    save_model(
+        checkpoint,
+        create_model("resnet20", 10),
+        arch="resnet20",
+        num_classes=10,
+        dataset="synthetic",
+        input_size=32,
+    )
     return {
         "name": "unit",
         "data": {

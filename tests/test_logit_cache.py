@@ -274,6 +274,9 @@ def test_key_changes_with_teacher_weights_dataset_and_augmentation(built, tmp_pa
     keys = {cache.key, other_teacher.key, other_data.key, other_views.key}
     assert len(keys) == 4
     assert other_views.num_views == 5 * 5 * 2
+    # Logits do not depend on labels: noisy labels share the clean labels' cache.
+    relabelled = build(teacher, dataclasses.replace(dataset, labels=dataset.labels.roll(1)), tmp_path)
+    assert relabelled.key == cache.key
 
 
 # ------------------------------------------------------------------------------------------------

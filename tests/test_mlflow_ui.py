@@ -12,6 +12,7 @@ import pytest
 from dkd_tune import mlflow_ui
 from dkd_tune.cli import main
 from dkd_tune.errors import UserInputError
+from tests.listening_sockets import listening_sockets
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -148,6 +149,9 @@ def test_ui_serves_the_given_store_on_localhost_and_stops(mlflow_ui, tmp_path):
     # The server created its tables in the store it was given, and listens on loopback only.
     assert (tmp_path / "mlflow.db").stat().st_size > 0
     assert f"Uvicorn running on http://127.0.0.1:{mlflow_ui.port}" in mlflow_ui.log_path.read_text()
+    sockets = listening_sockets(mlflow_ui.process.pid)
+    assert any(s.port == mlflow_ui.port for s in sockets), sockets
+    assert all(s.loopback_only for s in sockets), sockets
     mlflow_ui.stop()
     with pytest.raises(OSError), socket.create_connection(("127.0.0.1", mlflow_ui.port), timeout=5):
         pass

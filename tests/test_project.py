@@ -82,3 +82,20 @@ def test_non_editable_install_works_from_any_directory(tmp_path):
         [str(python), "-c", probe], check=True, cwd="/", capture_output=True, text=True
     ).stdout
     assert str(venv) in location, location
+
+
+def test_the_core_imports_torch_only():
+    """The training core runs on a machine whose Python has torch but not Ray, MLflow or pandas."""
+    core = [
+        "losses", "models", "data", "recipes", "train", "teacher", "auto_beta", "probe",
+        "checkpoint", "storage", "trial", "progress", "errors",
+    ]  # fmt: skip
+    probe = (
+        f"import {', '.join('dkd_tune.' + module for module in core)}; import sys; "
+        "print(sorted(m for m in ('ray', 'mlflow', 'optuna', 'pandas', 'pyarrow', 'pydantic', 'click', 'yaml', "
+        "'matplotlib') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    assert result.stdout.strip() == "[]"

@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from ray.tune import ExperimentAnalysis
 
 from analysis.results import RESULT_COLUMNS
 from dkd_tune.tracking import TAG_KIND, TAG_PARENT, TAG_STATUS, TAG_TRIAL_ID
@@ -88,8 +89,23 @@ def mlflow_children(tmp_path: Path, parent_run_id: str):
     return client, parent, children
 
 
+def write_probe_data(root: Path) -> Path:
+    """A small STL-10 binary release whose classes a linear probe can separate."""
+    import numpy as np
+
+    from tests.probe_datasets import separable_images, write_stl10_split
+
+    for split, count in (("train", 60), ("test", 30)):
+        labels = np.arange(count) % 10
+        images = separable_images(labels, 10, 96, seed=len(split)).transpose(0, 3, 1, 2)
+        write_stl10_split(root, split, images, labels)
+    return root
+
+
 def test_run_end_to_end_through_the_cli(tmp_path):
-    result = cli("run", str(tiny_space(tmp_path)), cwd=tmp_path)
+    probe_root = write_probe_data(tmp_path / "probe_data")
+    space = tiny_space(tmp_path, probe={"datasets": ["stl10"], "top_k": 2, "data_root": str(probe_root)})
+    result = cli("run", str(space), cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "best trial:" in result.stdout
 
@@ -120,7 +136,18 @@ def test_run_end_to_end_through_the_cli(tmp_path):
         if row["part"] == "teacher":
             assert float(run.data.params["beta"]) == pytest.approx(row["beta"])
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"results.parquet", "search.yaml"} <= artifacts
+    assert {"results.parquet", "search.yaml", "probes.parquet"} <= artifacts
+
+    # The best two trials were probed on STL-10, each probe run nested under its trial's run.
+    probes = pd.read_parquet(experiment / "probes.parquet")
+    assert (
+        len(probes) == 2 and (probes["status"] == "completed").all() and (probes["dataset"] == "stl10").all()
+    )
+    for _, probe in probes.iterrows():
+        run = client.get_run(probe["probe_run_id"])
+        assert run.data.tags[TAG_KIND] == "probe"
+        assert run.data.tags[TAG_PARENT] == by_trial[probe["trial_id"]].info.run_id
+        assert len(client.get_metric_history(run.info.run_id, "test_acc")) == 40
 
 
 def test_resume_after_the_driver_is_killed(tmp_path):
@@ -153,14 +180,25 @@ def test_resume_after_the_driver_is_killed(tmp_path):
 
     frame = pd.read_parquet(experiment / "results.parquet")
     assert len(frame) == 8 and frame["trial_id"].is_unique
+    assert not set(frame["status"]) & {"running", "pending"}
     for trial_id, epochs in finished_before_kill.items():
         # A trial that had finished was not run again: its history still ends where it ended.
         assert result_lines(experiment / "teacher", trial_id) == epochs
     state = json.loads((experiment / "state.json").read_text())
-    _, _, children = mlflow_children(tmp_path, state["parent_run_id"])
-    assert len(children) == len(frame)
-    assert len({run.data.tags[TAG_TRIAL_ID] for run in children}) == len(children)
-    assert all(run.info.status != "RUNNING" for run in children)
+    client, parent, children = mlflow_children(tmp_path, state["parent_run_id"])
+    ray_trials = ExperimentAnalysis(str(experiment / "teacher")).trials
+    assert len(ray_trials) == len(frame) == len(children)
+    assert (
+        {t.trial_id for t in ray_trials}
+        == set(frame["trial_id"])
+        == {run.data.tags[TAG_TRIAL_ID] for run in children}
+    )
+    assert all(run.info.status != "RUNNING" for run in children) and parent.info.status == "FINISHED"
+    by_trial = {run.data.tags[TAG_TRIAL_ID]: run for run in children}
+    for row in frame.itertuples():
+        assert by_trial[row.trial_id].data.tags[TAG_STATUS] == row.status
+        steps = [p.step for p in client.get_metric_history(by_trial[row.trial_id].info.run_id, "test_acc")]
+        assert sorted(steps) == list(range(1, row.stop_epoch + 1))  # every epoch once, none duplicated
 
 
 def finished_trials(part_dir: Path) -> dict[str, int]:
@@ -186,3 +224,22 @@ def result_lines(part_dir: Path, trial_id: str) -> int:
         if path.exists():
             return sum(1 for line in path.read_text().splitlines() if line.strip())
     return 0
+
+
+def test_trials_of_two_ddp_workers(tmp_path):
+    """resources.workers > 1: each trial is a Ray Train TorchTrainer with 2 gloo processes."""
+    space = tiny_space(
+        tmp_path,
+        resources={"cpu": 1, "workers": 2},
+        baselines=[],
+        search={"algorithm": "optuna", "seed": 0, "num_samples": 2, "max_concurrent_trials": 1},
+        scheduler={"type": "none"},
+    )
+    result = cli("run", str(space), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    experiment = tmp_path / "runs" / "e2e"
+    frame = pd.read_parquet(experiment / "results.parquet")
+    assert len(frame) == 2 and (frame["status"] == "completed").all() and (frame["stop_epoch"] == 4).all()
+    for path in frame["checkpoint_path"]:
+        # Ray Train kept each trial's checkpoint in the search's storage, not in a session folder.
+        assert path and Path(path).is_file() and str(experiment) in path

@@ -5,9 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from dkd_tune.config import load_search_space
+from dkd_tune.data import dataset_num_classes, parse_data_spec
+from dkd_tune.models import create_model
 from dkd_tune.search import new_tuner
 from dkd_tune.search_plan import search_parts, trial_plan
 
@@ -35,10 +38,14 @@ def placeholder_inputs(path: Path, tmp_path: Path) -> list[str]:
             (root / "cifar-100-python" / file).write_bytes(b"")
     if name != "synthetic":
         overrides.append(f"data.root={root}" if isinstance(data, dict) else f"data={name}:{root}")
+        data = {**data, "root": str(root)} if isinstance(data, dict) else f"{name}:{root}"
+    spec = parse_data_spec(data, source="data")
     for index, teacher in enumerate(raw.get("teachers", [])):
         if "checkpoint" in teacher:
+            # Teacher files are read and checked before a search starts: give each a real model.
             checkpoint = tmp_path / f"teacher{index}.pth"
-            checkpoint.write_bytes(b"")
+            model = create_model(teacher["model"], num_classes=dataset_num_classes(spec))
+            torch.save(model.state_dict(), checkpoint)
             overrides.append(f"teachers.{index}.checkpoint={checkpoint}")
     return overrides
 

@@ -234,3 +234,24 @@ def test_trial_recipe_types_sampled_values():
         )
         == base
     )
+
+
+def test_prepare_run_seeds_the_student_and_records_normalisation(datasets, tmp_path):
+    from dkd_tune.data import InMemoryData
+    from dkd_tune.models.checkpoints import read_model_checkpoint
+    from dkd_tune.train import prepare_run
+
+    train_set, test_set = datasets
+    recipe = short_recipe(epochs=1)
+    data = InMemoryData(train_set, test_set, augment="standard")
+    first = prepare_run("resnet8", data, recipe, device=torch.device("cpu"))
+    second = prepare_run("resnet8", data, recipe, device=torch.device("cpu"))
+    for a, b in zip(first.model.state_dict().values(), second.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    result = fit(
+        first.model, first.train_loader, first.test_loader, recipe,
+        identity=first.identity, loss_mode="ce", checkpoint_dir=tmp_path,
+    )  # fmt: skip
+    saved = read_model_checkpoint(result.best_checkpoint)
+    assert saved.arch == "resnet8" and saved.input_size == 16 and saved.dataset == "synthetic"
+    assert saved.mean == pytest.approx(train_set.mean) and saved.std == pytest.approx(train_set.std)

@@ -16,14 +16,26 @@ from dkd_tune.trial import SharedDataset, TrialPlan, run_trial
 
 
 def distillation_trainable(
-    workers: int = 1, *, use_gpu: bool = False, cpus_per_worker: float = 1.0, max_failures: int = 0
+    workers: int = 1,
+    *,
+    use_gpu: bool = False,
+    cpus_per_worker: float = 1.0,
+    max_failures: int = 0,
+    storage_dir: str = "",
 ) -> Callable[..., None]:
-    """The trainable for trials of `workers` processes: this function, or DDP through Ray Train."""
+    """The trainable for trials of `workers` processes: this function, or DDP through Ray Train.
+
+    `storage_dir` is the part's folder in the search's storage (DDP trials keep checkpoints there).
+    """
     if workers > 1:
         from trainables.distill_ddp import make_ddp_trial
 
         return make_ddp_trial(
-            workers, use_gpu=use_gpu, cpus_per_worker=cpus_per_worker, max_failures=max_failures
+            workers,
+            use_gpu=use_gpu,
+            cpus_per_worker=cpus_per_worker,
+            storage_dir=storage_dir,
+            max_failures=max_failures,
         )
     return distill_trial
 

@@ -25,12 +25,14 @@ from trainables.distill import link_or_copy, restore_checkpoint_files
 
 
 def make_ddp_trial(
-    workers: int, *, use_gpu: bool, cpus_per_worker: float, max_failures: int = 0
+    workers: int, *, use_gpu: bool, cpus_per_worker: float, storage_dir: str, max_failures: int = 0
 ) -> Callable[..., None]:
-    """A function trainable whose trials train on `workers` DDP processes."""
+    """A function trainable whose trials train on `workers` DDP processes; checkpoints under `storage_dir`."""
 
     def distill_ddp_trial(config: dict[str, Any], plan: TrialPlan, data: SharedDataset) -> None:
-        trial_dir = Path(tune.get_context().get_trial_dir())
+        # Ray Train keeps this trial's checkpoints in the trial's folder of the search's storage,
+        # where a retried or resumed trial finds them again.
+        trial_dir = Path(storage_dir) / tune.get_context().get_trial_name()
         trainer = ray.train.torch.TorchTrainer(
             ddp_worker_loop,
             train_loop_config={"hyperparameters": dict(config), "plan": plan, "data_ref": ray.put(data)},
@@ -42,6 +44,7 @@ def make_ddp_trial(
                 storage_path=str(trial_dir),
                 callbacks=[TuneReportCallback()],
                 failure_config=ray.train.FailureConfig(max_failures=max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
             ),
         )
         trainer.fit()

@@ -5,6 +5,7 @@ from dkd_tune.data.dataset import ImageDataset
 from dkd_tune.data.device_loader import DeviceAugmentLoader, EvalLoader
 from dkd_tune.data.imagenet import imagenet_loaders
 from dkd_tune.data.label_noise import symmetric_label_noise
+from dkd_tune.data.sources import ImageFolderData, InMemoryData
 from dkd_tune.data.spec import DataSpec, parse_data_spec
 from dkd_tune.data.stl10 import load_stl10
 from dkd_tune.data.synthetic import make_synthetic
@@ -20,6 +21,8 @@ __all__ = [
     "DeviceAugmentLoader",
     "EvalLoader",
     "ImageDataset",
+    "ImageFolderData",
+    "InMemoryData",
     "WorkerAugmentLoader",
     "build_train_loader",
     "dataset_num_classes",

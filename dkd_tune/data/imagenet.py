@@ -35,45 +35,56 @@ def imagenet_loaders(
     """
     from torchvision import transforms
 
-    train_set = _image_folder(Path(root).expanduser(), "train")
-    val_set = _image_folder(Path(root).expanduser(), "val")
-    if train_set.classes != val_set.classes:
+    root = Path(root).expanduser()
+    train_set = _image_folder(root, "train")
+    val = imagenet_eval_loader(
+        root, "val", batch_size, workers=workers, seed=seed, image_size=image_size, rank=rank,
+        world_size=world_size, device=device, channels_last=channels_last, dtype=dtype,
+    )  # fmt: skip
+    if train_set.classes != val.dataset.classes:
         raise UserInputError(
-            f"{Path(root).expanduser() / 'val'}: class folders differ from train/ ({len(val_set.classes)} vs "
+            f"{root / 'val'}: class folders differ from train/ ({len(val.dataset.classes)} vs "
             f"{len(train_set.classes)}); expected the same class folders in train/ and val/"
         )
     train_transform = transforms.Compose(
         [transforms.RandomResizedCrop(image_size, antialias=True), transforms.RandomHorizontalFlip()]
     )
-    val_transform = transforms.Compose(
+    train = WorkerAugmentLoader(
+        train_set, batch_size, device, seed=seed, transform=train_transform, shuffle=True, mean=IMAGENET_MEAN,
+        std=IMAGENET_STD, workers=workers, rank=rank, world_size=world_size, channels_last=channels_last, dtype=dtype,
+    )  # fmt: skip
+    return train, val
+
+
+def imagenet_eval_loader(
+    root: str | Path,
+    split: str,
+    batch_size: int,
+    *,
+    workers: int,
+    seed: int = 0,
+    image_size: int = 224,
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | str = "cpu",
+    channels_last: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> WorkerAugmentLoader:
+    """Unaugmented, in-order batches of `root/split` (resize to image_size*256/224, center crop):
+    the validation loader, and the pass over train/ that measures a teacher's logit gap."""
+    from torchvision import transforms
+
+    transform = transforms.Compose(
         [
             transforms.Resize(round(image_size * RESIZE_RATIO), antialias=True),
             transforms.CenterCrop(image_size),
         ]
     )
-    common = dict(
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        workers=workers,
-        rank=rank,
-        world_size=world_size,
-        channels_last=channels_last,
-        dtype=dtype,
-    )
-    train = WorkerAugmentLoader(
-        train_set, batch_size, device, seed=seed, transform=train_transform, shuffle=True, **common
-    )
-    val = WorkerAugmentLoader(
-        val_set,
-        batch_size,
-        device,
-        seed=seed,
-        transform=val_transform,
-        shuffle=False,
-        pad_shards=False,
-        **common,
-    )
-    return train, val
+    return WorkerAugmentLoader(
+        _image_folder(Path(root).expanduser(), split), batch_size, device, seed=seed, transform=transform,
+        shuffle=False, pad_shards=False, mean=IMAGENET_MEAN, std=IMAGENET_STD, workers=workers, rank=rank,
+        world_size=world_size, channels_last=channels_last, dtype=dtype,
+    )  # fmt: skip
 
 
 def _image_folder(root: Path, split: str):

@@ -87,10 +87,10 @@ def dataset_num_classes(spec: DataSpec) -> int:
         return 100
     if spec.name == "imagenet":
         return sum(1 for entry in (spec.root / "train").iterdir() if entry.is_dir())
+    if spec.generate is not None:  # what the folder will hold once generated (or already holds)
+        return int(spec.generate.get("classes", SYNTHETIC_DEFAULT_CLASSES))
     params = synthetic_params(spec.root)
     if params is not None:
         return int(params["classes"])
-    if spec.generate is not None:
-        return int(spec.generate.get("classes", SYNTHETIC_DEFAULT_CLASSES))
     train, _ = read_cifar100(spec.root, name="synthetic", how_to_get="")
     return train.num_classes

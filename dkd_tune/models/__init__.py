@@ -6,6 +6,7 @@ from dkd_tune.models.checkpoints import (
     ClassCountMismatchError,
     ModelCheckpoint,
     load_teacher,
+    matching_state_dict,
     read_model_checkpoint,
     save_model,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "create_model",
     "list_models",
     "load_teacher",
+    "matching_state_dict",
     "model_info",
     "model_table",
     "parameter_count",

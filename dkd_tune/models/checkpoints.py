@@ -64,6 +64,8 @@ class ModelCheckpoint:
     state_dict: dict[str, torch.Tensor]
     source_format: str  # one of SOURCE_FORMATS
     path: Path
+    mean: tuple[float, ...] | None = None  # input normalisation the network was trained with, when recorded
+    std: tuple[float, ...] | None = None
 
 
 def save_model(
@@ -118,7 +120,9 @@ def read_model_checkpoint(path: str | os.PathLike) -> ModelCheckpoint:
             raise UserInputError(
                 f"{path}: a dkd-tune checkpoint of kind {kind!r}; expected a model or training checkpoint"
             )
-        metadata = {key: payload.get(key) for key in ("arch", "num_classes", "dataset", "input_size")}
+        metadata = {
+            key: payload.get(key) for key in ("arch", "num_classes", "dataset", "input_size", "mean", "std")
+        }
         metadata.update(recipe=payload.get("recipe"), metrics=payload.get("metrics"))
         source_format = "dkd-tune"
     elif isinstance(content, dict) and isinstance(content.get("model"), dict):
@@ -151,6 +155,8 @@ def read_model_checkpoint(path: str | os.PathLike) -> ModelCheckpoint:
         state_dict=dict(state_dict),
         source_format=source_format,
         path=path,
+        mean=tuple(metadata["mean"]) if metadata.get("mean") else None,
+        std=tuple(metadata["std"]) if metadata.get("std") else None,
     )
 
 
@@ -160,6 +166,25 @@ def load_teacher(
     """Build model `name` with the weights in `path` (strict), in eval mode with gradients off.
 
     `num_classes=None` takes the class count from the file; a number is checked against it.
+    """
+    state_dict, found_classes = matching_state_dict(name, path, num_classes)
+    model = create_model(name, found_classes)
+    expected = model.state_dict()
+    for key in expected:
+        if key.endswith(BATCH_COUNTER) and key not in state_dict:
+            state_dict[key] = torch.zeros_like(expected[key])
+    model.load_state_dict(state_dict, strict=True)
+    model.eval().requires_grad_(False)
+    return model.to(device)
+
+
+def matching_state_dict(
+    name: str, path: str | os.PathLike, num_classes: int | None = None
+) -> tuple[dict[str, torch.Tensor], int]:
+    """The weights in `path` and their class count, if they are a `name` (of `num_classes` classes, when given).
+
+    Raises one line for a file that cannot be read, is corrupted, holds another architecture
+    (named when the registry recognises it) or another class count; builds no model.
     """
     model_info(name)
     checkpoint = read_model_checkpoint(path)
@@ -188,15 +213,7 @@ def load_teacher(
         raise ClassCountMismatchError(
             f"checkpoint {path} ({name}) has {found_classes} classes but {num_classes} were expected"
         )
-    model = create_model(name, found_classes)
-    expected = model.state_dict()
-    state_dict = dict(state_dict)
-    for key in expected:
-        if key.endswith(BATCH_COUNTER) and key not in state_dict:
-            state_dict[key] = torch.zeros_like(expected[key])
-    model.load_state_dict(state_dict, strict=True)
-    model.eval().requires_grad_(False)
-    return model.to(device)
+    return dict(state_dict), found_classes
 
 
 @functools.cache
