@@ -235,10 +235,16 @@ def load_trial_histories(experiment_dir: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def results_schema() -> pa.Schema:
+    """The Parquet schema of RESULT_COLUMNS, fixed here so it does not follow pandas' own string mapping."""
+    arrow_types = {"string": pa.string(), "float64": pa.float64(), "int64": pa.int64()}
+    return pa.schema([pa.field(name, arrow_types[dtype]) for name, dtype in RESULT_COLUMNS.items()])
+
+
 def write_results(frame: pd.DataFrame, path: str | Path) -> Path:
     """Write the results Parquet atomically with the stable schema."""
     path = Path(path)
-    table = pa.Table.from_pandas(typed_results(frame), preserve_index=False)
+    table = pa.Table.from_pandas(typed_results(frame), schema=results_schema(), preserve_index=False)
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
     return path
@@ -246,6 +252,8 @@ def write_results(frame: pd.DataFrame, path: str | Path) -> Path:
 
 def results_table(frame: pd.DataFrame, metric: str = "test_acc", limit: int = 20) -> str:
     """A Markdown table of the best trials per teacher (final test top-1), for the terminal and reports."""
+    from analysis.tables import markdown_table
+
     if frame.empty:
         return "(no trials)"
     columns = [
@@ -261,20 +269,7 @@ def results_table(frame: pd.DataFrame, metric: str = "test_acc", limit: int = 20
         "best_test_acc",
     ]
     shown = frame.sort_values(["teacher", "final_test_acc"], ascending=[True, False]).head(limit)[columns]
-    header = "| " + " | ".join(columns) + " |"
-    divider = "|" + "|".join("---" for _ in columns) + "|"
-    lines = [header, divider]
-    for _, row in shown.iterrows():
-        lines.append("| " + " | ".join(_format_cell(row[c]) for c in columns) + " |")
-    return "\n".join(lines)
-
-
-def _format_cell(value: Any) -> str:
-    if value is None or (isinstance(value, float) and pd.isna(value)) or value is pd.NA:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.3g}" if abs(value) < 10 else f"{value:.2f}"
-    return str(value)
+    return markdown_table(shown)
 
 
 def _latest_checkpoint_file(trial_dir: Path) -> str | None:

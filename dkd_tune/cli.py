@@ -277,6 +277,103 @@ def _print_outcome(outcome) -> None:
     click.echo("compare the trials: dkd-tune ui  (MLflow UI on http://127.0.0.1:5000)")
 
 
+@cli.command("analyze")
+@click.argument("name_or_path")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Folder to write into (default: the search's analysis/ folder, or ./NAME-analysis for an MLflow run).",
+)
+@click.option("--storage", help="Storage the search was run with (default: ./dkd_runs).")
+@click.option(
+    "--tracking-uri",
+    help="MLflow store to read a search from when no folder is found, and to log to "
+    "(default: the search's own, else MLFLOW_TRACKING_URI, else ./mlflow.db).",
+)
+@click.option(
+    "--no-mlflow", is_flag=True, help="Do not log the tables and figures to the search's MLflow run."
+)
+def analyze_command(name_or_path, out, storage, tracking_uri, no_mlflow) -> None:
+    """Tables (Markdown), Parquet and figures (PNG) of a finished search, from its folder or its MLflow run.
+
+    NAME_OR_PATH is the search's folder, its name under --storage, or the name or run id of its MLflow
+    parent run. Writes results.parquet (one row per trial), histories.parquet (one row per trial and
+    epoch), tables.md and three figures, logs them to the search's MLflow run, and prints the main table.
+    """
+    from analysis.search_analysis import analyze_search
+
+    outputs = analyze_search(
+        name_or_path, out=out, storage=storage, tracking_uri=tracking_uri, log_to_mlflow=not no_mlflow
+    )
+    click.echo(outputs.main_table())
+    for note in outputs.notes:
+        click.echo(f"note: {note}")
+    click.echo("")
+    click.echo(f"wrote {outputs.results_path}, {outputs.histories_path.name}, {outputs.tables_path.name}, "
+               + ", ".join(path.name for path in outputs.figures) + f" in {outputs.out_dir}")  # fmt: skip
+    if outputs.logged_to:
+        click.echo(f"logged to MLflow {outputs.logged_to} (artifacts under analysis/)")
+
+
+@cli.command("validate-beta")
+@click.argument("space_file", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--name", help="Validation name (default: the file's name); an existing one is resumed.")
+@click.option(
+    "--set",
+    "set_values",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a field, e.g. search.num_samples=16.",
+)
+@click.option("--storage", help="Where the validation's folder goes (default: the file's storage).")
+@click.option("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db).")
+@click.option("--address", help="Ray cluster to join: 'auto' or HOST:PORT (default: a local Ray).")
+@click.option(
+    "--calibration",
+    type=click.Path(dir_okay=False),
+    help="A calibration file for the dataset's family, evaluated beside the leave-one-out predictions.",
+)
+def validate_beta_command(space_file, name, set_values, storage, tracking_uri, address, calibration) -> None:
+    """Check auto-beta against a search: per teacher, searched best beta vs predicted beta, regret and compute.
+
+    For every teacher of SPACE_FILE (at least 3; only beta searched): the gap is measured and beta
+    searched (ASHA-pruned Optuna); beta is predicted from the gap by auto-beta refitted on the OTHER
+    teachers' searched points (leave-one-teacher-out) and by a constant (the others' mean best beta);
+    a full run trains at each prediction the search did not already cover. The report gives per teacher
+    the gap, the betas, the top-1 at each, the regret and the compute spent by the search vs auto-beta.
+    Run the same command again to resume an interrupted validation.
+    """
+    import shlex
+
+    from dkd_tune.config import load_search_space
+
+    space = load_search_space(space_file, list(set_values))
+    from analysis.validation import ValidationOptions, check_validation_space, validate_beta
+
+    check_validation_space(space, space_file)
+    command = "dkd-tune " + " ".join(shlex.quote(argument) for argument in sys.argv[1:])
+    outcome = validate_beta(
+        space,
+        space_file,
+        ValidationOptions(
+            name=name,
+            storage=storage,
+            tracking_uri=tracking_uri,
+            address=address,
+            calibration=calibration,
+            command=command,
+        ),
+    )
+    click.echo("")
+    click.echo(outcome.summary)
+    click.echo("")
+    click.echo(f"report: {outcome.report_path}")
+    click.echo(
+        f"tables: {outcome.evaluation_path}, {outcome.compute_path}; figures: "
+        + ", ".join(str(path) for path in outcome.figures)
+    )
+
+
 @cli.command("schema")
 @click.option(
     "--format", "output_format", type=click.Choice(["yaml", "json"]), default="yaml", show_default=True

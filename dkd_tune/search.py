@@ -57,6 +57,8 @@ class SearchOptions:
     # A function trainable `(config, plan, data)` to run instead of dkd-tune's own: for custom training
     # code, and for the tests that inject faults or measure the search machinery with a fast trainable.
     trainable: Callable[..., None] | None = None
+    # An MLflow run to nest the search's parent run under (`dkd-tune validate-beta` runs two searches).
+    parent_run_id: str | None = None
 
 
 @dataclass
@@ -187,7 +189,9 @@ def _execute(
 
         client = tracking.client_for(state["tracking_uri"])
         if state.get("parent_run_id") is None:
-            state["parent_run_id"] = _start_parent_run(client, space, experiment_dir, state, data_spec)
+            state["parent_run_id"] = _start_parent_run(
+                client, space, experiment_dir, state, data_spec, options.parent_run_id
+            )
             save_state()
         else:
             client.update_run(state["parent_run_id"], status="RUNNING")
@@ -212,6 +216,7 @@ def _execute(
         if space.probe is not None:
             _probe_best_trials(space, frame, client, experiment_dir, state, options)
         best = _best_row(frame, space)
+        _write_analysis(client, state, experiment_dir, frame, options)
         _finish_parent_run(client, state["parent_run_id"], experiment_dir, frame, best, space)
         state["status"] = "done"
         save_state()
@@ -228,13 +233,10 @@ def _execute(
 
 
 def _tracking_uri(space: SearchSpaceFile, options: SearchOptions) -> str:
-    from dkd_tune.tracking import resolve_tracking_uri
+    from dkd_tune.tracking import absolute_tracking_uri
 
-    uri = resolve_tracking_uri(options.tracking_uri or space.tracking_uri)
     # A relative SQLite path would change meaning if `resume` ran from another directory.
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
-    return uri
+    return absolute_tracking_uri(options.tracking_uri or space.tracking_uri)
 
 
 def _start_ray(options: SearchOptions) -> None:
@@ -627,7 +629,7 @@ def _scheduler(space: SearchSpaceFile, max_epochs: int):
 # MLflow parent run
 
 
-def _start_parent_run(client, space, experiment_dir, state, data_spec) -> str:
+def _start_parent_run(client, space, experiment_dir, state, data_spec, nest_under: str | None) -> str:
     from dkd_tune import tracking
 
     tags = {
@@ -639,6 +641,8 @@ def _start_parent_run(client, space, experiment_dir, state, data_spec) -> str:
         "teachers": ", ".join(t.label for t in space.teachers) or "none",
         "loss": space.loss,
     }
+    if nest_under:
+        tags[tracking.TAG_PARENT] = nest_under
     experiment = tracking.experiment_id(client, space.name)
     run = client.create_run(experiment, run_name=state["name"], tags=tags)
     tracking.log_params(
@@ -747,6 +751,26 @@ def _best_row(frame, space: SearchSpaceFile) -> dict[str, Any] | None:
         column = "final_test_acc"
     index = candidates[column].idxmax() if space.mode == "max" else candidates[column].idxmin()
     return candidates.loc[index].to_dict()
+
+
+def _write_analysis(client, state, experiment_dir, frame, options) -> None:
+    """Tables and figures of the finished search in `analysis/`, logged to its parent run.
+
+    A figure that cannot be drawn must not fail a search whose trials all finished: it is reported.
+    """
+    from analysis.results import load_trial_histories
+    from analysis.search_analysis import MLFLOW_ARTIFACT_DIR, log_analysis, write_analysis
+
+    try:
+        outputs = write_analysis(
+            frame,
+            load_trial_histories(experiment_dir),
+            experiment_dir / MLFLOW_ARTIFACT_DIR,
+            title=f"Search {state['name']}",
+        )
+        log_analysis(client, state["parent_run_id"], outputs.out_dir)
+    except Exception as error:  # any plotting or logging failure is reported, not raised
+        options.log(f"dkd-tune: warning: the analysis tables and figures were not written ({error!r})")
 
 
 def _finish_parent_run(client, run_id, experiment_dir, frame, best, space) -> None:

@@ -27,7 +27,7 @@ from ray.tune import Callback
 from analysis.status import trial_status
 from dkd_tune import __version__
 
-TAG_KIND = "dkd_tune.kind"  # search | trial | train-teacher | distill | suggest-beta | probe
+TAG_KIND = "dkd_tune.kind"  # search | trial | train-teacher | distill | suggest-beta | probe | validate-beta
 TAG_SEARCH = "dkd_tune.search"
 TAG_TRIAL_ID = "dkd_tune.trial_id"
 TAG_TEACHER = "dkd_tune.teacher"
@@ -43,6 +43,14 @@ def resolve_tracking_uri(uri: str | None) -> str:
     if uri:
         return uri
     return os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
+
+
+def absolute_tracking_uri(uri: str | None) -> str:
+    """`resolve_tracking_uri`, with a relative SQLite path made absolute (a resume may run elsewhere)."""
+    uri = resolve_tracking_uri(uri)
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    return uri
 
 
 def client_for(uri: str | None) -> MlflowClient:

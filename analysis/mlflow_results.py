@@ -1,0 +1,207 @@
+"""A search rebuilt from its MLflow parent run: the same per-trial DataFrame as `load_search_results`, and the per-epoch histories.
+
+For when the search folder is gone or on another machine but the tracking store is reachable.
+The parent run is found by its id or by its name (the search's name). Each child run is one
+trial: its params hold the resolved recipe and the sampled hyperparameters, its tags the trial
+id, part, status and stop epoch, its metrics the per-epoch history. What MLflow does not hold
+is filled as documented in the README: `wall_time_s` is the child run's duration (it includes
+any interruption), `num_failures` 0, `checkpoint_path` empty, and the teacher gap carries the
+4 decimals the search logged.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from analysis.results import RECIPE_COLUMNS, empty_results, typed_results
+from dkd_tune import tracking
+from dkd_tune.errors import UserInputError
+
+RUN_ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
+MAX_CHILD_RUNS = 50000
+
+
+@dataclass(frozen=True)
+class ParentRun:
+    """A search's MLflow parent run: where it is and what it is called."""
+
+    tracking_uri: str
+    run_id: str
+    experiment_id: str
+    name: str
+    tags: dict[str, str]
+    params: dict[str, str]
+
+
+def find_parent_run(tracking_uri: str | None, name_or_run_id: str) -> ParentRun:
+    """The search run with this run id, or the only search run of this name in the store."""
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    client = tracking.client_for(uri)
+    run = None
+    if RUN_ID_PATTERN.match(name_or_run_id):
+        try:
+            run = client.get_run(name_or_run_id)
+        except Exception:  # MLflow raises its own exception types per store; an unknown id is not fatal here
+            run = None
+    if run is None:
+        experiments = [experiment.experiment_id for experiment in client.search_experiments()]
+        found = (
+            client.search_runs(
+                experiments,
+                filter_string=f"tags.`{tracking.TAG_KIND}` = 'search' and attributes.run_name = '{_quoted(name_or_run_id)}'",
+                max_results=100,
+            )
+            if experiments
+            else []
+        )
+        if not found:
+            raise UserInputError(
+                f"{name_or_run_id!r}: no search folder of that name and no search run of that name or id "
+                f"in MLflow store {uri}; pass the search's folder, its run id, or --tracking-uri"
+            )
+        if len(found) > 1:
+            ids = ", ".join(f"{r.info.run_id} (experiment {r.info.experiment_id})" for r in found[:5])
+            raise UserInputError(
+                f"{name_or_run_id!r}: {len(found)} search runs of that name in {uri}: {ids}; pass a run id"
+            )
+        run = found[0]
+    if run.data.tags.get(tracking.TAG_KIND) != "search":
+        raise UserInputError(
+            f"run {run.info.run_id} in {uri} is a {run.data.tags.get(tracking.TAG_KIND, 'non-dkd-tune')!r} run, "
+            "not a search's parent run"
+        )
+    return ParentRun(
+        tracking_uri=uri,
+        run_id=run.info.run_id,
+        experiment_id=run.info.experiment_id,
+        name=run.info.run_name or run.data.tags.get(tracking.TAG_SEARCH, run.info.run_id),
+        tags=dict(run.data.tags),
+        params=dict(run.data.params),
+    )
+
+
+def trial_runs(parent: ParentRun) -> list[Any]:
+    """The parent's child runs that are trials, oldest first."""
+    client = tracking.client_for(parent.tracking_uri)
+    children = client.search_runs(
+        [parent.experiment_id],
+        filter_string=f"tags.`{tracking.TAG_PARENT}` = '{parent.run_id}' and tags.`{tracking.TAG_KIND}` = 'trial'",
+        max_results=MAX_CHILD_RUNS,
+        order_by=["attributes.start_time ASC"],
+    )
+    return list(children)
+
+
+def load_mlflow_results(tracking_uri: str | None, name_or_run_id: str) -> pd.DataFrame:
+    """One row per trial of the search whose parent run is `name_or_run_id` (schema: RESULT_COLUMNS)."""
+    parent = find_parent_run(tracking_uri, name_or_run_id)
+    searched = _searched_names(parent)
+    rows = [_trial_row(parent, run, searched) for run in trial_runs(parent)]
+    if not rows:
+        return empty_results()
+    return typed_results(pd.DataFrame(rows))
+
+
+def load_mlflow_histories(
+    tracking_uri: str | None, name_or_run_id: str, metrics: tuple[str, ...] | None = None
+) -> pd.DataFrame:
+    """Long format, one row per (trial, epoch): every metric (or `metrics`) from the runs' metric histories."""
+    parent = find_parent_run(tracking_uri, name_or_run_id)
+    client = tracking.client_for(parent.tracking_uri)
+    rows: dict[tuple[str, str, int], dict[str, Any]] = {}
+    for run in trial_runs(parent):
+        part = run.data.tags.get(tracking.TAG_TEACHER, "")
+        trial_id = run.data.tags.get(tracking.TAG_TRIAL_ID, run.info.run_id)
+        keys = sorted(run.data.metrics) if metrics is None else [k for k in metrics if k in run.data.metrics]
+        for key in keys:
+            for point in client.get_metric_history(run.info.run_id, key):
+                row = rows.setdefault(
+                    (part, trial_id, point.step), {"part": part, "trial_id": trial_id, "epoch": point.step}
+                )
+                row[key] = point.value
+    frame = pd.DataFrame(list(rows.values()))
+    if frame.empty:
+        return pd.DataFrame(columns=["part", "trial_id", "epoch"])
+    return frame.sort_values(["part", "trial_id", "epoch"]).reset_index(drop=True)
+
+
+def _trial_row(parent: ParentRun, run: Any, searched: dict[str, list[str]]) -> dict[str, Any]:
+    params, tags, metrics = run.data.params, run.data.tags, run.data.metrics
+    part = tags.get(tracking.TAG_TEACHER, params.get("teacher", ""))
+    teacher = params.get("teacher", "none")
+    gap = parent.tags.get(f"teacher_gap.{teacher}", params.get("teacher_gap"))
+    duration = (run.info.end_time - run.info.start_time) / 1000 if run.info.end_time else None
+    config = {name: _param_value(params[name]) for name in searched.get(part, []) if name in params}
+    stop_epoch = tags.get(tracking.TAG_STOP_EPOCH)
+    return {
+        "search": tags.get(tracking.TAG_SEARCH, parent.name),
+        "part": part,
+        "teacher": teacher,
+        "teacher_model": params.get("teacher_model", "none"),
+        "teacher_gap": gap if teacher != "none" else None,
+        "predicted_beta": parent.tags.get(f"predicted_beta.{teacher}"),
+        "dataset": params.get("dataset", parent.tags.get("dataset")),
+        "dataset_family": parent.tags.get("dataset_family"),
+        "student": params.get("student", parent.tags.get("student")),
+        "loss": params.get("loss"),
+        "trial_id": tags.get(tracking.TAG_TRIAL_ID, run.info.run_id),
+        "status": tags.get(tracking.TAG_STATUS, "running"),
+        "stop_epoch": stop_epoch if stop_epoch is not None else metrics.get("epoch", 0),
+        "max_epochs": params.get("max_epochs"),
+        **{name: params.get(name) for name in RECIPE_COLUMNS},
+        "final_test_acc": metrics.get("test_acc"),
+        "best_test_acc": metrics.get("best_test_acc"),
+        "final_test_acc_top5": metrics.get("test_acc_top5"),
+        "final_train_acc": metrics.get("train_acc"),
+        "final_train_loss": metrics.get("train_loss"),
+        "wall_time_s": duration,
+        "num_failures": 0,
+        "error": tags.get("dkd_tune.error"),
+        "checkpoint_path": None,
+        "config_json": json.dumps(config, sort_keys=True, default=str),
+    }
+
+
+def _searched_names(parent: ParentRun) -> dict[str, list[str]]:
+    """part -> the hyperparameters the search sampled there, read from the search.yaml the parent logged."""
+    from dkd_tune.config import SearchSpaceFile, read_yaml_mapping
+    from dkd_tune.search_plan import search_parts
+
+    client = tracking.client_for(parent.tracking_uri)
+    with tempfile.TemporaryDirectory(prefix="dkd-analysis-") as folder:
+        try:
+            path = Path(client.download_artifacts(parent.run_id, "search.yaml", folder))
+        except Exception as error:  # the artifact store may be unreachable or pruned
+            raise UserInputError(
+                f"run {parent.run_id}: cannot download its search.yaml artifact ({_first_line(error)})"
+            ) from None
+        space = SearchSpaceFile.model_validate(read_yaml_mapping(path))
+    names = {}
+    for part, teacher in search_parts(space):
+        distributions = space.space_for(teacher) if teacher is not None else {}
+        names[part] = sorted(name for name, d in distributions.items() if d.kind != "fixed")
+    return names
+
+
+def _param_value(text: str) -> Any:
+    """An MLflow param (always a string) back to the number or word it was."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _quoted(value: str) -> str:
+    return value.replace("'", "\\'")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
