@@ -270,25 +270,13 @@ def main() -> None:
         args.counts, args.images, args.timed_epochs = [1, 2], 64, 1
         args.batch, args.image_size, args.test_images = 16, 8, 32
         args.student, args.teacher = "resnet8", "resnet8"
-    import torch
 
-    from benchmarks.workloads import random_image_dataset, standin_logit_cache
-    from dkd_tune.models import create_model
-    from dkd_tune.models.checkpoints import save_model
+    from benchmarks.workloads import random_image_dataset, random_teacher_checkpoint, standin_logit_cache
 
     load_before = load_average()
     with tempfile.TemporaryDirectory(prefix="dkd-packing-bench-") as workdir:
         workdir = Path(workdir)
-        checkpoint = workdir / "teacher.pt"
-        torch.manual_seed(0)
-        save_model(
-            checkpoint,
-            create_model(args.teacher, 100),
-            arch=args.teacher,
-            num_classes=100,
-            dataset="random",
-            input_size=args.image_size,
-        )
+        checkpoint = random_teacher_checkpoint(workdir / "teacher.pt", args.teacher, 100, args.image_size)
         print("building the teacher-logit cache ...", flush=True)
         cache = standin_logit_cache(
             random_image_dataset(args.images, image_size=args.image_size, seed=0),

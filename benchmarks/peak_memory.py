@@ -177,25 +177,13 @@ def run_child(config: dict) -> dict:
 
 
 def measure(args) -> tuple[dict[str, dict], dict]:
-    import torch
 
-    from benchmarks.workloads import random_image_dataset, standin_logit_cache
-    from dkd_tune.models import create_model
-    from dkd_tune.models.checkpoints import save_model
+    from benchmarks.workloads import random_image_dataset, random_teacher_checkpoint, standin_logit_cache
 
     results = {}
     with tempfile.TemporaryDirectory(prefix="dkd-memory-bench-") as workdir:
         workdir = Path(workdir)
-        checkpoint = workdir / "teacher.pt"
-        torch.manual_seed(0)
-        save_model(
-            checkpoint,
-            create_model(args.teacher, 100),
-            arch=args.teacher,
-            num_classes=100,
-            dataset="random",
-            input_size=args.image_size,
-        )
+        checkpoint = random_teacher_checkpoint(workdir / "teacher.pt", args.teacher, 100, args.image_size)
         started = time.perf_counter()
         dataset = random_image_dataset(args.images, image_size=args.image_size, seed=0)
         cache = standin_logit_cache(dataset, workdir / "cache", args.device)

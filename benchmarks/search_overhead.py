@@ -60,10 +60,7 @@ TEACHER_LABEL = "teacher"
 
 def search_file(workdir: Path, tiny: bool) -> Path:
     """The one-trial search file and the teacher checkpoint it names (random weights)."""
-    import torch
-
-    from dkd_tune.models import create_model
-    from dkd_tune.models.checkpoints import save_model
+    from benchmarks.workloads import random_teacher_checkpoint
 
     teacher_model, student = ("resnet8", "resnet8") if tiny else ("resnet32x4", "resnet8x4")
     generate = (
@@ -72,15 +69,8 @@ def search_file(workdir: Path, tiny: bool) -> Path:
         else {"classes": 20, "superclasses": 5, "train_per_class": 16, "test_per_class": 10, "image_size": 32}
     )
     epochs = 3 if tiny else 7
-    checkpoint = workdir / "teacher.pt"
-    torch.manual_seed(0)
-    save_model(
-        checkpoint,
-        create_model(teacher_model, generate["classes"]),
-        arch=teacher_model,
-        num_classes=generate["classes"],
-        dataset="synthetic",
-        input_size=generate["image_size"],
+    checkpoint = random_teacher_checkpoint(
+        workdir / "teacher.pt", teacher_model, generate["classes"], generate["image_size"], "synthetic"
     )
     space = {
         "name": "overhead",

@@ -122,3 +122,16 @@ def standin_logit_cache(
         log=lambda _message: None,
     )
     return TeacherLogitCache.open(built.path)  # a fresh memory map, as a trial opens it
+
+
+def random_teacher_checkpoint(
+    path: Path, arch: str, num_classes: int, image_size: int, dataset: str = "random"
+) -> Path:
+    """A teacher checkpoint of seeded random weights: benchmarks time the teacher, not its training."""
+    from dkd_tune.models import create_model
+    from dkd_tune.models.checkpoints import save_model
+
+    torch.manual_seed(0)
+    model = create_model(arch, num_classes)
+    save_model(path, model, arch=arch, num_classes=num_classes, dataset=dataset, input_size=image_size)
+    return path

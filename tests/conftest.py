@@ -1,4 +1,4 @@
-"""Shared fixtures: a real MLflow UI started through `dkd-tune ui` on a free port, stopped on teardown."""
+"""Shared fixtures: one torch thread; a real MLflow UI started through `dkd-tune ui` on a free port, stopped on teardown."""
 
 from __future__ import annotations
 
@@ -21,6 +21,17 @@ ROOT = Path(__file__).resolve().parents[1]
 # The server imports MLflow, creates the database and starts uvicorn: seconds on an idle
 # machine, much longer on a shared one.
 UI_START_TIMEOUT_S = 300
+
+
+@pytest.fixture
+def single_torch_thread():
+    """Run a test with one torch thread, restoring the count afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @dataclass

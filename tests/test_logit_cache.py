@@ -37,12 +37,8 @@ FP32_NOISE_ATOL = 1e-5
 NUM_IMAGES, NUM_CLASSES, SIDE = 24, 5, 16
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One torch thread: small models, and results that do not depend on the machine's core count.
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def random_dataset(count: int = NUM_IMAGES, seed: int = 0) -> ImageDataset:

@@ -23,21 +23,17 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
+def tiny_data(tmp_path: Path) -> dict:
+    """The `data:` of a search of a few seconds per trial: 5 classes of 8x8 images, generated."""
+    generate = {"classes": 5, "superclasses": 5, "train_per_class": 40, "test_per_class": 20, "image_size": 8}
+    return {"name": "synthetic", "root": str(tmp_path / "data"), "generate": generate}
+
+
 def tiny_space(tmp_path: Path, **changes) -> Path:
     """A search of a few seconds per trial: 5 classes of 8x8 images, resnet8 teacher and student."""
     space = {
         "name": "e2e",
-        "data": {
-            "name": "synthetic",
-            "root": str(tmp_path / "data"),
-            "generate": {
-                "classes": 5,
-                "superclasses": 5,
-                "train_per_class": 40,
-                "test_per_class": 20,
-                "image_size": 8,
-            },
-        },
+        "data": tiny_data(tmp_path),
         "student": "resnet8",
         "overrides": {"epochs": 4, "lr_milestones": [3], "warmup_epochs": 1, "batch_size": 32},
         "teachers": [

@@ -25,6 +25,7 @@ from mlflow.tracking import MlflowClient
 
 from dkd_tune.tracking import TAG_PARENT, TAG_STATUS, TAG_TRIAL_ID
 from tests.listening_sockets import listening_sockets
+from tests.test_search_e2e import tiny_data
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -35,17 +36,7 @@ def space_file(tmp_path: Path, name: str, **changes) -> Path:
     """A CE-only search (no teacher to prepare) on 5 classes of 8x8 images: a few seconds per trial."""
     space = {
         "name": name,
-        "data": {
-            "name": "synthetic",
-            "root": str(tmp_path / "data"),
-            "generate": {
-                "classes": 5,
-                "superclasses": 5,
-                "train_per_class": 40,
-                "test_per_class": 20,
-                "image_size": 8,
-            },
-        },
+        "data": tiny_data(tmp_path),
         "student": "resnet8",
         "loss": "ce",
         "overrides": {"epochs": 4, "lr_milestones": [3], "warmup_epochs": 0, "batch_size": 32},

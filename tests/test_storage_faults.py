@@ -37,12 +37,8 @@ from tests.test_logit_cache import ForwardCounter, build, random_dataset, teache
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One torch thread: small models, and results that do not depend on the machine's core count.
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 # ------------------------------------------------------------------------------------------------

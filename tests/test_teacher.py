@@ -29,13 +29,8 @@ from dkd_tune.teacher import (
 from dkd_tune.train import LAST_CHECKPOINT, LiveTeacher, RunIdentity, fit
 from dkd_tune.trial import teacher_logit_source
 
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One torch thread: small models, and results that do not depend on the machine's core count.
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 # ------------------------------------------------------------------------------------------------
