@@ -47,3 +47,25 @@ def global_average_pool(x: torch.Tensor) -> torch.Tensor:
     """(N, C, H, W) -> (N, C). Equal to the reference's fixed-size pooling at the reference input
     size (the last map is then exactly that size) and still correct at other sizes (64x64)."""
     return torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
+
+
+def init_reference_weights(
+    model: nn.Module, *, linear_std: float | None = None, zero_linear_bias: bool = False
+) -> None:
+    """The reference code bases' initialisation: He-normal (fan_out) convolutions with zero biases,
+    unit/zero batch norms; linear layers N(0, linear_std) with zero bias when `linear_std` is given,
+    else PyTorch's default (with its bias zeroed if `zero_linear_bias`). One pass in module order,
+    so the random draws, and hence a seed's weights, are those of the reference."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
+            if linear_std is not None:
+                nn.init.normal_(module.weight, 0.0, linear_std)
+            if linear_std is not None or zero_linear_bias:
+                nn.init.zeros_(module.bias)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dkd_tune.models.classifier import ImageClassifier, global_average_pool
+from dkd_tune.models.classifier import ImageClassifier, global_average_pool, init_reference_weights
 
 # (expansion, output channels at width 1, blocks, stride of the first block) per stage.
 STAGES = (
@@ -76,15 +76,7 @@ class MobileNetV2Cifar(ImageClassifier):
         self.classifier = nn.Sequential(nn.Linear(last_channels, num_classes))
         self.num_features = last_channels
 
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, 0.0, 0.01)
-                nn.init.zeros_(module.bias)
+        init_reference_weights(self, linear_std=0.01)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv1(x)

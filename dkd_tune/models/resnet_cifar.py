@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dkd_tune.models.classifier import ImageClassifier, global_average_pool
+from dkd_tune.models.classifier import ImageClassifier, global_average_pool, init_reference_weights
 
 
 class BasicBlock(nn.Module):
@@ -57,13 +57,7 @@ class CifarResNet(ImageClassifier):
         self.fc = nn.Linear(in_channels, num_classes)
         self.num_features = in_channels
 
-        # The reference initialisation: He-normal (fan_out) convolutions, unit/zero batch norms.
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_reference_weights(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn1(self.conv1(x)))

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dkd_tune.models.classifier import ImageClassifier, global_average_pool
+from dkd_tune.models.classifier import ImageClassifier, global_average_pool, init_reference_weights
 
 # Output channels of each convolution, block by block (the reference's configurations S, A, B, D, E).
 CONFIGURATIONS: dict[str, tuple[tuple[int, ...], ...]] = {
@@ -48,16 +48,7 @@ class VGG(ImageClassifier):
         self.classifier = nn.Linear(in_channels, num_classes)
         self.num_features = in_channels
 
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, 0.0, 0.01)
-                nn.init.zeros_(module.bias)
+        init_reference_weights(self, linear_std=0.01)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         pool_before_last = x.shape[-2] == POOL_BEFORE_LAST_BLOCK_AT

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dkd_tune.models.classifier import ImageClassifier, global_average_pool
+from dkd_tune.models.classifier import ImageClassifier, global_average_pool, init_reference_weights
 
 
 class PreActBlock(nn.Module):
@@ -64,14 +64,7 @@ class WideResNet(ImageClassifier):
         self.fc = nn.Linear(widths[2], num_classes)
         self.num_features = widths[2]
 
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Linear):
-                nn.init.zeros_(module.bias)
+        init_reference_weights(self, zero_linear_bias=True)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.block3(self.block2(self.block1(self.conv1(x))))
