@@ -134,9 +134,14 @@ def load_search_results(
 
 def typed_results(frame: pd.DataFrame) -> pd.DataFrame:
     """Exactly RESULT_COLUMNS, in order, with their dtypes (missing columns filled with nulls)."""
+    return typed_frame(frame, RESULT_COLUMNS)
+
+
+def typed_frame(frame: pd.DataFrame, columns: Mapping[str, str]) -> pd.DataFrame:
+    """Exactly `columns` (name -> "int64", "float64" or "string"), in order; missing ones are nulls."""
     typed = {}
-    for name, dtype in RESULT_COLUMNS.items():
-        column = frame[name] if name in frame else pd.Series([None] * len(frame))
+    for name, dtype in columns.items():
+        column = frame[name] if name in frame else pd.Series([None] * len(frame), dtype="object")
         if dtype == "int64":
             typed[name] = pd.to_numeric(column, errors="coerce").fillna(0).astype("int64")
         elif dtype == "float64":

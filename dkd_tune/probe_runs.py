@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from analysis.results import typed_frame
 from dkd_tune.data import ImageDataset
 from dkd_tune.errors import UserInputError
 from dkd_tune.probe import (
@@ -263,7 +264,7 @@ def probe_best_trials(
     chosen = best_trials(results, probe_config.top_k)
     if chosen.empty:
         log("dkd-tune: probe: no completed trial with a checkpoint to probe")
-        return _typed(pd.DataFrame([]))
+        return typed_frame(pd.DataFrame([]), PROBE_COLUMNS)
     datasets = list(probe_config.datasets)
     log(
         f"dkd-tune: probe: the best {len(chosen)} trial(s) ({', '.join(chosen['trial_id'])}) "
@@ -349,7 +350,7 @@ def probe_best_trials(
                 ),
             )
             log(f"dkd-tune: probe: trial {trial_id} on {dataset} failed: {outcome}")
-    return _typed(pd.DataFrame(list(rows.values())))
+    return typed_frame(pd.DataFrame(list(rows.values())), PROBE_COLUMNS)
 
 
 def best_trials(results: pd.DataFrame, top_k: int) -> pd.DataFrame:
@@ -501,19 +502,6 @@ def _reuse_finished_probes(rows: dict[tuple[str, str], dict[str, Any]], tracking
             train_s=metrics.get("train_s"),
             probe_run_id=run.info.run_id,
         )
-
-
-def _typed(frame: pd.DataFrame) -> pd.DataFrame:
-    typed = {}
-    for name, dtype in PROBE_COLUMNS.items():
-        column = frame[name] if name in frame else pd.Series([None] * len(frame), dtype="object")
-        if dtype == "int64":
-            typed[name] = pd.to_numeric(column, errors="coerce").fillna(0).astype("int64")
-        elif dtype == "float64":
-            typed[name] = pd.to_numeric(column, errors="coerce").astype("float64")
-        else:
-            typed[name] = column.astype("string")
-    return pd.DataFrame(typed)
 
 
 def _last_line(error: BaseException) -> str:
