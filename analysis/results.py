@@ -8,7 +8,7 @@ what is fixed per teacher. The schema (`RESULT_COLUMNS`) is documented in the RE
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -226,17 +226,28 @@ def trial_row(trial: Mapping[str, Any], part_dir: Path, max_epochs: int) -> dict
     return row
 
 
-def load_trial_histories(experiment_dir: str | Path) -> pd.DataFrame:
-    """Long format: one row per (trial, epoch) with every numeric metric; for learning curves."""
+def iter_trials(experiment_dir: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(part name, trial) for every trial of every part of a search folder."""
     experiment_dir = Path(experiment_dir)
-    rows = []
     for part_dir in sorted(p for p in experiment_dir.iterdir() if p.is_dir()):
         for trial in read_trials(part_dir):
-            for result in trial["history"]:
-                numbers = {
-                    k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-                }
-                rows.append({"part": part_dir.name, "trial_id": trial["trial_id"], **numbers})
+            yield part_dir.name, trial
+
+
+def trial_histories(experiment_dir: str | Path) -> dict[str, list[dict[str, Any]]]:
+    """Trial id -> the results it reported, one per epoch, oldest first."""
+    return {trial["trial_id"]: trial["history"] for _, trial in iter_trials(experiment_dir)}
+
+
+def load_trial_histories(experiment_dir: str | Path) -> pd.DataFrame:
+    """Long format: one row per (trial, epoch) with every numeric metric; for learning curves."""
+    rows = []
+    for part, trial in iter_trials(experiment_dir):
+        for result in trial["history"]:
+            numbers = {
+                k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+            }
+            rows.append({"part": part, "trial_id": trial["trial_id"], **numbers})
     return pd.DataFrame(rows)
 
 

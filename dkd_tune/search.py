@@ -14,7 +14,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -171,7 +171,7 @@ def _execute(
     _start_ray(options)
     import ray
 
-    from analysis.results import load_search_results, results_table, write_results
+    from analysis.results import load_search_results, results_table, trial_histories, write_results
     from dkd_tune import tracking
 
     def save_state() -> None:
@@ -212,7 +212,7 @@ def _execute(
 
         frame = load_search_results(experiment_dir, space=space, teachers=teachers, state=state)
         results_path = write_results(frame, experiment_dir / RESULTS_FILE)
-        _reconcile_child_runs(client, state, frame)
+        _reconcile_child_runs(client, state, frame, trial_histories(experiment_dir))
         if space.probe is not None:
             _probe_best_trials(space, frame, client, experiment_dir, state, options)
         best = _best_row(frame, space)
@@ -684,34 +684,42 @@ def _trial_runs(client, parent_run_id: str) -> list:
     return [run for run in children if tracking.TAG_TRIAL_ID in run.data.tags]
 
 
-def _reconcile_child_runs(client, state, frame) -> None:
+def _reconcile_child_runs(client, state, frame, histories: Mapping[str, list[dict]]) -> None:
     """Make MLflow's trial runs match Ray's trials after an interruption.
 
-    A run left open gets the status Ray recorded. A run whose trial Ray never recorded (the
-    driver died after the trial started but before Ray saved its state; Ray runs that sample
-    again as a new trial) is ended as KILLED, tagged "lost" and moved to MLflow's trash, where it
-    stays until `mlflow gc`: the search then has one run per trial of its results, none twice.
+    A run whose logged epochs are not its trial's history in Ray (the driver died after logging an
+    epoch that the resumed trial never reached again) is rebuilt from that history. A run left open
+    gets the status Ray recorded. A run whose trial Ray never recorded (the driver died after the
+    trial started but before Ray saved its state; Ray runs that sample again as a new trial) is
+    ended as KILLED, tagged "lost" and moved to MLflow's trash, where it stays until `mlflow gc`:
+    the search then has one run per trial of its results, none twice.
     """
     from dkd_tune import tracking
 
     if frame.empty:
         return
     children = _trial_runs(client, state["parent_run_id"])
-    status_by_trial = dict(zip(frame["trial_id"], frame["status"], strict=False))
+    rows_by_trial = {row["trial_id"]: row for row in frame.to_dict("records")}
     for run in children:
         trial_id = run.data.tags.get(tracking.TAG_TRIAL_ID)
         if trial_id is None or run.data.tags.get(tracking.TAG_KIND) != "trial":
             continue  # not a trial's run (a probe run nests under its trial's run, not here)
-        if trial_id not in status_by_trial:
+        if trial_id not in rows_by_trial:
             tracking.set_tags(client, run.info.run_id, {tracking.TAG_STATUS: "lost"})
             if run.info.status == "RUNNING":
                 client.set_terminated(run.info.run_id, status="KILLED")
             client.delete_run(run.info.run_id)
-        elif run.info.status == "RUNNING":
-            status = status_by_trial[trial_id]
-            tracking.set_tags(client, run.info.run_id, {tracking.TAG_STATUS: status})
+            continue
+        history = histories.get(trial_id, [])
+        run_id, open_run = run.info.run_id, run.info.status == "RUNNING"
+        if not tracking.logged_epochs_match(client, run_id, history):
+            run_id, open_run = tracking.rebuild_trial_run(client, run, history), True
+        if open_run:
+            row = rows_by_trial[trial_id]
+            tags = {tracking.TAG_STATUS: row["status"], tracking.TAG_STOP_EPOCH: int(row["stop_epoch"])}
+            tracking.set_tags(client, run_id, tags)
             client.set_terminated(
-                run.info.run_id, status="FAILED" if status in ("errored", "oom") else "FINISHED"
+                run_id, status="FAILED" if row["status"] in ("errored", "oom") else "FINISHED"
             )
 
 

@@ -5,7 +5,9 @@ the tracking store. One writer means no "database is locked" with MLflow's defau
 however many trials run at once, it works on clusters whose workers cannot reach the store, and
 a trial that crashes cannot leave a half-written run behind. The callback is idempotent: after
 `dkd-tune resume` it re-attaches to the runs it created (found by their trial-id tag) and skips
-metric steps it already logged, so no run or metric point is duplicated.
+metric steps it already logged, so no run or metric point is duplicated. When the search ends,
+a run whose logged epochs are not its trial's history in Ray (the driver died between logging an
+epoch and Ray saving it) is rebuilt from that history: MLflow and Ray always agree.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ TAG_KIND = "dkd_tune.kind"  # search | trial | train-teacher | distill | suggest
 TAG_SEARCH = "dkd_tune.search"
 TAG_TRIAL_ID = "dkd_tune.trial_id"
 TAG_TEACHER = "dkd_tune.teacher"
-TAG_STATUS = "dkd_tune.status"  # running | completed | stopped | diverged | errored | oom | lost (deleted)
+# running | completed | stopped | diverged | errored | oom; lost and superseded runs are deleted
+TAG_STATUS = "dkd_tune.status"
 TAG_STOP_EPOCH = "dkd_tune.stop_epoch"
 TAG_PARENT = "mlflow.parentRunId"
 MAX_PARAM_LENGTH = 6000
@@ -247,12 +250,10 @@ class MLflowTrialLogger(Callback):
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         run_id = self.run_for(trial)
-        step = int(result.get("epoch", result.get("training_iteration", 0)))
+        step, metrics, timestamp_ms = epoch_metrics(result)
         if step <= self._last_step.get(run_id, 0):
             return  # already logged before an interruption: a resumed trial replays from its checkpoint
-        timestamp_ms = int(1000 * float(result.get("timestamp", 0) or 0)) or None
-        metrics = numeric_metrics({k: v for k, v in result.items() if k not in _RAY_BOOKKEEPING})
-        log_metrics(self.client, run_id, metrics, step, timestamp_ms or now_ms())
+        log_metrics(self.client, run_id, metrics, step, timestamp_ms)
         self._last_step[run_id] = step
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -279,6 +280,54 @@ _RAY_BOOKKEEPING = frozenset(
         "pid", "done", "node_ip", "hostname", "date", "experiment_id", "trial_id",
     }
 )  # fmt: skip
+
+
+def epoch_metrics(result: Mapping[str, Any]) -> tuple[int, dict[str, float], int]:
+    """A trial's result as MLflow takes it: (step = epoch, its finite metrics, timestamp in ms)."""
+    step = int(result.get("epoch", result.get("training_iteration", 0)))
+    timestamp_ms = int(1000 * float(result.get("timestamp", 0) or 0)) or now_ms()
+    metrics = numeric_metrics({k: v for k, v in result.items() if k not in _RAY_BOOKKEEPING})
+    return step, metrics, timestamp_ms
+
+
+def logged_epochs_match(client: MlflowClient, run_id: str, history: list[Mapping[str, Any]]) -> bool:
+    """Whether the run's test_acc points are, epoch for epoch, those of the trial's history in Ray."""
+    logged = {point.step: point.value for point in client.get_metric_history(run_id, "test_acc")}
+    expected = {}
+    for result in history:
+        step, metrics, _ = epoch_metrics(result)
+        if "test_acc" in metrics:
+            expected[step] = metrics["test_acc"]
+    return logged.keys() == expected.keys() and all(
+        math.isclose(logged[step], expected[step], rel_tol=1e-9, abs_tol=1e-12) for step in expected
+    )
+
+
+def rebuild_trial_run(client: MlflowClient, run: Any, history: list[Mapping[str, Any]]) -> str:
+    """A fresh run for a trial whose logged epochs are not Ray's: same tags and params, Ray's history.
+
+    After the driver is killed, MLflow may hold epochs the resumed trial never reached again (Ray
+    restarted it from an older checkpoint and ASHA stopped it sooner) or replayed with other values
+    (GPU kernels are not bit-reproducible). MLflow cannot delete metric points, so the run is
+    rebuilt from Ray's result history, and the old one goes to the trash tagged "superseded".
+    """
+    new_run = client.create_run(
+        run.info.experiment_id, start_time=run.info.start_time, tags=dict(run.data.tags)
+    )
+    new_run_id = new_run.info.run_id
+    params = [Param(key, value) for key, value in run.data.params.items()]
+    for start in range(0, len(params), BATCH_LIMIT):
+        client.log_batch(new_run_id, params=params[start : start + BATCH_LIMIT])
+    for result in history:
+        step, metrics, timestamp_ms = epoch_metrics(result)
+        log_metrics(client, new_run_id, metrics, step, timestamp_ms)
+    last_epoch = epoch_metrics(history[-1])[0] if history else 0
+    set_tags(client, new_run_id, {TAG_STOP_EPOCH: last_epoch})
+    set_tags(client, run.info.run_id, {TAG_STATUS: "superseded", "dkd_tune.superseded_by": new_run_id})
+    if run.info.status == "RUNNING":
+        client.set_terminated(run.info.run_id, status="KILLED")
+    client.delete_run(run.info.run_id)
+    return new_run_id
 
 
 def trial_error_text(trial: Any) -> str:
