@@ -310,19 +310,16 @@ def rebuild_trial_run(client: MlflowClient, run: Any, history: list[Mapping[str,
     restarted it from an older checkpoint and ASHA stopped it sooner) or replayed with other values
     (GPU kernels are not bit-reproducible). MLflow cannot delete metric points, so the run is
     rebuilt from Ray's result history, and the old one goes to the trash tagged "superseded".
+    The new run is left open: the caller ends it with the trial's status and stop epoch.
     """
     new_run = client.create_run(
         run.info.experiment_id, start_time=run.info.start_time, tags=dict(run.data.tags)
     )
     new_run_id = new_run.info.run_id
-    params = [Param(key, value) for key, value in run.data.params.items()]
-    for start in range(0, len(params), BATCH_LIMIT):
-        client.log_batch(new_run_id, params=params[start : start + BATCH_LIMIT])
+    log_params(client, new_run_id, run.data.params)
     for result in history:
         step, metrics, timestamp_ms = epoch_metrics(result)
         log_metrics(client, new_run_id, metrics, step, timestamp_ms)
-    last_epoch = epoch_metrics(history[-1])[0] if history else 0
-    set_tags(client, new_run_id, {TAG_STOP_EPOCH: last_epoch})
     set_tags(client, run.info.run_id, {TAG_STATUS: "superseded", "dkd_tune.superseded_by": new_run_id})
     if run.info.status == "RUNNING":
         client.set_terminated(run.info.run_id, status="KILLED")
