@@ -25,6 +25,7 @@ import yaml
 
 from dkd_tune.config import SearchSpaceFile, load_search_space
 from dkd_tune.errors import UserInputError
+from dkd_tune.interruption import SearchInterrupted, as_interruption, interruption_guard
 from dkd_tune.storage import atomic_write_json, atomic_write_text
 
 STATE_FILE = "validation.json"
@@ -103,13 +104,31 @@ def validate_beta(space: SearchSpaceFile, source: Path, options: ValidationOptio
     client = tracking.client_for(state["tracking_uri"])
     run_id = _validation_run(client, space, state, folder)
     try:
-        outcome = _execute(space, folder, state, run_id, options, started, load_start)
-    except BaseException:
+        with interruption_guard(options.log):
+            outcome = _execute(space, folder, state, run_id, options, started, load_start)
+    except (SearchInterrupted, KeyboardInterrupt) as error:
+        interruption = as_interruption(error)
+        state["status"] = "interrupted"
         state.setdefault("sessions", []).append(_session(started, "interrupted"))
         atomic_write_json(folder / STATE_FILE, state)
-        client.set_terminated(run_id, status="FAILED")
+        _terminate_quietly(client, run_id, "KILLED", options)
+        # The same command resumes the validation (and the search inside it).
+        interruption.resume_command = options.command or f"dkd-tune validate-beta {source}"
+        raise interruption from None
+    except BaseException:
+        state.setdefault("sessions", []).append(_session(started, "failed"))
+        atomic_write_json(folder / STATE_FILE, state)
+        _terminate_quietly(client, run_id, "FAILED", options)
         raise
     return outcome
+
+
+def _terminate_quietly(client, run_id: str, status: str, options) -> None:
+    """End the validation's MLflow run; an unreachable store is reported, not raised over the real error."""
+    try:
+        client.set_terminated(run_id, status=status)
+    except Exception as error:
+        options.log(f"dkd-tune: warning: MLflow run {run_id} not marked {status} ({type(error).__name__})")
 
 
 def _execute(space, folder, state, run_id, options, started, load_start) -> ValidationOutcome:

@@ -13,6 +13,7 @@ import click
 
 from dkd_tune import __version__
 from dkd_tune.errors import UserInputError
+from dkd_tune.interruption import SearchInterrupted
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -247,6 +248,23 @@ def resume_command(name_or_path, storage, address, tracking_uri) -> None:
             name_or_path, SearchOptions(storage=storage, address=address, tracking_uri=tracking_uri)
         )
     )
+
+
+@cli.command("sync")
+@click.argument("name_or_path")
+@click.option("--storage", help="Storage the search was run with (default: ./dkd_runs).")
+@click.option("--tracking-uri", help="MLflow tracking URI (default: the one the search ran with).")
+def sync_command(name_or_path, storage, tracking_uri) -> None:
+    """Fill MLflow from a finished search's folder, after its tracking store was unreachable.
+
+    Every trial's run gets every epoch Ray saved, the statuses, and the search's run its results and
+    analysis. Safe to run again: nothing is logged twice.
+    """
+    from dkd_tune.search import SearchOptions, sync_search
+
+    if not sync_search(name_or_path, SearchOptions(storage=storage, tracking_uri=tracking_uri)):
+        sys.exit(1)
+    click.echo(f"dkd-tune: MLflow is in line with search {name_or_path!r}")
 
 
 def _print_outcome(outcome) -> None:
@@ -562,6 +580,12 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as error:
         click.echo(f"dkd-tune: error: {error.format_message()}", err=True)
         sys.exit(error.exit_code)
+    except SearchInterrupted as interruption:
+        resume = f": to continue, run {interruption.resume_command}" if interruption.resume_command else ""
+        click.echo(
+            f"dkd-tune: interrupted by {interruption.signal_name}; nothing finished is lost{resume}", err=True
+        )
+        sys.exit(interruption.exit_code)
     except click.exceptions.Abort:
         click.echo("dkd-tune: aborted", err=True)
         sys.exit(130)

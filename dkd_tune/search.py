@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import sys
 import time
@@ -29,6 +30,7 @@ from dkd_tune.config import (
     load_search_space,
 )
 from dkd_tune.errors import UserInputError
+from dkd_tune.interruption import SearchInterrupted, as_interruption, interruption_guard, tune_experiment
 from dkd_tune.search_plan import BASELINE_PREFIX, search_parts, trial_plan
 from dkd_tune.storage import atomic_path, atomic_write_json, atomic_write_text
 
@@ -91,6 +93,7 @@ def run_search(space: SearchSpaceFile, source: Path, options: SearchOptions) -> 
         name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
         experiment_dir = storage / name
     data = _load_data(space, options)  # an unreadable dataset fails here: nothing written, Ray not started
+    _check_tracking_store(_tracking_uri(space, options))
     experiment_dir.mkdir(parents=True)
     atomic_write_text(
         experiment_dir / CONFIG_FILE,
@@ -120,8 +123,17 @@ def resume_search(name_or_path: str, options: SearchOptions) -> SearchOutcome:
     data = _load_data(space, options)
     if options.tracking_uri:
         state["tracking_uri"] = options.tracking_uri
+    _check_tracking_store(state["tracking_uri"])
     options.log(f"dkd-tune: resuming search '{state['name']}' in {experiment_dir}")
     return _execute(space, experiment_dir, state, options, data)
+
+
+def _check_tracking_store(uri: str) -> None:
+    """The store must answer when a search starts (its run is created first); later it may come and go."""
+    from dkd_tune import tracking
+
+    tracking.keep_http_retries_short()
+    tracking.check_reachable(uri)
 
 
 def locate_search(name_or_path: str, storage: str | None) -> Path:
@@ -171,65 +183,122 @@ def _execute(
     _start_ray(options)
     import ray
 
-    from analysis.results import load_search_results, results_table, trial_histories, write_results
-    from dkd_tune import tracking
-
     def save_state() -> None:
         atomic_write_json(experiment_dir / STATE_FILE, state)
 
     data_spec, shared = data
     try:
-        shared_ref = ray.put(shared)
-        parts = [part for part in search_parts(space) if part[0] not in state["parts_done"]]
-        # Teachers are prepared in Ray tasks while the teacher-free baselines train beside them.
-        baseline_cpus = sum(space.resources.cpu for name, teacher in parts if teacher is None)
-        pending = _launch_teacher_preparation(
-            space, data_spec, shared_ref, experiment_dir, state, options, baseline_cpus
-        )
-
-        client = tracking.client_for(state["tracking_uri"])
-        if state.get("parent_run_id") is None:
-            state["parent_run_id"] = _start_parent_run(
-                client, space, experiment_dir, state, data_spec, options.parent_run_id
-            )
-            save_state()
-        else:
-            client.update_run(state["parent_run_id"], status="RUNNING")
-
-        teachers: dict[str, Any] | None = None
-        for part_name, teacher in search_parts(space):
-            if teacher is not None and teachers is None:
-                teachers = _collect_teachers(space, pending, data_spec, state, save_state, options)
-                _tag_parent_with_teachers(client, state["parent_run_id"], teachers)
-            if part_name in state["parts_done"]:
-                options.log(f"dkd-tune: part '{part_name}' already finished, kept as is")
-                continue
-            _run_part(space, part_name, teacher, teachers or {}, shared_ref, experiment_dir, state, options)
-            state["parts_done"].append(part_name)
-            save_state()
-        if teachers is None:
-            teachers = _collect_teachers(space, pending, data_spec, state, save_state, options)
-
-        frame = load_search_results(experiment_dir, space=space, teachers=teachers, state=state)
-        results_path = write_results(frame, experiment_dir / RESULTS_FILE)
-        _reconcile_child_runs(client, state, frame, trial_histories(experiment_dir))
-        if space.probe is not None:
-            _probe_best_trials(space, frame, client, experiment_dir, state, options)
-        best = _best_row(frame, space)
-        _write_analysis(client, state, experiment_dir, frame, options)
-        _finish_parent_run(client, state["parent_run_id"], experiment_dir, frame, best, space)
-        state["status"] = "done"
+        with interruption_guard(options.log):
+            return _search_phases(space, experiment_dir, state, options, data_spec, shared, save_state)
+    except (SearchInterrupted, KeyboardInterrupt) as error:
+        # Whatever phase it hit, what is on disk is resumable; say so in the state and in MLflow.
+        interruption = as_interruption(error)
+        state["status"] = "interrupted"
         save_state()
-        references = {
-            row["part"]: float(row["final_test_acc"])
-            for _, row in frame[frame["part"].str.startswith(BASELINE_PREFIX)].iterrows()
-            if row["status"] == "completed"
-        }
-        return SearchOutcome(
-            experiment_dir, results_path, best, results_table(frame, metric=space.metric), references
-        )
+        _close_interrupted_runs(state, options)
+        interruption.resume_command = interruption.resume_command or resume_command(experiment_dir)
+        raise interruption from None
     finally:
         ray.shutdown()
+
+
+def _search_phases(space, experiment_dir, state, options, data_spec, shared, save_state) -> SearchOutcome:
+    import ray
+
+    from analysis.results import load_search_results, results_table, write_results
+    from dkd_tune import tracking
+
+    state["status"] = "running"
+    save_state()
+    shared_ref = ray.put(shared)
+    parts = [part for part in search_parts(space) if part[0] not in state["parts_done"]]
+    # Teachers are prepared in Ray tasks while the teacher-free baselines train beside them.
+    baseline_cpus = sum(space.resources.cpu for name, teacher in parts if teacher is None)
+    pending = _launch_teacher_preparation(
+        space, data_spec, shared_ref, experiment_dir, state, options, baseline_cpus
+    )
+
+    client = tracking.client_for(state["tracking_uri"])
+    if state.get("parent_run_id") is None:
+        state["parent_run_id"] = _start_parent_run(
+            client, space, experiment_dir, state, data_spec, options.parent_run_id
+        )
+        save_state()
+    else:
+        client.update_run(state["parent_run_id"], status="RUNNING")
+
+    teachers: dict[str, Any] | None = None
+    for part_name, teacher in search_parts(space):
+        if teacher is not None and teachers is None:
+            teachers = _collect_teachers(space, pending, data_spec, state, save_state, options)
+            try:
+                _tag_parent_with_teachers(client, state["parent_run_id"], teachers)
+            except Exception as error:  # an unreachable store: tagged when the search's runs are synced
+                if not tracking.store_unreachable(error):
+                    raise
+        if part_name in state["parts_done"]:
+            options.log(f"dkd-tune: part '{part_name}' already finished, kept as is")
+            continue
+        _run_part(space, part_name, teacher, teachers or {}, shared_ref, experiment_dir, state, options)
+        state["parts_done"].append(part_name)
+        save_state()
+    if teachers is None:
+        teachers = _collect_teachers(space, pending, data_spec, state, save_state, options)
+
+    options.log("dkd-tune: writing the results")
+    frame = load_search_results(experiment_dir, space=space, teachers=teachers, state=state)
+    results_path = write_results(frame, experiment_dir / RESULTS_FILE)
+    best = _best_row(frame, space)
+    tracked = _sync_trial_runs(space, state, teachers, experiment_dir, frame, options)
+    if space.probe is not None and not state.get("probes_done"):
+        if tracked:  # probe runs nest under the trials' runs
+            _probe_best_trials(space, frame, client, experiment_dir, state, options)
+            state["probes_done"] = True
+        else:
+            options.log(f"dkd-tune: the probes wait for MLflow: {resume_command(experiment_dir)} runs them")
+    _write_analysis(state, experiment_dir, frame, options)
+    tracked = tracked and _close_search_run(state, experiment_dir, frame, best, space, options)
+    state["tracking"] = "synced" if tracked else "pending"
+    state["status"] = "done"
+    save_state()
+    references = {
+        row["part"]: float(row["final_test_acc"])
+        for _, row in frame[frame["part"].str.startswith(BASELINE_PREFIX)].iterrows()
+        if row["status"] == "completed"
+    }
+    return SearchOutcome(
+        experiment_dir, results_path, best, results_table(frame, metric=space.metric), references
+    )
+
+
+def resume_command(experiment_dir: Path) -> str:
+    """The exact command that continues the search in `experiment_dir`, from the current directory."""
+    if experiment_dir.parent == Path("./dkd_runs").resolve():
+        return f"dkd-tune resume {experiment_dir.name}"
+    return f"dkd-tune resume {experiment_dir}"
+
+
+def _close_interrupted_runs(state: dict[str, Any], options: SearchOptions) -> None:
+    """Mark the MLflow runs of the trials that did not finish, and the search's run, KILLED (not FINISHED).
+
+    `resume` reopens a trial's run when the trial continues. A tracking store that cannot be reached
+    now must not hide the interruption: it is reported, and the end of the resumed search reconciles.
+    """
+    if state.get("parent_run_id") is None:
+        return
+    from dkd_tune import tracking
+
+    try:
+        client = tracking.client_for(state["tracking_uri"])
+        for run in _trial_runs(client, state["parent_run_id"]):
+            if run.info.status == "RUNNING":
+                tracking.set_tags(client, run.info.run_id, {tracking.TAG_STATUS: "interrupted"})
+                client.set_terminated(run.info.run_id, status="KILLED")
+        client.set_terminated(state["parent_run_id"], status="KILLED")
+    except Exception as error:
+        options.log(
+            f"dkd-tune: warning: MLflow runs not marked as interrupted ({type(error).__name__}: {error})"
+        )
 
 
 def _tracking_uri(space: SearchSpaceFile, options: SearchOptions) -> str:
@@ -246,6 +315,7 @@ def _start_ray(options: SearchOptions) -> None:
 
     if ray.is_initialized():
         return
+    logging.getLogger("ray.tune.tune").addFilter(_hide_tune_resume_hints)
     # Ray's per-checkpoint INFO lines and snapshot warnings drown the progress table; keep warnings.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic progress table, with our columns
@@ -264,6 +334,14 @@ def _start_ray(options: SearchOptions) -> None:
             _node_ip_address="127.0.0.1",
             **settings,
         )
+
+
+def _hide_tune_resume_hints(record: logging.LogRecord) -> bool:
+    """Tune's own stop notice, "Tuner.restore(...)" hint and trial list: dkd-tune says these its own way."""
+    message = record.getMessage()
+    return not any(
+        text in message for text in ("Tuner.restore", "Trials did not complete", "Stop signal received")
+    )
 
 
 def keep_local_ray_on_loopback() -> None:
@@ -436,7 +514,7 @@ def _predict_beta(prepared, data_spec, options) -> float | None:
 def _run_part(space, part_name, teacher, teachers, shared_ref, experiment_dir, state, options) -> None:
     from ray import tune
 
-    from dkd_tune import tracking
+    from dkd_tune.tune_signals import StopOnSignal
     from trainables import distillation_trainable
 
     plan = trial_plan(space, teacher, teachers.get(teacher.label) if teacher else None, part_name)
@@ -451,22 +529,14 @@ def _run_part(space, part_name, teacher, teachers, shared_ref, experiment_dir, s
         tune.with_parameters(function, plan=plan, data=shared_ref), _resources(space)
     )
     part_dir = experiment_dir / part_name
-    logger = tracking.MLflowTrialLogger(
-        state["tracking_uri"],
-        space.name,
-        state["parent_run_id"],
-        teacher_label=teacher.label if teacher else part_name,
-        max_epochs=plan.max_epochs,
-        fixed_params=_fixed_params(space, plan, teacher, teachers),
-        extra_tags={tracking.TAG_SEARCH: state["name"]},
-    )
+    logger = _trial_logger(space, part_name, teacher, teachers, state)
     searched = [name for name, d in space.space_for(teacher).items() if d.kind != "fixed"] if teacher else []
     run_config = tune.RunConfig(
         name=part_name,
         storage_path=str(experiment_dir),
         failure_config=tune.FailureConfig(max_failures=space.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-        callbacks=[logger],
+        callbacks=[logger, StopOnSignal()],
         progress_reporter=tune.CLIReporter(
             parameter_columns=searched,
             metric_columns={
@@ -488,7 +558,24 @@ def _run_part(space, part_name, teacher, teachers, shared_ref, experiment_dir, s
         options.log(
             f"dkd-tune: part '{part_name}': starting ({plan.loss_mode}, up to {plan.max_epochs} epochs per trial)"
         )
-    tuner.fit()
+    with tune_experiment():  # a signal stops Tune gracefully, then the search (the part is not done)
+        tuner.fit()
+
+
+def _trial_logger(space, part_name, teacher, teachers, state):
+    """The MLflow callback of one part: a child run per trial under the search's run."""
+    from dkd_tune import tracking
+
+    plan = trial_plan(space, teacher, teachers.get(teacher.label) if teacher else None, part_name)
+    return tracking.MLflowTrialLogger(
+        state["tracking_uri"],
+        space.name,
+        state["parent_run_id"],
+        teacher_label=teacher.label if teacher else part_name,
+        max_epochs=plan.max_epochs,
+        fixed_params=_fixed_params(space, plan, teacher, teachers),
+        extra_tags={tracking.TAG_SEARCH: state["name"]},
+    )
 
 
 def new_tuner(space: SearchSpaceFile, part_name: str, teacher, plan, trainable, run_config):
@@ -497,7 +584,7 @@ def new_tuner(space: SearchSpaceFile, part_name: str, teacher, plan, trainable, 
     from ray.tune.search import Searcher
 
     is_baseline = part_name.startswith(BASELINE_PREFIX)
-    searcher, param_space, num_samples = _search_algorithm(
+    searcher, param_space, num_samples = search_algorithm(
         space, {} if is_baseline else space.space_for(teacher)
     )
     return tune.Tuner(
@@ -507,7 +594,7 @@ def new_tuner(space: SearchSpaceFile, part_name: str, teacher, plan, trainable, 
             metric=space.metric,
             mode=space.mode,
             search_alg=searcher,
-            scheduler=None if is_baseline else _scheduler(space, plan.max_epochs),
+            scheduler=None if is_baseline else asha_scheduler(space, plan.max_epochs),
             num_samples=num_samples,
             max_concurrent_trials=space.search.max_concurrent_trials
             if isinstance(searcher, Searcher)
@@ -554,7 +641,7 @@ def _fixed_params(space, plan, teacher, teachers) -> dict[str, Any]:
     return params
 
 
-def _search_algorithm(space: SearchSpaceFile, searched: dict[str, Distribution]):
+def search_algorithm(space: SearchSpaceFile, searched: dict[str, Distribution]):
     """(search algorithm, Tuner param_space, num_samples) for one part."""
     from ray.tune.search import BasicVariantGenerator
 
@@ -612,7 +699,7 @@ def _tune_distribution(distribution: Distribution, algorithm: str):
     return tune.choice(list(distribution.choice))
 
 
-def _scheduler(space: SearchSpaceFile, max_epochs: int):
+def asha_scheduler(space: SearchSpaceFile, max_epochs: int):
     if space.scheduler.type == "none":
         return None
     from ray.tune.schedulers import ASHAScheduler
@@ -670,6 +757,100 @@ def _tag_parent_with_teachers(client, run_id: str, teachers: dict[str, Any]) -> 
         if only.predicted_beta is not None:
             tags["predicted_beta"] = f"{only.predicted_beta:.3f}"
     tracking.set_tags(client, run_id, tags)
+
+
+def _sync_trial_runs(space, state, teachers, experiment_dir: Path, frame, options) -> bool:
+    """Bring MLflow in line with Ray's record of every trial; False (said in one line) if it is unreachable.
+
+    Each trial gets its run, with every epoch Ray saved (what the callback could not deliver while
+    the store was away is filled in here), then `_reconcile_child_runs` sets the statuses and
+    repairs runs that disagree with Ray. Idempotent: `dkd-tune sync` and `resume` run it again.
+    """
+    from types import SimpleNamespace
+
+    from analysis.results import read_trials, trial_histories
+    from dkd_tune import tracking
+
+    try:
+        client = tracking.client_for(state["tracking_uri"])
+        _tag_parent_with_teachers(client, state["parent_run_id"], teachers)
+        for part_name, teacher in search_parts(space):
+            part_dir = experiment_dir / part_name
+            if not part_dir.is_dir():
+                continue
+            logger = _trial_logger(space, part_name, teacher, teachers, state)
+            for record in read_trials(part_dir):
+                trial = SimpleNamespace(
+                    trial_id=record["trial_id"], config=record["config"], last_result=record["last_result"]
+                )
+                logger.run_for(trial)
+                for result in record["history"]:
+                    logger.log_result(trial, result)
+        _reconcile_child_runs(client, state, frame, trial_histories(experiment_dir))
+    except Exception as error:
+        if not tracking.store_unreachable(error):
+            raise
+        _say_tracking_pending(state, experiment_dir, error, options)
+        return False
+    return True
+
+
+def _close_search_run(state, experiment_dir: Path, frame, best, space, options) -> bool:
+    """The search's MLflow run: results, analysis and best trial logged, then FINISHED."""
+    from analysis.search_analysis import MLFLOW_ARTIFACT_DIR, log_analysis
+    from dkd_tune import tracking
+
+    try:
+        client = tracking.client_for(state["tracking_uri"])
+        if (experiment_dir / MLFLOW_ARTIFACT_DIR).is_dir():
+            log_analysis(client, state["parent_run_id"], experiment_dir / MLFLOW_ARTIFACT_DIR)
+        _finish_parent_run(client, state["parent_run_id"], experiment_dir, frame, best, space)
+    except Exception as error:
+        if not tracking.store_unreachable(error):
+            raise
+        _say_tracking_pending(state, experiment_dir, error, options)
+        return False
+    return True
+
+
+def _say_tracking_pending(state, experiment_dir: Path, error: BaseException, options) -> None:
+    target = state["name"] if experiment_dir.parent == Path("./dkd_runs").resolve() else str(experiment_dir)
+    options.log(
+        f"dkd-tune: MLflow store {state['tracking_uri']} unreachable ({type(error).__name__}): the results "
+        f"are complete in {experiment_dir}; when the store is back, run dkd-tune sync {target}"
+    )
+
+
+def sync_search(name_or_path: str, options: SearchOptions) -> bool:
+    """`dkd-tune sync`: fill MLflow from a finished search's folder (after the store was unreachable)."""
+    import pandas as pd
+
+    from dkd_tune import tracking
+    from dkd_tune.teacher import TeacherArtifacts
+
+    check_tracking_uri(options.tracking_uri, "--tracking-uri")
+    tracking.keep_http_retries_short()
+    experiment_dir = locate_search(name_or_path, options.storage)
+    state = read_state(experiment_dir / STATE_FILE)
+    if state.get("status") != "done" or not (experiment_dir / RESULTS_FILE).is_file():
+        raise UserInputError(
+            f"search {state['name']!r} ({experiment_dir}): not finished (status {state.get('status')!r}); "
+            f"{resume_command(experiment_dir)} finishes it and fills MLflow"
+        )
+    if options.tracking_uri:
+        state["tracking_uri"] = options.tracking_uri
+    space = load_search_space(experiment_dir / CONFIG_FILE)
+    teachers = {label: TeacherArtifacts.from_dict(entry) for label, entry in state["teachers"].items()}
+    frame = pd.read_parquet(experiment_dir / RESULTS_FILE)
+    tracked = _sync_trial_runs(space, state, teachers, experiment_dir, frame, options)
+    tracked = tracked and _close_search_run(
+        state, experiment_dir, frame, _best_row(frame, space), space, options
+    )
+    state["tracking"] = "synced" if tracked else "pending"
+    atomic_write_json(experiment_dir / STATE_FILE, state)
+    if tracked and space.probe is not None and not state.get("probes_done"):
+        options.log(f"dkd-tune: the probes have not run yet: {resume_command(experiment_dir)} runs them")
+    return tracked
 
 
 def _trial_runs(client, parent_run_id: str) -> list:
@@ -761,23 +942,22 @@ def _best_row(frame, space: SearchSpaceFile) -> dict[str, Any] | None:
     return candidates.loc[index].to_dict()
 
 
-def _write_analysis(client, state, experiment_dir, frame, options) -> None:
-    """Tables and figures of the finished search in `analysis/`, logged to its parent run.
+def _write_analysis(state, experiment_dir, frame, options) -> None:
+    """Tables and figures of the finished search in `analysis/` (logged to its MLflow run when it closes).
 
     A figure that cannot be drawn must not fail a search whose trials all finished: it is reported.
     """
     from analysis.results import load_trial_histories
-    from analysis.search_analysis import MLFLOW_ARTIFACT_DIR, log_analysis, write_analysis
+    from analysis.search_analysis import MLFLOW_ARTIFACT_DIR, write_analysis
 
     try:
-        outputs = write_analysis(
+        write_analysis(
             frame,
             load_trial_histories(experiment_dir),
             experiment_dir / MLFLOW_ARTIFACT_DIR,
             title=f"Search {state['name']}",
         )
-        log_analysis(client, state["parent_run_id"], outputs.out_dir)
-    except Exception as error:  # any plotting or logging failure is reported, not raised
+    except Exception as error:  # any plotting failure is reported, not raised
         options.log(f"dkd-tune: warning: the analysis tables and figures were not written ({error!r})")
 
 

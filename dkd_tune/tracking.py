@@ -28,6 +28,7 @@ from ray.tune import Callback
 
 from analysis.status import trial_status
 from dkd_tune import __version__
+from dkd_tune.errors import UserInputError
 
 TAG_KIND = "dkd_tune.kind"  # search | trial | train-teacher | distill | suggest-beta | probe | validate-beta
 TAG_SEARCH = "dkd_tune.search"
@@ -39,6 +40,46 @@ TAG_STOP_EPOCH = "dkd_tune.stop_epoch"
 TAG_PARENT = "mlflow.parentRunId"
 MAX_PARAM_LENGTH = 6000
 BATCH_LIMIT = 100  # MLflow accepts at most this many params or tags per log_batch call
+RETRY_INTERVAL_S = 10.0  # while the store is unreachable: one delivery attempt per interval, not per epoch
+# What MLflow reports when a server cannot be reached or is overloaded (its REST client wraps
+# connection errors as INTERNAL_ERROR); other codes are real errors and are raised.
+UNREACHABLE_ERROR_CODES = frozenset({"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"})
+# MLflow retries a failed HTTP call 7 times with exponential backoff by default (about 4 minutes):
+# a search would stall that long per call while a server restarts. A few quick retries instead,
+# unless the user set these variables; what is missed is delivered later from the queue or Ray.
+SHORT_HTTP_RETRIES = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+}
+
+
+def store_unreachable(error: BaseException) -> bool:
+    """Whether a tracking call failed because the store is away (retry later), not because it was wrong."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(error, (requests.RequestException, OSError)):
+        return True
+    return isinstance(error, MlflowException) and error.error_code in UNREACHABLE_ERROR_CODES
+
+
+def check_reachable(uri: str) -> None:
+    """One line, exit code 2, when the tracking store does not answer (a server that is not running)."""
+    try:
+        client_for(uri).search_experiments(max_results=1)
+    except Exception as error:
+        if not store_unreachable(error):
+            raise
+        raise UserInputError(
+            f"MLflow store {uri}: unreachable ({type(error).__name__}); start its server, "
+            "or pass another --tracking-uri"
+        ) from None
+
+
+def keep_http_retries_short() -> None:
+    for name, value in SHORT_HTTP_RETRIES.items():
+        os.environ.setdefault(name, value)
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
@@ -196,11 +237,21 @@ class MLflowTrialLogger(Callback):
         self._experiment_id: str | None = None
         self._run_ids: dict[str, str] = {}
         self._last_step: dict[str, int] = {}
+        self._pending: list[tuple[str, Any, Any]] = []
+        self._unreachable_since: float | None = None
+        self._last_attempt = 0.0
 
     # Ray pickles callbacks with the experiment state: keep the client out of it.
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state.update(_client=None, _experiment_id=None, _run_ids={}, _last_step={})
+        state.update(
+            _client=None,
+            _experiment_id=None,
+            _run_ids={},
+            _last_step={},
+            _pending=[],
+            _unreachable_since=None,
+        )
         return state
 
     @property
@@ -245,22 +296,71 @@ class MLflowTrialLogger(Callback):
         self._run_ids[trial_id] = run_id
         return run_id
 
+    # Tune's events are queued and delivered in order. While the store cannot be reached (a server
+    # restarting, a network blip) they wait in the queue, one delivery attempt per RETRY_INTERVAL_S
+    # rather than one per epoch, so the search goes on at full speed and nothing is dropped.
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.run_for(trial)
+        self._deliver(("start", trial, None))
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        self._deliver(("result", trial, dict(result)))
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._deliver(("finish", trial, False))
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._deliver(("finish", trial, True))
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self._flush()  # a last attempt; what still waits is filled from Ray's history by the search's sync
+
+    @property
+    def pending_events(self) -> int:
+        return len(self._pending)
+
+    def _deliver(self, event: tuple[str, Any, Any]) -> None:
+        self._pending.append(event)
+        waiting = self._unreachable_since is not None
+        if waiting and time.monotonic() - self._last_attempt < RETRY_INTERVAL_S:
+            return
+        self._flush()
+
+    def _flush(self) -> None:
+        self._last_attempt = time.monotonic()
+        while self._pending:
+            kind, trial, payload = self._pending[0]
+            try:
+                if kind == "start":
+                    self.run_for(trial)
+                elif kind == "result":
+                    self.log_result(trial, payload)
+                else:
+                    self.finish(trial, errored=payload)
+            except Exception as error:
+                if not store_unreachable(error):
+                    raise
+                if self._unreachable_since is None:
+                    self._unreachable_since = time.monotonic()
+                    print(
+                        f"dkd-tune: warning: MLflow store {self.tracking_uri} unreachable "
+                        f"({type(error).__name__}); the search goes on, and its runs are filled in when it is back"
+                    )
+                return
+            self._pending.pop(0)
+        if self._unreachable_since is not None:
+            away = time.monotonic() - self._unreachable_since
+            print(
+                f"dkd-tune: MLflow store {self.tracking_uri} reachable again after {away:.0f} s; runs caught up"
+            )
+            self._unreachable_since = None
+
+    def log_result(self, trial: Any, result: Mapping[str, Any]) -> None:
         run_id = self.run_for(trial)
         step, metrics, timestamp_ms = epoch_metrics(result)
         if step <= self._last_step.get(run_id, 0):
             return  # already logged before an interruption: a resumed trial replays from its checkpoint
         log_metrics(self.client, run_id, metrics, step, timestamp_ms)
         self._last_step[run_id] = step
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.finish(trial, errored=False)
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.finish(trial, errored=True)
 
     def finish(self, trial: Any, *, errored: bool) -> None:
         run_id = self.run_for(trial)

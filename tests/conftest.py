@@ -65,9 +65,9 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_ui(directory: Path) -> RunningUI:
-    """Start `dkd-tune ui` on a new SQLite store in `directory` and wait until it answers HTTP 200."""
-    port = free_port()
+def start_ui(directory: Path, port: int | None = None) -> RunningUI:
+    """Start `dkd-tune ui` on the SQLite store in `directory` (new or not) and wait until it answers HTTP 200."""
+    port = port or free_port()
     store_uri = f"sqlite:///{directory / 'mlflow.db'}"
     log_path = directory / "ui.log"
     env = dict(os.environ)

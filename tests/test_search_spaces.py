@@ -91,3 +91,92 @@ def test_cifar_shufflenet_follows_table_a1(tmp_path):
         low, high = space.space_for(teacher)["beta"].loguniform
         assert low < paper_best[teacher.model] < high
         assert space.base_recipe(teacher).lr == 0.01  # ShuffleV1
+
+
+def demo_part(tmp_path):
+    space = load_search_space(
+        ROOT / "search_spaces" / "demo.yaml",
+        placeholder_inputs(ROOT / "search_spaces" / "demo.yaml", tmp_path),
+    )
+    part_name, teacher = next((name, t) for name, t in search_parts(space) if t is not None)
+    return space, teacher, trial_plan(space, teacher, None, part_name)
+
+
+def test_the_search_file_maps_to_optuna_distributions_seed_and_budget(tmp_path):
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    from dkd_tune.search import search_algorithm
+
+    space, teacher, _ = demo_part(tmp_path)
+    searcher, param_space, num_samples = search_algorithm(space, space.space_for(teacher))
+    assert isinstance(searcher, OptunaSearch) and param_space == {} and num_samples == 8
+    distributions = searcher._space  # what Optuna samples from, by name
+    assert distributions == {
+        "beta": optuna.distributions.FloatDistribution(0.5, 8.0, log=True),
+        "temperature": optuna.distributions.CategoricalDistribution([2, 4]),
+    }  # alpha is fixed: not searched
+    sampler = searcher._sampler
+    assert isinstance(sampler, optuna.samplers.TPESampler)
+
+
+def _suggestions(space, teacher, count: int) -> list[dict]:
+    from dkd_tune.search import search_algorithm
+
+    searcher, _, _ = search_algorithm(space, space.space_for(teacher))
+    return [searcher.suggest(f"trial-{index}") for index in range(count)]
+
+
+def test_one_seed_gives_the_same_trials_and_another_seed_others(tmp_path):
+    space, teacher, _ = demo_part(tmp_path)
+    first, again = _suggestions(space, teacher, 4), _suggestions(space, teacher, 4)
+    assert first == again
+    reseeded = space.model_copy(update={"search": space.search.model_copy(update={"seed": 1})})
+    assert _suggestions(reseeded, teacher, 4) != first
+    assert all(0.5 <= trial["beta"] <= 8.0 and trial["temperature"] in (2, 4) for trial in first)
+
+
+@pytest.mark.parametrize(
+    ("kind", "value", "sampler_name"),
+    [
+        ("loguniform", [0.5, 8.0], "LogUniform"),
+        ("uniform", [0.5, 8.0], "Uniform"),
+        ("int", [5, 30], "Uniform"),
+    ],
+)
+def test_random_search_maps_each_distribution_to_its_tune_sampler(tmp_path, kind, value, sampler_name):
+    from ray.tune.search import BasicVariantGenerator
+
+    from dkd_tune.config import Distribution
+    from dkd_tune.search import search_algorithm
+
+    space, _, _ = demo_part(tmp_path)
+    space = space.model_copy(update={"search": space.search.model_copy(update={"algorithm": "random"})})
+    searcher, param_space, num_samples = search_algorithm(
+        space, {"beta": Distribution.model_validate({kind: value})}
+    )
+    assert isinstance(searcher, BasicVariantGenerator) and num_samples == 8
+    domain = param_space["beta"]
+    assert type(domain.get_sampler()).__name__.lstrip("_") == sampler_name
+    assert type(domain).__name__ == ("Integer" if kind == "int" else "Float")
+    assert (domain.lower, domain.upper) == ((5, 31) if kind == "int" else (0.5, 8.0))  # int: both ends in
+
+
+def test_asha_rungs_follow_the_scheduler_settings(tmp_path):
+    from dkd_tune.search import asha_scheduler
+
+    space, _, plan = demo_part(tmp_path)
+    scheduler = asha_scheduler(space, plan.max_epochs)
+    assert scheduler._time_attr == "epoch" and scheduler._max_t == 8
+    (bracket,) = scheduler._brackets
+    assert sorted(milestone for milestone, _ in bracket._rungs) == [
+        2,
+        4,
+        8,
+    ]  # grace 2, factor 2, up to max_t 8
+    assert (
+        asha_scheduler(
+            space.model_copy(update={"scheduler": space.scheduler.model_copy(update={"type": "none"})}), 8
+        )
+        is None
+    )
