@@ -514,6 +514,7 @@ def _predict_beta(prepared, data_spec, options) -> float | None:
 def _run_part(space, part_name, teacher, teachers, shared_ref, experiment_dir, state, options) -> None:
     from ray import tune
 
+    from dkd_tune.study import study_storage_url
     from dkd_tune.tune_signals import StopOnSignal
     from trainables import distillation_trainable
 
@@ -554,7 +555,15 @@ def _run_part(space, part_name, teacher, teachers, shared_ref, experiment_dir, s
         options.log(f"dkd-tune: resuming part '{part_name}' from {part_dir}")
         tuner = tune.Tuner.restore(str(part_dir), trainable, resume_unfinished=True, resume_errored=True)
     else:
-        tuner = new_tuner(space, part_name, teacher, plan, trainable, run_config)
+        tuner = new_tuner(
+            space,
+            part_name,
+            teacher,
+            plan,
+            trainable,
+            run_config,
+            study_storage=study_storage_url(experiment_dir),
+        )
         options.log(
             f"dkd-tune: part '{part_name}': starting ({plan.loss_mode}, up to {plan.max_epochs} epochs per trial)"
         )
@@ -578,14 +587,24 @@ def _trial_logger(space, part_name, teacher, teachers, state):
     )
 
 
-def new_tuner(space: SearchSpaceFile, part_name: str, teacher, plan, trainable, run_config):
-    """The Ray Tune Tuner of one part: its searcher, ASHA and budget (a baseline runs once, unpruned)."""
+def new_tuner(
+    space: SearchSpaceFile, part_name: str, teacher, plan, trainable, run_config, *, study_storage=None
+):
+    """The Ray Tune Tuner of one part: its searcher, ASHA and budget (a baseline runs once, unpruned).
+
+    `study_storage` is the Optuna storage URL where the part's study persists (in memory if None).
+    """
     from ray import tune
     from ray.tune.search import Searcher
 
+    from dkd_tune.study import study_name
+
     is_baseline = part_name.startswith(BASELINE_PREFIX)
     searcher, param_space, num_samples = search_algorithm(
-        space, {} if is_baseline else space.space_for(teacher)
+        space,
+        {} if is_baseline else space.space_for(teacher),
+        max_epochs=plan.max_epochs,
+        study=(study_storage, study_name(space.name, part_name)) if study_storage else None,
     )
     return tune.Tuner(
         trainable,
@@ -641,8 +660,17 @@ def _fixed_params(space, plan, teacher, teachers) -> dict[str, Any]:
     return params
 
 
-def search_algorithm(space: SearchSpaceFile, searched: dict[str, Distribution]):
-    """(search algorithm, Tuner param_space, num_samples) for one part."""
+def search_algorithm(
+    space: SearchSpaceFile,
+    searched: dict[str, Distribution],
+    *,
+    max_epochs: int | None = None,
+    study: tuple[str, str] | None = None,
+):
+    """(search algorithm, Tuner param_space, num_samples) for one part.
+
+    `study` is (Optuna storage URL, study name): where the part's TPE study persists (in memory if None).
+    """
     from ray.tune.search import BasicVariantGenerator
 
     variable = {name: d for name, d in searched.items() if d.kind != "fixed"}
@@ -653,16 +681,23 @@ def search_algorithm(space: SearchSpaceFile, searched: dict[str, Distribution]):
         return BasicVariantGenerator(random_state=settings.seed, max_concurrent=concurrency), {}, 1
     if settings.algorithm == "optuna":
         import optuna
-        from ray.tune.search.optuna import OptunaSearch
+
+        from dkd_tune.study import TruthfulOptunaSearch
 
         startup = max(MIN_STARTUP_TRIALS, min(MAX_STARTUP_TRIALS, settings.num_samples // 3))
         sampler = optuna.samplers.TPESampler(seed=settings.seed, n_startup_trials=startup, multivariate=True)
         distributions = {name: _optuna_distribution(d) for name, d in variable.items()}
-        return (
-            OptunaSearch(space=distributions, metric=space.metric, mode=space.mode, sampler=sampler),
-            {},
-            settings.num_samples,
+        storage, name = study if study is not None else (None, None)
+        searcher = TruthfulOptunaSearch(
+            space=distributions,
+            metric=space.metric,
+            mode=space.mode,
+            sampler=sampler,
+            max_epochs=max_epochs or space.max_epochs(),
+            storage=optuna.storages.RDBStorage(storage) if storage else None,
+            study_name=name,
         )
+        return searcher, {}, settings.num_samples
     param_space = {name: _tune_distribution(d, settings.algorithm) for name, d in variable.items()}
     return (
         BasicVariantGenerator(random_state=settings.seed, max_concurrent=concurrency),

@@ -32,40 +32,35 @@ def study_name(search_name: str, part_name: str) -> str:
 class TruthfulOptunaSearch(OptunaSearch):
     """`OptunaSearch` that reports epochs as steps and tells Optuna COMPLETE, PRUNED or FAIL as it was."""
 
-    def __init__(self, *args: Any, max_epochs: int, **kwargs: Any):
-        super().__init__(*args, **kwargs)
+    def __init__(self, *, max_epochs: int, **kwargs: Any):
+        super().__init__(**kwargs)
         self.max_epochs = max_epochs
 
     def suggest(self, trial_id: str):
         config = super().suggest(trial_id)
-        trial = self._ot_trials.get(trial_id)
-        if trial is not None:  # so the study's trials can be matched with Ray's (dashboard, tests)
-            trial.set_user_attr(RAY_TRIAL_ID_ATTR, trial_id)
+        # So the study's trials can be matched with Ray's (optuna-dashboard, the tests).
+        self._ot_trials[trial_id].set_user_attr(RAY_TRIAL_ID_ATTR, trial_id)
         return config
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
-            return
-        value = result.get(self.metric)
-        if value is None:
-            return
-        # The epoch, not Ray's iteration count: a trial resumed from a checkpoint keeps its steps.
-        step = int(result.get("epoch", result.get("training_iteration", 0)))
+        if trial_id in self._completed_trials:
+            return  # a late result of a finished trial: Optuna takes no report after `tell`
         trial = self._ot_trials[trial_id]
+        # The epoch, not Ray's iteration count, which restarts when a trial resumes from a checkpoint.
+        step = int(result["epoch"])
         # A resumed trial replays epochs from its checkpoint; a step is reported once (Optuna warns).
         if step not in trial.storage.get_trial(trial._trial_id).intermediate_values:
-            trial.report(float(value), step)
+            trial.report(float(result[self.metric]), step)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+        if trial_id in self._completed_trials:
             return
-        trial = self._ot_trials[trial_id]
-        value = (result or {}).get(self.metric)
-        epochs = int((result or {}).get("epoch", 0) or 0)
-        if error or value is None:
-            self._ot_study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        elif epochs >= self.max_epochs:
-            self._ot_study.tell(trial, float(value), state=optuna.trial.TrialState.COMPLETE)
+        result = result or {}
+        if error or self.metric not in result:
+            state, value = optuna.trial.TrialState.FAIL, None
+        elif int(result["epoch"]) >= self.max_epochs:
+            state, value = optuna.trial.TrialState.COMPLETE, float(result[self.metric])
         else:  # stopped early by the scheduler (or diverged): ranked by its step, then its last value
-            self._ot_study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            state, value = optuna.trial.TrialState.PRUNED, None
+        self._ot_study.tell(self._ot_trials[trial_id], value, state=state)
         self._completed_trials.add(trial_id)

@@ -186,3 +186,15 @@ def test_bad_inputs_raise_value_errors():
         kd_loss(torch.zeros(2, 1), torch.zeros(2, 1), 1.0)
     with pytest.raises(ValueError, match="reduction"):
         kd_loss(logits, logits, 1.0, reduction="batchmean")
+
+
+@pytest.mark.parametrize("loss", ["tckd_loss", "nckd_loss"])
+def test_decoupled_losses_average_over_the_batch_by_default(loss):
+    import dkd_tune.losses as losses
+
+    generator = torch.Generator().manual_seed(1)
+    student, teacher = torch.randn(6, 5, generator=generator), torch.randn(6, 5, generator=generator)
+    target = torch.arange(6) % 5
+    function = getattr(losses, loss)
+    per_sample = function(student, teacher, target, 2.0, reduction="none")
+    assert function(student, teacher, target, 2.0).item() == pytest.approx(per_sample.mean().item(), rel=1e-6)

@@ -133,6 +133,7 @@ def test_run_end_to_end_through_the_cli(tmp_path):
             assert float(run.data.params["beta"]) == pytest.approx(row["beta"])
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"results.parquet", "search.yaml", "probes.parquet"} <= artifacts
+    check_optuna_was_told_the_truth(experiment, searched)
 
     # The best two trials were probed on STL-10, each probe run nested under its trial's run.
     probes = pd.read_parquet(experiment / "probes.parquet")
@@ -144,6 +145,29 @@ def test_run_end_to_end_through_the_cli(tmp_path):
         assert run.data.tags[TAG_KIND] == "probe"
         assert run.data.tags[TAG_PARENT] == by_trial[probe["trial_id"]].info.run_id
         assert len(client.get_metric_history(run.info.run_id, "test_acc")) == 40
+
+
+def check_optuna_was_told_the_truth(experiment: Path, searched: pd.DataFrame) -> None:
+    """The part's persistent study: COMPLETE only at full budget, PRUNED with every epoch's value, as in Ray."""
+    import optuna
+
+    from analysis.results import trial_histories
+
+    study = optuna.load_study(study_name="e2e/teacher", storage=f"sqlite:///{experiment / 'optuna.db'}")
+    by_ray_id = {trial.user_attrs["ray_trial_id"]: trial for trial in study.trials}
+    assert set(by_ray_id) == set(searched["trial_id"])
+    histories = trial_histories(experiment)
+    for row in searched.itertuples():
+        trial = by_ray_id[row.trial_id]
+        expected_state = {"completed": "COMPLETE", "stopped": "PRUNED", "errored": "FAIL"}[row.status]
+        assert trial.state.name == expected_state, (row.trial_id, row.status, trial.state)
+        assert trial.intermediate_values == {
+            result["epoch"]: pytest.approx(result["test_acc"]) for result in histories[row.trial_id]
+        }
+        assert trial.params["beta"] == pytest.approx(row.beta)
+        if expected_state == "COMPLETE":
+            assert trial.value == pytest.approx(row.final_test_acc)
+    assert {trial.state.name for trial in study.trials} >= {"COMPLETE", "PRUNED"}
 
 
 def test_resume_after_the_driver_is_killed(tmp_path):

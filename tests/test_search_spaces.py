@@ -180,3 +180,101 @@ def test_asha_rungs_follow_the_scheduler_settings(tmp_path):
         )
         is None
     )
+
+
+@pytest.mark.parametrize(
+    ("kind", "value", "expected"),
+    [
+        ("uniform", [0.5, 8.0], "FloatDistribution(0.5, 8.0)"),
+        ("loguniform", [0.5, 8.0], "FloatDistribution(0.5, 8.0, log=True)"),
+        ("int", [5, 30], "IntDistribution(5, 30)"),
+        ("choice", [2, 4, 8], "CategoricalDistribution([2, 4, 8])"),
+    ],
+)
+def test_each_distribution_becomes_its_optuna_distribution(tmp_path, kind, value, expected):
+    import optuna
+
+    from dkd_tune.config import Distribution
+    from dkd_tune.search import search_algorithm
+
+    space, _, _ = demo_part(tmp_path)
+    searcher, _, _ = search_algorithm(space, {"beta": Distribution.model_validate({kind: value})})
+    assert searcher._space == {"beta": eval(expected, {**vars(optuna.distributions)})}
+
+
+def with_search(space, **changes):
+    return space.model_copy(update={"search": space.search.model_copy(update=changes)})
+
+
+@pytest.mark.parametrize(("num_samples", "startup"), [(3, 2), (8, 2), (24, 8), (60, 10)])
+def test_tpe_starts_with_a_third_of_the_budget_at_random_within_2_to_10(tmp_path, num_samples, startup):
+    from dkd_tune.search import search_algorithm
+
+    space, teacher, _ = demo_part(tmp_path)
+    searcher, _, samples = search_algorithm(
+        with_search(space, num_samples=num_samples), space.space_for(teacher)
+    )
+    assert samples == num_samples
+    sampler = searcher._sampler
+    assert sampler._n_startup_trials == startup and isinstance(sampler._n_startup_trials, int)
+    assert sampler._multivariate is True
+    assert (searcher.metric, searcher.mode) == ("test_acc", "max")
+
+
+def test_grid_and_random_algorithms_map_choice_and_grid(tmp_path):
+    from ray.tune.search import BasicVariantGenerator
+    from ray.tune.search.sample import Categorical
+
+    from dkd_tune.config import Distribution
+    from dkd_tune.search import search_algorithm
+
+    space, _, _ = demo_part(tmp_path)
+    searched = {
+        "temperature": Distribution.model_validate({"choice": [2, 4]}),
+        "alpha": Distribution.model_validate({"grid": [0.5, 1.0]}),
+    }
+    grid, grid_space, _ = search_algorithm(
+        with_search(space, algorithm="grid", max_concurrent_trials=3), searched
+    )
+    assert grid_space == {"temperature": {"grid_search": [2, 4]}, "alpha": {"grid_search": [0.5, 1.0]}}
+    assert isinstance(grid, BasicVariantGenerator) and grid.max_concurrent == 3
+    _, random_space, _ = search_algorithm(with_search(space, algorithm="random"), searched)
+    assert isinstance(random_space["temperature"], Categorical)
+    assert random_space["temperature"].categories == [2, 4]
+    assert random_space["alpha"] == {"grid_search": [0.5, 1.0]}  # grid: every value, whatever the algorithm
+
+
+def test_random_search_is_seeded_and_limits_concurrency(tmp_path):
+    from dkd_tune.config import Distribution
+    from dkd_tune.search import search_algorithm
+
+    space, _, _ = demo_part(tmp_path)
+    searched = {"beta": Distribution.model_validate({"loguniform": [0.5, 8.0]})}
+
+    def generator(seed, concurrency):
+        found, _, _ = search_algorithm(
+            with_search(space, algorithm="random", seed=seed, max_concurrent_trials=concurrency), searched
+        )
+        return found
+
+    def first_draw(seed):
+        return generator(seed, 2)._random_state.uniform()
+
+    assert first_draw(0) == first_draw(0) != first_draw(5)  # the seed fixes the generator's draws
+    assert generator(0, 2).max_concurrent == 2
+    assert generator(0, None).max_concurrent == 0  # 0: no limit of its own
+
+
+def test_a_part_with_nothing_to_search_runs_once_seeded(tmp_path):
+    from ray.tune.search import BasicVariantGenerator
+
+    from dkd_tune.search import search_algorithm
+
+    space, _, _ = demo_part(tmp_path)
+    searcher, param_space, samples = search_algorithm(with_search(space, max_concurrent_trials=2), {})
+    assert isinstance(searcher, BasicVariantGenerator) and param_space == {} and samples == 1
+    seeded, _, _ = search_algorithm(with_search(space, max_concurrent_trials=2), {})
+    assert searcher._random_state.uniform() == seeded._random_state.uniform()
+    other, _, _ = search_algorithm(with_search(space, seed=space.search.seed + 1), {})
+    assert other._random_state.uniform() != seeded._random_state.uniform()
+    assert searcher.max_concurrent == 2

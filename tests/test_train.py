@@ -338,3 +338,18 @@ def test_alpha_weights_tckd_and_beta_weights_nckd_in_training(loss_mode):
     ce = torch.nn.functional.cross_entropy(logits, labels).item()
     weighted = {"dkd": 0.7 * tckd + 5.0 * nckd, "tckd": 0.7 * tckd, "nckd": 5.0 * nckd}[loss_mode]
     assert total.item() == pytest.approx(ce + weighted, rel=1e-6)  # the objective takes CE in float32
+
+
+def test_kd_weight_weights_classic_kd_in_training():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(8, CLASSES, generator=generator, dtype=torch.float64)
+    teacher_logits = 3 * torch.randn(8, CLASSES, generator=generator, dtype=torch.float64)
+    labels = torch.arange(8) % CLASSES
+    recipe = short_recipe(kd_weight=3.0, temperature=2.0)
+    total, parts = training_objective("kd", logits, teacher_logits, labels, recipe, 0.5)
+    p_s = torch.softmax(logits / 2.0, dim=1)
+    p_t = torch.softmax(teacher_logits / 2.0, dim=1)
+    kd = 4.0 * (p_t * (p_t / p_s).log()).sum(dim=1).mean().item()  # T^2 KL(p^T || p^S), batch mean
+    assert parts["kd"].item() == pytest.approx(kd, rel=1e-9)
+    ce = torch.nn.functional.cross_entropy(logits, labels).item()
+    assert total.item() == pytest.approx(ce + 0.5 * 3.0 * kd, rel=1e-6)

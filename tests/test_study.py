@@ -1,0 +1,69 @@
+"""The part's Optuna study: persistent in SQLite, and told COMPLETE, PRUNED or FAIL as each trial ended."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+
+from dkd_tune.config import Distribution
+from dkd_tune.search import search_algorithm
+from dkd_tune.study import RAY_TRIAL_ID_ATTR
+from tests.test_search_spaces import demo_part
+
+
+def searcher_in(tmp_path, max_epochs=4):
+    space, _, _ = demo_part(tmp_path)
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    searched = {"beta": Distribution.model_validate({"loguniform": [0.5, 8.0]})}
+    searcher, _, _ = search_algorithm(space, searched, max_epochs=max_epochs, study=(url, "demo/resnet20"))
+    return searcher, url
+
+
+def test_the_study_persists_in_the_search_folder_under_the_part_s_name(tmp_path):
+    searcher, url = searcher_in(tmp_path)
+    config = searcher.suggest("ray-trial-1")
+    study = optuna.load_study(study_name="demo/resnet20", storage=url)  # another process could open it
+    (trial,) = study.trials
+    assert trial.params == config and trial.user_attrs[RAY_TRIAL_ID_ATTR] == "ray-trial-1"
+
+
+def test_a_search_file_s_budget_is_the_default_full_budget(tmp_path):
+    space, teacher, _ = demo_part(tmp_path)
+    searcher, _, _ = search_algorithm(space, space.space_for(teacher))
+    assert searcher.max_epochs == space.max_epochs() == 8
+    assert searcher_in(tmp_path, max_epochs=5)[0].max_epochs == 5
+
+
+def test_trials_are_told_complete_pruned_or_fail_as_they_ended(tmp_path):
+    searcher, url = searcher_in(tmp_path, max_epochs=4)
+    for trial_id in ("full", "stopped", "crashed"):
+        searcher.suggest(trial_id)
+    accuracies = {"full": [30.0, 40.0, 45.0, 50.0], "stopped": [20.0, 25.0], "crashed": [10.0]}
+    for trial_id, values in accuracies.items():
+        for epoch, value in enumerate(values, start=1):
+            searcher.on_trial_result(
+                trial_id, {"test_acc": value, "epoch": epoch, "training_iteration": epoch}
+            )
+    searcher.on_trial_result("stopped", {"test_acc": 25.0, "epoch": 2})  # a resumed trial replays an epoch
+    searcher.on_trial_complete("full", {"test_acc": 50.0, "epoch": 4})
+    searcher.on_trial_complete("stopped", {"test_acc": 25.0, "epoch": 2})
+    searcher.on_trial_complete("crashed", {"test_acc": 10.0, "epoch": 1}, error=True)
+    searcher.on_trial_result("full", {"test_acc": 99.0, "epoch": 5})  # late: ignored, not an error
+    searcher.on_trial_complete("full", {"test_acc": 99.0, "epoch": 5})
+
+    study = optuna.load_study(study_name="demo/resnet20", storage=url)
+    by_ray_id = {trial.user_attrs[RAY_TRIAL_ID_ATTR]: trial for trial in study.trials}
+    full, stopped, crashed = by_ray_id["full"], by_ray_id["stopped"], by_ray_id["crashed"]
+    assert full.state == optuna.trial.TrialState.COMPLETE and full.value == pytest.approx(50.0)
+    assert full.intermediate_values == {1: 30.0, 2: 40.0, 3: 45.0, 4: 50.0}
+    assert stopped.state == optuna.trial.TrialState.PRUNED
+    assert stopped.intermediate_values == {1: 20.0, 2: 25.0}
+    assert crashed.state == optuna.trial.TrialState.FAIL and crashed.value is None
+
+
+def test_a_trial_without_any_result_failed(tmp_path):
+    searcher, url = searcher_in(tmp_path)
+    searcher.suggest("silent")
+    searcher.on_trial_complete("silent", None)
+    (trial,) = optuna.load_study(study_name="demo/resnet20", storage=url).trials
+    assert trial.state == optuna.trial.TrialState.FAIL
