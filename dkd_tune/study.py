@@ -56,6 +56,8 @@ class TruthfulOptunaSearch(OptunaSearch):
         if trial_id in self._completed_trials:
             return
         result = result or {}
+        if not error and self.metric in result:
+            self.on_trial_result(trial_id, result)  # Tune hands a trial's last result only to this hook
         if error or self.metric not in result:
             state, value = optuna.trial.TrialState.FAIL, None
         elif int(result["epoch"]) >= self.max_epochs:

@@ -80,3 +80,21 @@ def test_search_overhead_runs_a_one_trial_search(tmp_path):
     raw = json.loads((tmp_path / "r.json").read_text())
     assert raw["search"][0]["epochs"] == raw["direct"][0]["fit_epochs"] == 3
     assert 0 < raw["search"][0]["ray_time_total"] <= raw["search"][0]["trial_wall"]
+
+
+@pytest.mark.slow
+def test_rung_correlation_runs_and_writes_its_curves(tmp_path):
+    result = run_script("benchmarks/rung_correlation.py", "--tiny", "--out", str(tmp_path), cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [(c["beta"], len(c["test_acc"])) for c in saved["curves"]] == [(1.0, 2), (8.0, 2)]
+    assert "| rung (epoch) |" in result.stdout
+
+
+def test_spearman_matches_its_definition_with_ties():
+    from benchmarks.rung_correlation import spearman
+
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # Ties take their average rank: x ranks (0, 1.5, 1.5, 3), y ranks (0, 1, 2, 3).
+    assert spearman([1, 2, 2, 4], [1, 2, 3, 4]) == pytest.approx(0.9486832980505138)

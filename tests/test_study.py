@@ -40,11 +40,11 @@ def test_trials_are_told_complete_pruned_or_fail_as_they_ended(tmp_path):
         searcher.suggest(trial_id)
     accuracies = {"full": [30.0, 40.0, 45.0, 50.0], "stopped": [20.0, 25.0], "crashed": [10.0]}
     for trial_id, values in accuracies.items():
-        for epoch, value in enumerate(values, start=1):
-            searcher.on_trial_result(
-                trial_id, {"test_acc": value, "epoch": epoch, "training_iteration": epoch}
-            )
-    searcher.on_trial_result("stopped", {"test_acc": 25.0, "epoch": 2})  # a resumed trial replays an epoch
+        # As Tune does: every result but the last through on_trial_result, the last to on_trial_complete.
+        for epoch, value in enumerate(values[:-1], start=1):
+            # Ray's iteration count restarts when a trial resumes; the epoch is the step.
+            searcher.on_trial_result(trial_id, {"test_acc": value, "epoch": epoch, "training_iteration": 1})
+    searcher.on_trial_result("full", {"test_acc": 40.0, "epoch": 2})  # a resumed trial replays an epoch
     searcher.on_trial_complete("full", {"test_acc": 50.0, "epoch": 4})
     searcher.on_trial_complete("stopped", {"test_acc": 25.0, "epoch": 2})
     searcher.on_trial_complete("crashed", {"test_acc": 10.0, "epoch": 1}, error=True)
