@@ -31,7 +31,7 @@ from dkd_tune.config import (
 )
 from dkd_tune.errors import UserInputError
 from dkd_tune.interruption import SearchInterrupted, as_interruption, interruption_guard, tune_experiment
-from dkd_tune.search_plan import BASELINE_PREFIX, search_parts, trial_plan
+from dkd_tune.search_plan import BASELINE_PREFIX, rung_warnings, search_parts, trial_plan
 from dkd_tune.storage import atomic_path, atomic_write_json, atomic_write_text
 
 STATE_FILE = "state.json"
@@ -111,6 +111,8 @@ def run_search(space: SearchSpaceFile, source: Path, options: SearchOptions) -> 
     }
     atomic_write_json(experiment_dir / STATE_FILE, state)
     options.log(f"dkd-tune: search '{name}' in {experiment_dir}")
+    for warning in rung_warnings(space, str(source)):
+        options.log(warning)
     return _execute(space, experiment_dir, state, options, data)
 
 

@@ -37,3 +37,32 @@ def trial_plan(space: SearchSpaceFile, teacher: TeacherConfig | None, artifacts,
         compile=space.compile,
         cpus_per_trial=space.resources.cpu,
     )
+
+
+def rung_warnings(space: SearchSpaceFile, source: str) -> list[str]:
+    """One line per search file whose first ASHA rung falls strictly inside the distillation warm-up.
+
+    Until the warm-up ends the distillation term has only part of its weight, and accuracy there
+    barely ranks the trials (docs/benchmarks.md: Spearman 0.16 with the final accuracy one epoch
+    into the demo's warm-up, 0.79 at its end).
+    """
+    if space.scheduler.type != "asha" or space.loss == "ce":
+        return []
+    grace = space.scheduler.grace_period
+    longest = 0
+    for teacher in space.teachers:
+        warmup = space.space_for(teacher).get("warmup_epochs")
+        bounds = [space.base_recipe(teacher).warmup_epochs]
+        if warmup is not None:
+            bounds += [
+                max(warmup.int_range or warmup.uniform or warmup.choice or warmup.grid or [0]),
+                warmup.fixed or 0,
+            ]
+        longest = max(longest, *bounds)
+    if grace >= longest:
+        return []
+    return [
+        f"dkd-tune: warning: {source}: scheduler.grace_period {grace} puts ASHA's first rung inside the "
+        f"distillation warm-up (warmup_epochs up to {longest}), where accuracy barely ranks the trials; "
+        f"set scheduler.grace_period to at least {longest}"
+    ]

@@ -278,3 +278,29 @@ def test_a_part_with_nothing_to_search_runs_once_seeded(tmp_path):
     other, _, _ = search_algorithm(with_search(space, seed=space.search.seed + 1), {})
     assert other._random_state.uniform() != seeded._random_state.uniform()
     assert searcher.max_concurrent == 2
+
+
+@pytest.mark.parametrize(
+    ("grace", "warmup", "searched", "warned"),
+    [(2, 2, None, False), (1, 2, None, True), (3, 2, {"int": [1, 5]}, True), (5, 2, {"int": [1, 5]}, False)],
+)
+def test_a_first_rung_inside_the_warm_up_is_warned_about(tmp_path, grace, warmup, searched, warned):
+    from dkd_tune.config import Distribution
+    from dkd_tune.search_plan import rung_warnings
+
+    demo, _, _ = demo_part(tmp_path)
+    assert rung_warnings(demo, "demo.yaml") == []  # the demo's first rung is at the warm-up's end
+    space = demo.model_copy(
+        update={
+            "scheduler": demo.scheduler.model_copy(update={"grace_period": grace}),
+            "overrides": {**demo.overrides, "warmup_epochs": warmup},
+        }
+    )
+    if searched is not None:
+        space.space["warmup_epochs"] = Distribution.model_validate(searched)
+    lines = rung_warnings(space, "demo.yaml")
+    assert len(lines) == int(warned)
+    if warned:
+        longest = 5 if searched else warmup
+        assert lines[0].startswith(f"dkd-tune: warning: demo.yaml: scheduler.grace_period {grace} ")
+        assert lines[0].endswith(f"set scheduler.grace_period to at least {longest}")
