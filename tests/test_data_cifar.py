@@ -277,3 +277,17 @@ def test_download_true_uses_torchvision_and_reports_failures(tmp_path, monkeypat
         error.value
     )
     assert "\n" not in str(error.value)
+
+
+# Bytes that pickle reads as a length past the platform's limit (random garbage does this about 1%
+# of the time): BINUNICODE8, BINBYTES8 and BYTEARRAY8 opcodes with an 8-byte length of 2^64 - 1.
+@pytest.mark.parametrize("opcode", [b"\x8d", b"\x8e", b"\x96"])
+def test_a_length_past_the_platform_s_limit_is_one_line(tmp_path, opcode):
+    write_tiny_cifar(tmp_path)
+    path = tmp_path / "cifar-100-python" / "train"
+    path.write_bytes(b"\x80\x04" + opcode + (2**64 - 1).to_bytes(8, "little"))
+    with pytest.raises(UserInputError) as error:
+        read_cifar100(tmp_path, name="cifar100", how_to_get=HOW)
+    assert (
+        "\n" not in str(error.value) and str(path) in str(error.value) and "OverflowError" in str(error.value)
+    )

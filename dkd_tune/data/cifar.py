@@ -150,6 +150,8 @@ def _unpickle(path: Path, how_to_get: str) -> Any:
         IndexError,
         KeyError,
         MemoryError,
+        OverflowError,  # random bytes that read as a length past the platform's limit
+        RecursionError,
     ) as error:
         reason = type(error).__name__ if isinstance(error, EOFError) else f"{type(error).__name__}: {error}"
         raise UserInputError(
