@@ -275,9 +275,14 @@ def _search_phases(space, experiment_dir, state, options, data_spec, shared, sav
 
 def resume_command(experiment_dir: Path) -> str:
     """The exact command that continues the search in `experiment_dir`, from the current directory."""
-    if experiment_dir.parent == Path("./dkd_runs").resolve():
-        return f"dkd-tune resume {experiment_dir.name}"
-    return f"dkd-tune resume {experiment_dir}"
+    return f"dkd-tune resume {_command_target(experiment_dir)}"
+
+
+def _command_target(experiment_dir: Path) -> str:
+    """How a command names the search: its name under the default storage, else its folder."""
+    return (
+        experiment_dir.name if experiment_dir.parent == Path("./dkd_runs").resolve() else str(experiment_dir)
+    )
 
 
 def _close_interrupted_runs(state: dict[str, Any], options: SearchOptions) -> None:
@@ -806,10 +811,8 @@ def _sync_trial_runs(space, state, teachers, experiment_dir: Path, frame, option
     from types import SimpleNamespace
 
     from analysis.results import read_trials, trial_histories
-    from dkd_tune import tracking
 
-    try:
-        client = tracking.client_for(state["tracking_uri"])
+    def sync(client) -> None:
         _tag_parent_with_teachers(client, state["parent_run_id"], teachers)
         for part_name, teacher in search_parts(space):
             part_dir = experiment_dir / part_name
@@ -824,38 +827,37 @@ def _sync_trial_runs(space, state, teachers, experiment_dir: Path, frame, option
                 for result in record["history"]:
                     logger.log_result(trial, result)
         _reconcile_child_runs(client, state, frame, trial_histories(experiment_dir))
-    except Exception as error:
-        if not tracking.store_unreachable(error):
-            raise
-        _say_tracking_pending(state, experiment_dir, error, options)
-        return False
-    return True
+
+    return _tracking_step(state, experiment_dir, options, sync)
 
 
 def _close_search_run(state, experiment_dir: Path, frame, best, space, options) -> bool:
     """The search's MLflow run: results, analysis and best trial logged, then FINISHED."""
     from analysis.search_analysis import MLFLOW_ARTIFACT_DIR, log_analysis
-    from dkd_tune import tracking
 
-    try:
-        client = tracking.client_for(state["tracking_uri"])
+    def close(client) -> None:
         if (experiment_dir / MLFLOW_ARTIFACT_DIR).is_dir():
             log_analysis(client, state["parent_run_id"], experiment_dir / MLFLOW_ARTIFACT_DIR)
         _finish_parent_run(client, state["parent_run_id"], experiment_dir, frame, best, space)
+
+    return _tracking_step(state, experiment_dir, options, close)
+
+
+def _tracking_step(state, experiment_dir: Path, options, step: Callable[[Any], None]) -> bool:
+    """Run `step(client)` on the search's MLflow store; False, said in one line, if the store is unreachable."""
+    from dkd_tune import tracking
+
+    try:
+        step(tracking.client_for(state["tracking_uri"]))
     except Exception as error:
         if not tracking.store_unreachable(error):
             raise
-        _say_tracking_pending(state, experiment_dir, error, options)
+        options.log(
+            f"dkd-tune: MLflow store {state['tracking_uri']} unreachable ({type(error).__name__}): the results "
+            f"are complete in {experiment_dir}; when the store is back, run dkd-tune sync {_command_target(experiment_dir)}"
+        )
         return False
     return True
-
-
-def _say_tracking_pending(state, experiment_dir: Path, error: BaseException, options) -> None:
-    target = state["name"] if experiment_dir.parent == Path("./dkd_runs").resolve() else str(experiment_dir)
-    options.log(
-        f"dkd-tune: MLflow store {state['tracking_uri']} unreachable ({type(error).__name__}): the results "
-        f"are complete in {experiment_dir}; when the store is back, run dkd-tune sync {target}"
-    )
 
 
 def sync_search(name_or_path: str, options: SearchOptions) -> bool:

@@ -40,9 +40,9 @@ pytestmark = pytest.mark.slow
 class Search:
     """`dkd-tune run` in its own process group, its output read line by line as it comes."""
 
-    def __init__(self, space: Path, cwd: Path):
+    def __init__(self, space: Path, cwd: Path, command: str = "run"):
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "dkd_tune", "run", str(space)],
+            [sys.executable, "-m", "dkd_tune", command, str(space)],
             cwd=cwd, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             start_new_session=True,
         )  # fmt: skip
@@ -233,3 +233,39 @@ def test_a_signal_in_a_driver_phase_leaves_a_resumable_search(tmp_path, monkeypa
     assert outcome.best is not None
     check_finished_and_agreeing(tmp_path, experiment, trials=2)
     assert len(pd.read_parquet(experiment / "probes.parquet")) == 1
+
+
+def test_ctrl_c_stops_validate_beta_resumably_and_its_command_continues_it(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    teachers = [
+        {"model": "resnet8", "name": name, "train": {"overrides": {"epochs": epochs, "batch_size": 32}}}
+        for name, epochs in (("weak", 1), ("mid", 2), ("strong", 3))
+    ]
+    space = tiny_space(
+        tmp_path,
+        name="validation",
+        teachers=teachers,
+        overrides={"epochs": 3, "lr_milestones": [2], "warmup_epochs": 1, "batch_size": 32},
+        space={"beta": {"loguniform": [0.25, 16.0]}, "alpha": 1.0},
+        baselines=[],
+        search={"algorithm": "optuna", "seed": 0, "num_samples": 3, "max_concurrent_trials": 1},
+    )
+    validation = Search(space, tmp_path, command="validate-beta")
+    validation.wait_for_line("part 'weak': starting")  # inside the validation's search, trials running
+    validation.signal(signal.SIGINT)
+    assert validation.finish() == 130, validation.output()[-3000:]
+    (line,) = [line for line in validation.output().splitlines() if "to continue, run" in line]
+    assert line.endswith(f"to continue, run dkd-tune validate-beta {space}")
+    folder = tmp_path / "runs" / "validation"
+    state = json.loads((folder / "validation.json").read_text())
+    assert state["status"] == "interrupted" and state["sessions"][-1]["outcome"] == "interrupted"
+    client = MlflowClient(tracking_uri=state["tracking_uri"])
+    assert client.get_run(state["validation_run_id"]).info.status == "KILLED"
+    search_state = json.loads((folder / "validation-search" / "state.json").read_text())
+    assert search_state["status"] == "interrupted"
+
+    again = cli("validate-beta", str(space), cwd=tmp_path)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert json.loads((folder / "validation.json").read_text())["status"] == "done"
+    assert client.get_run(state["validation_run_id"]).info.status == "FINISHED"
