@@ -33,6 +33,7 @@ from tests.test_search_e2e import (
     tiny_space,
     write_probe_data,
 )
+from tests.test_validation import validation_file  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -235,22 +236,10 @@ def test_a_signal_in_a_driver_phase_leaves_a_resumable_search(tmp_path, monkeypa
     assert len(pd.read_parquet(experiment / "probes.parquet")) == 1
 
 
-def test_ctrl_c_stops_validate_beta_resumably_and_its_command_continues_it(tmp_path):
+def test_ctrl_c_stops_validate_beta_resumably_and_its_command_continues_it(validation_file, tmp_path):  # noqa: F811
     from mlflow.tracking import MlflowClient
 
-    teachers = [
-        {"model": "resnet8", "name": name, "train": {"overrides": {"epochs": epochs, "batch_size": 32}}}
-        for name, epochs in (("weak", 1), ("mid", 2), ("strong", 3))
-    ]
-    space = tiny_space(
-        tmp_path,
-        name="validation",
-        teachers=teachers,
-        overrides={"epochs": 3, "lr_milestones": [2], "warmup_epochs": 1, "batch_size": 32},
-        space={"beta": {"loguniform": [0.25, 16.0]}, "alpha": 1.0},
-        baselines=[],
-        search={"algorithm": "optuna", "seed": 0, "num_samples": 3, "max_concurrent_trials": 1},
-    )
+    space = validation_file  # 3 teachers, beta searched
     validation = Search(space, tmp_path, command="validate-beta")
     validation.wait_for_line("part 'weak': starting")  # inside the validation's search, trials running
     validation.signal(signal.SIGINT)
