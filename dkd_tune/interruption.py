@@ -120,12 +120,11 @@ def tune_experiment() -> Iterator[None]:
 
 
 def as_interruption(error: BaseException) -> SearchInterrupted:
-    """A KeyboardInterrupt as the interruption it is (Ray turns a handler's exception raised inside a
-    blocking call such as `ray.get` into KeyboardInterrupt), with the signal that was received."""
-    if isinstance(error, SearchInterrupted):
-        return error
-    received = _active.signum if _active is not None else None
-    return SearchInterrupted(received or signal.SIGINT)
+    """A plain KeyboardInterrupt (Ctrl-C before the guard was installed) as the interruption it is.
+
+    A signal the guard received is already a `SearchInterrupted` when it leaves the guard.
+    """
+    return error if isinstance(error, SearchInterrupted) else SearchInterrupted(signal.SIGINT)
 
 
 def raise_if_interrupted() -> None:
