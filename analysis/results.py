@@ -49,6 +49,8 @@ RESULT_COLUMNS: dict[str, str] = {
     "final_test_acc": "float64",
     "best_test_acc": "float64",
     "final_test_acc_top5": "float64",
+    "final_val_acc": "float64",
+    "final_val_loss": "float64",
     "final_train_acc": "float64",
     "final_train_loss": "float64",
     "wall_time_s": "float64",
@@ -212,6 +214,8 @@ def trial_row(trial: Mapping[str, Any], part_dir: Path, max_epochs: int) -> dict
         if history
         else None,
         "final_test_acc_top5": last.get("test_acc_top5"),
+        "final_val_acc": last.get("val_acc"),
+        "final_val_loss": last.get("val_loss"),
         "final_train_acc": last.get("train_acc"),
         "final_train_loss": last.get("train_loss"),
         "wall_time_s": last.get("time_total_s"),

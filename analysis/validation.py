@@ -1,17 +1,22 @@
-"""`dkd-tune validate-beta`: does auto-beta land near the beta a search finds? Search, predict held out, train at the prediction, compare.
+"""`dkd-tune validate-beta`: is auto-beta's beta as good as the best beta? A teacher x beta x seed grid of full runs is the ground truth.
 
-A validation is a folder `<storage>/<name>/` holding `validation.json` (its state), the beta
-search `<name>-search` (an ordinary search: one ASHA-pruned Optuna part per teacher, teachers
-trained once into `teachers/` and their gaps measured), the full runs at the predicted betas
-`<name>-autobeta` (an ordinary grid search over those betas, reusing the trained teachers) and
-the report. Both searches are run and resumed by `dkd_tune.search`, so an interrupted validation
-continues where it stopped when the same command is run again. In MLflow, the validation is one
-run with both searches' parent runs nested under it.
+A validation is a folder `<storage>/<name>/` holding `validation.json` (its state), the grid
+search `<name>-grid` (an ordinary search: every teacher trained once into `teachers/`, its gap
+measured, then every grid beta with every seed trained for the full budget, nothing pruned, plus
+the student trained alone), and what is computed from the grid: the per-epoch curves
+(`curves.parquet`, the oracle of replayed searches), the ASHA-pruned Optuna searches replayed on
+those curves (`replays.parquet`), the comparison of auto-beta (leave-one-teacher-out), the
+constant baseline and the searches with bootstrap intervals, the calibration fitted on every
+teacher (`calibration.json`) and the report. The grid search is run and resumed by
+`dkd_tune.search`, so an interrupted validation continues where it stopped when the same
+command is run again. In MLflow, the validation is one run with the grid search nested under it.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
 import platform
 import time
@@ -30,10 +35,14 @@ from dkd_tune.storage import atomic_write_json, atomic_write_text
 
 STATE_FILE = "validation.json"
 CONFIG_FILE = "validate.yaml"
-AUTOBETA_CONFIG_FILE = "autobeta.yaml"
-SEARCH_SUFFIX = "-search"
-AUTOBETA_SUFFIX = "-autobeta"
-SEARCHED = ("beta",)
+GRID_CONFIG_FILE = "grid.yaml"
+GRID_SUFFIX = "-grid"
+CURVES_FILE = "curves.parquet"
+REPLAYS_FILE = "replays.parquet"
+CALIBRATION_FILE = "calibration.json"
+SEARCHED = ("beta", "seed")
+DEFAULT_RESAMPLES = 1000
+DEFAULT_SEARCH_TRIALS = 12
 
 
 @dataclass
@@ -44,9 +53,9 @@ class ValidationOptions:
     storage: str | None = None
     tracking_uri: str | None = None
     address: str | None = None
-    calibration: str | None = (
-        None  # a calibration file for the dataset's family, evaluated beside leave-one-out
-    )
+    calibration: str | None = None  # a calibration to check on this grid (e.g. one fitted on another dataset)
+    resamples: int = DEFAULT_RESAMPLES  # bootstrap resamples
+    search_trials: int = DEFAULT_SEARCH_TRIALS  # trials of each replayed ASHA-pruned Optuna search
     command: str = ""  # the command line, for the report
     log: Callable[[str], None] = print
 
@@ -55,15 +64,15 @@ class ValidationOptions:
 class ValidationOutcome:
     folder: Path
     report_path: Path
-    evaluation_path: Path
-    compute_path: Path
+    comparison_path: Path
+    calibration_path: Path
     figures: list[Path]
     summary: str
-    evaluation: pd.DataFrame = field(repr=False)
+    comparison: pd.DataFrame = field(repr=False)
 
 
 def check_validation_space(space: SearchSpaceFile, source: Path) -> None:
-    """A validation searches beta alone, for at least three teachers, with the DKD loss; one line if not."""
+    """A validation is a DKD grid over a log2 ladder of betas and >= 2 seeds for >= 3 teachers, chosen on val_acc."""
     if space.loss != "dkd":
         raise UserInputError(
             f"{source}: loss: validate-beta needs loss 'dkd' (beta is DKD's weight), got {space.loss!r}"
@@ -71,23 +80,50 @@ def check_validation_space(space: SearchSpaceFile, source: Path) -> None:
     if len(space.teachers) < 3:
         raise UserInputError(
             f"{source}: teachers: validate-beta needs at least 3 teachers (each prediction is fitted on the "
-            f"others' best betas, and a fit needs 2), got {len(space.teachers)}"
+            f"others, and a fit needs 2), got {len(space.teachers)}"
+        )
+    if space.metric != "val_acc":
+        raise UserInputError(
+            f"{source}: metric: validate-beta chooses on the validation split; set metric: val_acc "
+            f"(and data.validation), got {space.metric!r}"
+        )
+    if space.search.algorithm != "grid" or space.search.num_samples != 1:
+        raise UserInputError(
+            f"{source}: search: the ground truth is a grid; set search.algorithm: grid and num_samples: 1 "
+            f"(got {space.search.algorithm!r}, {space.search.num_samples})"
+        )
+    if space.scheduler.type != "asha":
+        raise UserInputError(
+            f"{source}: scheduler.type: validate-beta replays ASHA-pruned searches with these rungs; "
+            f"set scheduler.type: asha (the grid itself is never pruned), got {space.scheduler.type!r}"
         )
     for index, teacher in enumerate(space.teachers):
+        where = f"{source}: teachers[{index}] ({teacher.label})"
         distributions = space.space_for(teacher)
-        beta = distributions.get("beta")
-        if beta is None or beta.kind not in ("loguniform", "uniform", "choice"):
+        beta, seed = distributions.get("beta"), distributions.get("seed")
+        if beta is None or beta.kind != "grid" or len(set(beta.grid)) < 3:
             raise UserInputError(
-                f"{source}: teachers[{index}] ({teacher.label}): beta must be searched "
-                "(e.g. space: {beta: {loguniform: [0.25, 16]}})"
+                f"{where}: beta must be a grid of at least 3 betas (e.g. beta: {{grid: [0.5, 1, 2, 4, 8]}})"
+            )
+        ladder = sorted(float(b) for b in set(beta.grid))
+        if ladder[0] <= 0 or any(
+            not math.isclose(b / a, 2.0, rel_tol=1e-6) for a, b in itertools.pairwise(ladder)
+        ):
+            raise UserInputError(
+                f"{where}: beta grid {ladder} must be a log2 ladder (each beta twice the previous)"
+            )
+        if seed is None or seed.kind != "grid" or len(set(seed.grid)) < 2:
+            raise UserInputError(
+                f"{where}: seed must be a grid of at least 2 seeds (e.g. seed: {{grid: [0, 1, 2]}}): "
+                "the noise of one cell is measured across seeds"
             )
         others = sorted(
             name for name, d in distributions.items() if d.kind != "fixed" and name not in SEARCHED
         )
         if others:
             raise UserInputError(
-                f"{source}: space.{others[0]}: validate-beta searches beta only, with everything else fixed by the "
-                f"recipe; give {others[0]} one value (or use `dkd-tune run` to search it)"
+                f"{source}: space.{others[0]}: validate-beta varies beta and seed only, with everything else "
+                f"fixed by the recipe; give {others[0]} one value (or use `dkd-tune run` to search it)"
             )
 
 
@@ -132,53 +168,46 @@ def _terminate_quietly(client, run_id: str, status: str, options) -> None:
 
 
 def _execute(space, folder, state, run_id, options, started, load_start) -> ValidationOutcome:
-    from analysis.beta_predictions import betas_to_train, evaluation_rows, teacher_betas
+    from analysis.beta_ground_truth import compare_methods, grid_from_results
     from analysis.results import load_trial_histories
     from analysis.validation_report import ValidationContext, write_validation_outputs
     from dkd_tune import tracking
-    from dkd_tune.auto_beta import default_calibration, default_calibration_or_none, load_calibration
 
     name = state["name"]
-    search_dir = _finished_search(
-        space, folder, f"{name}{SEARCH_SUFFIX}", folder / CONFIG_FILE, run_id, state, options
+    grid_path = folder / GRID_CONFIG_FILE
+    atomic_write_text(grid_path, yaml.safe_dump(grid_space(space, name), sort_keys=False))
+    grid_dir = _finished_search(
+        load_search_space(grid_path), folder, f"{name}{GRID_SUFFIX}", grid_path, run_id, state, options
     )
-    search_frame = pd.read_parquet(search_dir / "results.parquet")
-    family = _family(search_frame)
-    if options.calibration:
-        calibration = load_calibration(options.calibration, family)
-    else:
-        calibration = default_calibration_or_none(family)
-    cifar = default_calibration("cifar") if family != "cifar" else None
-    teachers = teacher_betas(search_frame, family, calibration=calibration, cifar=cifar)
-    pending = betas_to_train(teachers, search_frame)
-    state["predictions"] = {
-        entry.teacher: {name: p.beta for name, p in entry.predictions.items()} for entry in teachers
+    frame = pd.read_parquet(grid_dir / "results.parquet")
+    family = _family(frame)
+    grid_state = json.loads((grid_dir / "state.json").read_text())
+    teacher_acc = {
+        label: float(artifact["gap"]["test_acc"])
+        for label, artifact in grid_state.get("teachers", {}).items()
+        if artifact.get("gap") and artifact["gap"].get("test_acc") is not None
     }
-    state["trained_betas"] = pending
-    atomic_write_json(folder / STATE_FILE, state)
-    for entry in teachers:
-        made = ", ".join(f"{key} {p.beta:.3g}" for key, p in entry.predictions.items())
-        options.log(f"dkd-tune: validate-beta: teacher '{entry.teacher}' gap {entry.gap:.3f}: {made}")
+    grid = grid_from_results(frame, teacher_acc)
+    curves_frame = _write_curves(frame, load_trial_histories(grid_dir), folder / CURVES_FILE)
+    options.log(
+        f"dkd-tune: validate-beta: grid of {len(grid.teachers)} teachers x {len(grid.betas)} betas x "
+        f"{len(grid.seeds)} seeds complete; replaying ASHA-pruned Optuna searches on its curves"
+    )
+    replays = _replayed_searches(space, grid, curves_frame, folder, options)
+    search_picks, search_epochs = _search_picks(grid, replays)
+    options.log(f"dkd-tune: validate-beta: bootstrap over teachers and seeds ({options.resamples} resamples)")
+    comparison = compare_methods(
+        grid,
+        search_picks=search_picks,
+        search_epochs=search_epochs,
+        resamples=options.resamples,
+        seed=space.search.seed,
+    )
+    checked = None
+    if options.calibration:
+        from dkd_tune.auto_beta import load_calibration
 
-    runs_frame, runs_histories = pd.DataFrame(), pd.DataFrame()
-    autobeta_dir = None
-    if pending:
-        autobeta_path = folder / AUTOBETA_CONFIG_FILE
-        atomic_write_text(
-            autobeta_path, yaml.safe_dump(autobeta_space(space, name, pending), sort_keys=False)
-        )
-        autobeta_dir = _finished_search(
-            load_search_space(autobeta_path),
-            folder,
-            f"{name}{AUTOBETA_SUFFIX}",
-            autobeta_path,
-            run_id,
-            state,
-            options,
-        )
-        runs_frame = pd.read_parquet(autobeta_dir / "results.parquet")
-        runs_histories = load_trial_histories(autobeta_dir)
-    evaluation = evaluation_rows(teachers, search_frame, runs_frame)
+        checked = load_calibration(options.calibration, family)
     this_session = _session(started, "done")
     context = ValidationContext(
         name=name,
@@ -188,30 +217,18 @@ def _execute(space, folder, state, run_id, options, started, load_start) -> Vali
         sessions=[*state["sessions"], this_session],
         machine=_machine(),
         load_average=(load_start, os.getloadavg()[0]),
-        search_dir=search_dir,
-        autobeta_dir=autobeta_dir,
+        grid_dir=grid_dir,
         family=family,
-        calibration=calibration,
-        cifar=cifar,
+        checked_calibration=checked,
+        checked_calibration_path=options.calibration,
     )
-    outcome = write_validation_outputs(
-        context,
-        teachers,
-        evaluation,
-        search_frame,
-        runs_frame,
-        load_trial_histories(search_dir),
-        runs_histories,
-        json.loads((search_dir / "state.json").read_text()),
-        folder,
-    )
+    outcome = write_validation_outputs(context, grid, comparison, replays, folder)
     client = tracking.client_for(state["tracking_uri"])
-    tracking.log_metrics(client, run_id, outcome_metrics(evaluation), 0, tracking.now_ms())
-    for path in [outcome.report_path, outcome.evaluation_path, outcome.compute_path, *outcome.figures]:
+    tracking.log_metrics(client, run_id, outcome_metrics(comparison), 0, tracking.now_ms())
+    for path in [outcome.report_path, outcome.comparison_path, outcome.calibration_path, *outcome.figures]:
         client.log_artifact(run_id, str(path))
-    client.log_artifact(run_id, str(search_dir / "results.parquet"), artifact_path="search")
-    if autobeta_dir is not None:
-        client.log_artifact(run_id, str(autobeta_dir / "results.parquet"), artifact_path="autobeta")
+    for path in (folder / CURVES_FILE, folder / REPLAYS_FILE, grid_dir / "results.parquet"):
+        client.log_artifact(run_id, str(path), artifact_path="grid")
     client.set_terminated(run_id, status="FINISHED")
     state["status"] = "done"
     state["sessions"].append(this_session)
@@ -219,38 +236,99 @@ def _execute(space, folder, state, run_id, options, started, load_start) -> Vali
     return outcome
 
 
-def outcome_metrics(evaluation: pd.DataFrame) -> dict[str, float]:
-    """Mean and max regret and mean |log2 error| per trained predictor, for the validation's MLflow run."""
-    metrics = {}
-    for predictor, rows in evaluation.groupby("predictor"):
-        regrets = rows["regret"].dropna()
-        if not regrets.empty:
-            metrics[f"{predictor}_mean_regret"] = float(regrets.mean())
-            metrics[f"{predictor}_max_regret"] = float(regrets.max())
-        errors = rows["log2_error"].dropna().abs()
-        if not errors.empty:
-            metrics[f"{predictor}_mean_abs_log2_error"] = float(errors.mean())
-    return metrics
-
-
-def autobeta_space(space: SearchSpaceFile, name: str, pending: dict[str, list[float]]) -> dict[str, Any]:
-    """The search file of the full runs: each teacher's predicted betas as a grid, nothing pruned, no baselines."""
+def grid_space(space: SearchSpaceFile, name: str) -> dict[str, Any]:
+    """The ground truth's search file: the validation file with nothing pruned (every cell trains its full budget)."""
     raw = space.model_dump(mode="json", by_alias=True, exclude_none=True)
-    teachers = []
-    for teacher in raw["teachers"]:
-        label = teacher.get("name") or teacher["model"]
-        if label not in pending:
-            continue
-        own = {key: value for key, value in teacher.get("space", {}).items() if key != "beta"}
-        teachers.append({**teacher, "space": {**own, "beta": {"grid": [float(b) for b in pending[label]]}}})
-    raw["teachers"] = teachers
-    raw["space"] = {key: value for key, value in raw.get("space", {}).items() if key != "beta"}
-    raw["baselines"] = []
-    raw["search"] = {**raw.get("search", {}), "algorithm": "grid", "num_samples": 1}
     raw["scheduler"] = {**raw.get("scheduler", {}), "type": "none"}
     raw.pop("probe", None)
-    raw["description"] = f"Full runs of validation {name!r} at the predicted betas (written by validate-beta)"
+    raw["description"] = f"Ground-truth grid of validation {name!r} (written by validate-beta)"
     return raw
+
+
+def _write_curves(frame: pd.DataFrame, histories: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """Every grid run's per-epoch validation and test top-1 (teacher, beta, seed, epoch), as Parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dkd_tune.storage import atomic_path
+
+    keys = frame[["trial_id", "part", "teacher", "teacher_gap", "beta", "seed", "status"]]
+    columns = ["trial_id", "epoch", "val_acc", "test_acc", "epoch_time_s"]
+    curves = keys.merge(histories[[c for c in columns if c in histories]], on="trial_id", how="inner")
+    curves = curves.sort_values(["part", "beta", "seed", "epoch"]).reset_index(drop=True)
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.Table.from_pandas(curves, preserve_index=False), tmp)
+    return curves
+
+
+def _replayed_searches(space, grid, curves_frame: pd.DataFrame, folder: Path, options) -> pd.DataFrame:
+    """One replayed ASHA-pruned Optuna search per teacher and seed (kept in replays.parquet: a resume reuses it)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from analysis.search_replay import curves_from_long, replay_search
+    from dkd_tune.storage import atomic_path
+
+    path = folder / REPLAYS_FILE
+    if path.is_file():
+        replays = pd.read_parquet(path)
+        if len(replays) == len(grid.teachers) * len(grid.seeds):
+            return replays
+    curves = curves_from_long(curves_frame)
+    replay_space = space.model_copy(
+        update={
+            "search": space.search.model_copy(
+                update={"algorithm": "optuna", "num_samples": options.search_trials}
+            )
+        }
+    )
+    rows = []
+    for teacher in grid.teachers:
+        for index, seed in enumerate(grid.seeds):
+            result = replay_search(
+                replay_space,
+                curves,
+                teacher,
+                index,
+                beta_range=(float(grid.betas[0]), float(grid.betas[-1])),
+            )
+            rows.append(
+                {
+                    "teacher": teacher,
+                    "seed": seed,
+                    "chosen_beta": result.chosen_beta,
+                    "trial_epochs": result.trial_epochs,
+                    "trials": len(result.trials),
+                    "completed": int(result.trials["completed"].sum()) if len(result.trials) else 0,
+                }
+            )
+    replays = pd.DataFrame(rows)
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.Table.from_pandas(replays, preserve_index=False), tmp)
+    return replays
+
+
+def _search_picks(grid, replays: pd.DataFrame):
+    """(teachers, seeds) grid indices the replayed searches chose, and their trial-epochs."""
+    import numpy as np
+
+    picks = np.zeros((len(grid.teachers), len(grid.seeds)), dtype=int)
+    epochs = np.zeros((len(grid.teachers), len(grid.seeds)))
+    for row in replays.itertuples():
+        i, k = grid.teachers.index(row.teacher), grid.seeds.index(int(row.seed))
+        beta = row.chosen_beta if math.isfinite(row.chosen_beta) else grid.betas[0]
+        picks[i, k] = int(np.argmin(np.abs(np.log2(grid.betas) - math.log2(beta))))
+        epochs[i, k] = row.trial_epochs
+    return picks, epochs
+
+
+def outcome_metrics(comparison) -> dict[str, float]:
+    """Mean regret per method and the regret differences with their intervals, for the validation's MLflow run."""
+    metrics = {f"{method}_mean_regret": value for method, value in comparison.mean_regret.items()}
+    for key, (mean, low, high) in comparison.differences.items():
+        slug = key.replace("-", "_minus_")
+        metrics.update({f"{slug}": mean, f"{slug}_ci_low": low, f"{slug}_ci_high": high})
+    return {key: float(value) for key, value in metrics.items() if math.isfinite(value)}
 
 
 def _open_state(folder: Path, space: SearchSpaceFile, source: Path, name: str, options) -> dict[str, Any]:

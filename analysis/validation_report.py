@@ -1,36 +1,35 @@
-"""The report of `dkd-tune validate-beta`: Markdown, the evaluation and compute tables as Parquet, and the figures."""
+"""The report of `dkd-tune validate-beta`: Markdown, the comparison table, the fitted calibration and the figures."""
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
-from analysis.beta_predictions import TRAINED_PREDICTORS, TeacherBetas
-from analysis.compute_cost import StepFlops, compute_table, step_flops
-from analysis.plots import BetaMark, PredictionMark, plot_accuracy_vs_beta, plot_best_beta_vs_gap
-from analysis.tables import format_cell, markdown_table
-from dkd_tune.auto_beta import Calibration, CalibrationPoint, fit_calibration
+from analysis.beta_ground_truth import BetaGrid, MethodComparison, regrets, verdict
+from analysis.plots import BetaMark, plot_accuracy_vs_beta, plot_best_beta_vs_gap
+from analysis.tables import markdown_table
+from dkd_tune.auto_beta import (
+    Calibration,
+    CalibrationPoint,
+    fit_calibration,
+    save_calibration,
+    surface_calibration,
+)
+from dkd_tune.beta_surface import fit_surface, nearest_grid_index
 from dkd_tune.config import SearchSpaceFile
 from dkd_tune.storage import atomic_path, atomic_write_text
 
 REPORT_FILE = "validation.md"
-EVALUATION_FILE = "evaluation.parquet"
-COMPUTE_FILE = "compute.parquet"
+COMPARISON_FILE = "comparison.parquet"
+CALIBRATION_FILE = "calibration.json"
 BETA_VS_GAP_FIGURE = "validation_beta_vs_gap.png"
 ACCURACY_FIGURE = "validation_accuracy_vs_beta.png"
-PREDICTOR_NAMES = {
-    "loo": "auto-beta, leave-one-teacher-out",
-    "constant": "constant, leave-one-teacher-out",
-    "calibration": "auto-beta, calibration",
-    "in_sample": "auto-beta fitted on every teacher (in-sample)",
-    "cifar": "shipped CIFAR calibration",
-}
 
 
 @dataclass
@@ -44,441 +43,310 @@ class ValidationContext:
     sessions: list[dict[str, Any]]
     machine: str
     load_average: tuple[float, float]
-    search_dir: Path
-    autobeta_dir: Path | None
+    grid_dir: Path
     family: str
-    calibration: Calibration | None
-    cifar: Calibration | None
+    checked_calibration: Calibration | None = None
+    checked_calibration_path: str | None = None
+
+
+def fitted_calibration(grid: BetaGrid, context: ValidationContext) -> Calibration:
+    """The calibration fitted on every teacher of the grid (the one a family ships), with its provenance."""
+    surface = fit_surface(
+        grid.gaps, grid.log2_betas, grid.val.mean(axis=2), noise_variance=grid.noise_variance()
+    )
+    oracle = grid.val.mean(axis=2).argmax(axis=1)
+    points = [
+        CalibrationPoint(
+            teacher=teacher,
+            mean_logit_gap=float(grid.gaps[i]),
+            best_beta=float(grid.betas[oracle[i]]),
+            source=f"grid oracle: best mean validation top-1 over {len(grid.seeds)} seeds",
+        )
+        for i, teacher in enumerate(grid.teachers)
+    ]
+    finished = context.sessions[-1]["started"] if context.sessions else time.strftime("%Y-%m-%d")
+    provenance = (
+        f"Fitted by `{context.command or 'dkd-tune validate-beta ' + context.source}` "
+        f"(validation {context.name!r}, {finished}): the response surface of a grid of "
+        f"{len(grid.teachers)} teachers ({', '.join(grid.teachers)}) x betas "
+        f"{', '.join(f'{b:g}' for b in grid.betas)} x seeds {', '.join(str(s) for s in grid.seeds)}, "
+        f"student {context.space.student} on data {_data_text(context.space)}; "
+        f"chosen on the validation split."
+    )
+    evidence = {
+        "student": context.space.student,
+        "betas": [float(b) for b in grid.betas],
+        "seeds": list(grid.seeds),
+        "teacher_test_acc": {t: grid.teacher_test_acc.get(t) for t in grid.teachers},
+    }
+    if grid.student_alone:
+        evidence["student_alone_test_acc"] = grid.student_alone["test"]
+    base = fit_calibration(points, context.family, provenance, name=context.name, evidence=evidence)
+    return surface_calibration(base, surface)
 
 
 def write_validation_outputs(
     context: ValidationContext,
-    teachers: Sequence[TeacherBetas],
-    evaluation: pd.DataFrame,
-    search_frame: pd.DataFrame,
-    runs_frame: pd.DataFrame,
-    histories: pd.DataFrame,
-    runs_histories: pd.DataFrame,
-    search_state: dict[str, Any],
+    grid: BetaGrid,
+    comparison: MethodComparison,
+    replays: pd.DataFrame,
     folder: Path,
 ):
-    """Write the report, the two Parquet tables and the two figures into `folder`; return the outcome."""
+    """Write the report, the comparison table, the calibration and the two figures; return the outcome."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from analysis.validation import ValidationOutcome
 
-    artifacts = search_state.get("teachers", {})
-    flops = {
-        entry.teacher: _teacher_flops(
-            context.space.student, entry.teacher_model, artifacts.get(entry.teacher, {})
-        )
-        for entry in teachers
-    }
-    cache_views = {label: _cache_views(context.space, data) for label, data in artifacts.items()}
-    loo_runs = evaluation[evaluation["predictor"] == _primary(evaluation)]
-    wall = {row["teacher"]: row["run_wall_time_s"] for _, row in loo_runs.iterrows()}
-    compute = compute_table(search_frame, histories, flops, cache_views, context.space.max_epochs(), wall)
+    calibration = fitted_calibration(grid, context)
+    calibration_path = folder / CALIBRATION_FILE
+    save_calibration(calibration, calibration_path)
+    checked = _checked_calibration_table(grid, context)
     figures = [
-        _beta_vs_gap_figure(teachers, context, folder / BETA_VS_GAP_FIGURE),
-        _accuracy_figure(search_frame, evaluation, folder / ACCURACY_FIGURE),
+        _accuracy_figure(grid, comparison, folder / ACCURACY_FIGURE),
+        plot_best_beta_vs_gap(
+            calibration.points,
+            folder / BETA_VS_GAP_FIGURE,
+            calibration=calibration,
+            calibration_label="auto-beta fitted on every teacher (peak and window)",
+        ),
     ]
-    timing = training_time_table(artifacts, histories, runs_histories, search_frame, runs_frame)
-    report = report_markdown(context, teachers, evaluation, compute, search_frame, artifacts, timing)
+    report = report_markdown(context, grid, comparison, replays, calibration, checked)
     report_path = folder / REPORT_FILE
     atomic_write_text(report_path, report)
-    paths = {}
-    for file_name, frame in ((EVALUATION_FILE, evaluation), (COMPUTE_FILE, compute)):
-        with atomic_path(folder / file_name) as tmp:
-            pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), tmp)
-        paths[file_name] = folder / file_name
+    comparison_path = folder / COMPARISON_FILE
+    with atomic_path(comparison_path) as tmp:
+        pq.write_table(pa.Table.from_pandas(comparison.table, preserve_index=False), tmp)
     return ValidationOutcome(
         folder=folder,
         report_path=report_path,
-        evaluation_path=paths[EVALUATION_FILE],
-        compute_path=paths[COMPUTE_FILE],
+        comparison_path=comparison_path,
+        calibration_path=calibration_path,
         figures=figures,
-        summary=summary_markdown(evaluation),
-        evaluation=evaluation,
+        summary=verdict(comparison.differences, "autobeta-constant", "the constant"),
+        comparison=comparison.table,
     )
 
 
 def report_markdown(
     context: ValidationContext,
-    teachers: Sequence[TeacherBetas],
-    evaluation: pd.DataFrame,
-    compute: pd.DataFrame,
-    search_frame: pd.DataFrame,
-    artifacts: dict[str, Any],
-    timing: pd.DataFrame,
+    grid: BetaGrid,
+    comparison: MethodComparison,
+    replays: pd.DataFrame,
+    calibration: Calibration,
+    checked: pd.DataFrame | None,
 ) -> str:
-    """The whole report: how it was run, the per-teacher table, the summary, compute, time, and what limits it."""
     space = context.space
-    seconds = sum(float(session["seconds"]) for session in context.sessions)
-    first = context.sessions[0]["started"] if context.sessions else time.strftime("%Y-%m-%d %H:%M:%S")
-    beta_range = space.space_for(space.teachers[0])["beta"]
-    fixed = space.base_recipe(space.teachers[0])
+    recipe = space.base_recipe(space.teachers[0])
+    wall = sum(session["seconds"] for session in context.sessions)
+    seeds, betas = len(grid.seeds), len(grid.betas)
+    epochs = space.max_epochs()
+    test_size, val_size = _split_sizes(context.grid_dir)
     lines = [
-        f"# Auto-beta validation: {context.name}",
+        f"# Auto-beta validation '{context.name}'",
         "",
-        f"- Command: `{context.command or 'dkd-tune validate-beta ' + context.source}`",
-        f"- Started {first}, report written {time.strftime('%Y-%m-%d %H:%M:%S')}; wall time {seconds:.0f} s "
-        f"({seconds / 60:.1f} min) in {len(context.sessions)} session(s), teacher training included",
+        f"- Command: `{context.command}`",
+        f"- Started {context.sessions[0]['started'] if context.sessions else '?'}; wall time {wall:.0f} s "
+        f"({wall / 60:.1f} min) in {len(context.sessions)} session(s), teacher training included",
         f"- Machine: {context.machine}; 1-minute load average {context.load_average[0]:.1f} at the start of the "
         f"last session, {context.load_average[1]:.1f} at its end",
-        f"- Data: `{_compact(space.data_spec_value())}` (family {context.family}); student {space.student}, "
-        f"{space.max_epochs()} epochs per full run; fixed recipe: alpha {fixed.alpha:g}, T {fixed.temperature:g}, "
-        f"warm-up {fixed.warmup_epochs} epochs, lr {fixed.lr:g}, batch {fixed.batch_size}, seed {fixed.seed}",
-        f"- Search per teacher: {space.search.algorithm} over beta {_compact(beta_range.to_yaml_value())}, "
-        f"{space.search.num_samples} trials, scheduler {space.scheduler.type}"
+        f"- Data: {_data_text(space)} (family {context.family}); student {space.student}, {epochs} epochs per run; "
+        f"alpha {recipe.alpha:g}, T {recipe.temperature:g}, warm-up {recipe.warmup_epochs} epochs, lr {recipe.lr:g}, "
+        f"batch {recipe.batch_size}",
+        f"- Ground truth: {len(grid.teachers)} teachers x {betas} betas ({', '.join(f'{b:g}' for b in grid.betas)}) x "
+        f"{seeds} seeds = {len(grid.teachers) * betas * seeds} full runs, none pruned. Every choice is made on "
+        f"the validation split ({val_size} images); every accuracy reported is on the test split ({test_size} "
+        "images).",
+        f"- Replayed searches: for each teacher and seed, an ASHA-pruned Optuna (TPE) search of "
+        f"{int(replays['trials'].max()) if len(replays) else 0} trials over beta in [{grid.betas[0]:g}, "
+        f"{grid.betas[-1]:g}] (log-uniform; each trial reads the grid run of the nearest grid beta), rungs from "
+        f"grace period {space.scheduler.grace_period}, reduction factor {space.scheduler.reduction_factor}.",
+        "",
+        "## Verdict",
+        "",
+        verdict(comparison.differences, "autobeta-constant", "the constant"),
+    ]
+    if "autobeta-search" in comparison.differences:
+        lines.append(verdict(comparison.differences, "autobeta-search", "the replayed search"))
+    lines += [
+        "",
+        f"Intervals: 95% percentile bootstrap over teachers and seeds ({comparison.resamples} resamples), both "
+        "models refitted inside every resample. Regret = mean test top-1 at the oracle's beta (best mean "
+        "validation top-1 on the grid) minus mean test top-1 at the method's beta, paired by seed.",
+        "",
+        "| method | mean regret (points) | compute to choose beta |",
+        "|---|---|---|",
+        f"| auto-beta, leave-one-teacher-out | {comparison.mean_regret['autobeta']:.2f} | one pass of the teacher "
+        "over the training set (its gap), given a calibration |",
+        f"| constant, leave-one-teacher-out | {comparison.mean_regret['constant']:.2f} | none, given a calibration |",
+    ]
+    if "search" in comparison.mean_regret:
+        mean_epochs = float(replays["trial_epochs"].mean()) if len(replays) else float("nan")
+        lines.append(
+            f"| ASHA-pruned Optuna search (replayed) | {comparison.mean_regret['search']:.2f} | "
+            f"{mean_epochs:.0f} trial-epochs ({mean_epochs / epochs:.1f} full runs) per teacher |"
+        )
+    lines += ["", "| difference | mean | 95% interval |", "|---|---|---|"]
+    for key, (mean, low, high) in comparison.differences.items():
+        lines.append(f"| {key.replace('-', ' - ')} | {mean:+.2f} | {low:+.2f} to {high:+.2f} |")
+    lines += ["", "## Per teacher", "", markdown_table(_teacher_table(grid, comparison)), ""]
+    lines += _noise_lines(grid, test_size)
+    lines += ["", "## The calibration fitted on every teacher", ""]
+    surface = calibration.surface
+    assert surface is not None
+    lines += [
+        f"Peak log2(beta) = {surface.intercept:.2f} + {surface.slope:.3f} x gap (beta "
         + (
-            f" (grace {space.scheduler.grace_period}, reduction factor {space.scheduler.reduction_factor:g})"
-            if space.scheduler.type == "asha"
-            else ""
-        ),
-        f"- Searches: `{context.search_dir.name}`"
-        + (
-            f", full runs at the predicted betas: `{context.autobeta_dir.name}`"
-            if context.autobeta_dir
-            else ""
-        ),
+            f"doubles every {1 / surface.slope:.2f} gap units"
+            if surface.slope > 0
+            else (
+                "halves every %.2f gap units" % (-1 / surface.slope)
+                if surface.slope < 0
+                else "is the same for every gap"
+            )
+        )
+        + f"), curvature {surface.curvature:.2f} points per squared octave, window +-{surface.half_width():.2f} "
+        f"octaves; gaps {surface.gap_range[0]:.2f} to {surface.gap_range[1]:.2f}. Written to `{CALIBRATION_FILE}` "
+        "(with this provenance) for `dkd-tune suggest-beta --calibration` and `beta: auto`.",
+    ]
+    if checked is not None:
+        lines += [
+            "",
+            f"## Calibration held out: `{context.checked_calibration_path}`",
+            "",
+            "Its predictions for this grid's teachers (nothing of this grid was used to fit it):",
+            "",
+            markdown_table(checked),
+        ]
+    lines += [
         "",
-        "## Per teacher",
+        "![top-1 vs beta](validation_accuracy_vs_beta.png)",
         "",
-        "Each teacher's predictions are made without its own search result: `loo` refits auto-beta "
-        "(log beta linear in the gap, slope >= 0) on the other teachers' (gap, searched best beta) points; "
-        "`constant` is the geometric mean of the other teachers' best betas (the same fit with its slope at 0, "
-        "the baseline a useful gap must beat). Regret = top-1 at the searched best beta - top-1 of a full run "
-        "at the predicted beta (same recipe, seed and epochs). Top-1 is the final test top-1 (%).",
-        "",
-        markdown_table(per_teacher_table(teachers, evaluation, artifacts)),
-        "",
-        "## Summary",
-        "",
-        summary_markdown(evaluation),
-        "",
-        *_fit_lines(teachers, context),
-        "",
-        "## Compute spent finding beta",
-        "",
-        "In trial-epochs: one epoch of DKD training of the student with the live teacher. The search's "
-        "count is the sum of its trials' epochs (ASHA-stopped trials included); auto-beta's is one full run "
-        "plus one teacher pass over the training set to measure the gap, converted by FLOPs per image "
-        "(teacher forward / (student forward+backward + teacher forward)). Teacher training is needed by "
-        "both and not counted. Auto-beta also needs a calibration: here the other teachers' searches, "
-        "made once per dataset family and reused for every new teacher.",
-        "",
-        markdown_table(_compute_shown(compute)),
-        "",
-        "## Where the time went",
-        "",
-        "Training seconds are the sum of the measured epoch times (training only: no evaluation, start-up or "
-        "logging), each on one core; two trials ran at once. The fastest epoch of each kind shows the speed "
-        "when the shared machine disturbed it least.",
-        "",
-        markdown_table(timing),
-        "",
-        "## Limits of this evidence",
-        "",
-        *[f"- {line}" for line in limitations(teachers, evaluation, search_frame, context)],
-        "",
-        f"![best beta vs gap]({BETA_VS_GAP_FIGURE})",
-        "",
-        f"![top-1 vs beta]({ACCURACY_FIGURE})",
+        "![beta vs gap](validation_beta_vs_gap.png)",
         "",
     ]
     return "\n".join(lines)
 
 
-def training_time_table(
-    artifacts: dict[str, Any],
-    histories: pd.DataFrame,
-    runs_histories: pd.DataFrame,
-    search_frame: pd.DataFrame,
-    runs_frame: pd.DataFrame,
-) -> pd.DataFrame:
-    """Per teacher: epochs and training seconds of the teacher, its search's trials and the full runs."""
-    from dkd_tune.checkpoint import load_checkpoint
-    from dkd_tune.errors import UserInputError
-    from dkd_tune.train import LAST_CHECKPOINT
-
-    rows = []
-    for label, artifact in artifacts.items():
-        row: dict[str, Any] = {"teacher": label}
-        last = Path(artifact["checkpoint"]).parent / LAST_CHECKPOINT
-        teacher_epochs: list[float] = []
-        if last.is_file():
-            try:
-                teacher_epochs = [float(h["epoch_time_s"]) for h in load_checkpoint(last).get("history", [])]
-            except (UserInputError, KeyError, TypeError):
-                teacher_epochs = []
-        for prefix, times in (
-            ("teacher", teacher_epochs),
-            ("search", _epoch_times(histories, search_frame, label)),
-            ("full runs", _epoch_times(runs_histories, runs_frame, label)),
-        ):
-            row[f"{prefix} epochs"] = len(times)
-            row[f"{prefix} training s"] = sum(times) if times else math.nan
-            row[f"{prefix} fastest epoch s"] = min(times) if times else math.nan
-        rows.append(row)
-    table = pd.DataFrame(rows)
-    if not table.empty:
-        total = {
-            "teacher": "all",
-            **{c: table[c].sum() for c in table.columns if "fastest" not in c and c != "teacher"},
-        }
-        table = pd.concat([table, pd.DataFrame([total])], ignore_index=True)
-    return table
-
-
-def _epoch_times(histories: pd.DataFrame, frame: pd.DataFrame, teacher: str) -> list[float]:
-    if histories.empty or frame.empty or "epoch_time_s" not in histories:
-        return []
-    trials = frame[frame["teacher"] == teacher]
-    mine = histories[
-        histories["part"].isin(trials["part"].unique()) & histories["trial_id"].isin(trials["trial_id"])
+def _teacher_table(grid: BetaGrid, comparison: MethodComparison) -> pd.DataFrame:
+    table = comparison.table.copy()
+    alone = grid.student_alone.get("test")
+    table["better than student alone"] = [
+        "" if alone is None or not math.isfinite(acc) else ("yes" if acc > alone else "NO")
+        for acc in table["teacher_test_acc"]
     ]
-    return [float(value) for value in mine["epoch_time_s"].dropna()]
+    columns = {
+        "teacher": "teacher",
+        "gap": "gap",
+        "teacher_test_acc": "teacher top-1",
+        "better than student alone": "better than student alone",
+        "oracle_beta": "oracle beta (val)",
+        "oracle_test_acc": "top-1 at oracle",
+        "oracle_test_sd": "seed sd",
+        "autobeta_beta": "auto-beta",
+        "autobeta_regret": "regret",
+        "constant_beta": "constant",
+        "constant_regret": "regret ",
+        "search_betas": "search (per seed)",
+        "search_regret": "regret  ",
+        "search_epochs": "search trial-epochs",
+    }
+    present = [c for c in columns if c in table]
+    return table[present].rename(columns=columns)
 
 
-def per_teacher_table(
-    teachers: Sequence[TeacherBetas], evaluation: pd.DataFrame, artifacts: dict[str, Any]
-) -> pd.DataFrame:
-    rows = []
-    for entry in teachers:
-        gap = (artifacts.get(entry.teacher) or {}).get("gap") or {}
-        row = {
-            "teacher": entry.teacher,
-            "model": entry.teacher_model,
-            "gap": entry.gap,
-            "teacher top-1": gap.get("test_acc"),
-            "completed trials": entry.completed_trials,
-            "searched best beta": entry.searched_beta,
-            "top-1 at best": entry.searched_acc,
-        }
-        for predictor in TRAINED_PREDICTORS:
-            found = evaluation[
-                (evaluation["teacher"] == entry.teacher) & (evaluation["predictor"] == predictor)
-            ]
-            if found.empty:
-                continue
-            result = found.iloc[0]
-            row[f"{predictor} beta"] = result["predicted_beta"]
-            row[f"{predictor} top-1"] = result["accuracy"]
-            row[f"{predictor} regret"] = result["regret"]
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def summary_markdown(evaluation: pd.DataFrame) -> str:
-    """Per predictor: teachers evaluated, mean and worst regret, mean |log2(predicted / searched beta)|."""
-    rows = []
-    for predictor in (*TRAINED_PREDICTORS, "in_sample", "cifar"):
-        found = evaluation[evaluation["predictor"] == predictor]
-        if found.empty:
-            continue
-        regrets = found["regret"].dropna()
-        errors = found["log2_error"].dropna().abs()
-        rows.append(
-            {
-                "predictor": PREDICTOR_NAMES[predictor],
-                "teachers": len(found),
-                "mean regret (points)": regrets.mean() if not regrets.empty else math.nan,
-                "worst regret": regrets.max() if not regrets.empty else math.nan,
-                "mean abs log2(beta / searched)": errors.mean() if not errors.empty else math.nan,
-                "trained": "yes" if predictor in TRAINED_PREDICTORS else "no (reported only)",
-            }
-        )
-    return markdown_table(pd.DataFrame(rows)) if rows else "(no predictions)"
-
-
-def limitations(
-    teachers: Sequence[TeacherBetas],
-    evaluation: pd.DataFrame,
-    search_frame: pd.DataFrame,
-    context: ValidationContext,
-) -> list[str]:
-    """Facts that bound what the numbers can show, stated from the data."""
+def _noise_lines(grid: BetaGrid, test_size: int) -> list[str]:
+    seed_sd = float(np.sqrt(grid.test.var(axis=2, ddof=1).mean())) if len(grid.seeds) > 1 else float("nan")
+    p = float(grid.test.mean()) / 100
+    binomial = 100 * math.sqrt(p * (1 - p) / max(test_size, 1))
     lines = [
-        f"{len(teachers)} teachers, one seed: each accuracy is a single training run, so a regret smaller than "
-        "the run-to-run spread of this student is not distinguishable from zero.",
-        "The searched best is the highest of several runs, so its accuracy is biased upwards (a winner's curse): "
-        "regret overstates what a prediction loses, and a negative regret means the prediction's run beat every "
-        "searched trial.",
+        f"Noise: the seed-to-seed standard deviation of a cell's test top-1 is {seed_sd:.2f} points (root mean "
+        f"variance over cells); the test split alone carries a binomial standard deviation of {binomial:.2f} points "
+        f"at the mean top-1 {100 * p:.1f}%.",
     ]
-    spread = _neighbour_spread(search_frame)
-    if spread is not None:
+    if grid.student_alone:
         lines.append(
-            f"Noise scale from the search itself: completed trials of one teacher whose betas differ by less than 25% differ in "
-            f"top-1 by {spread:.2f} points (median over such pairs; beta itself contributes part of it)."
-        )
-    missing = [entry.teacher for entry in teachers if entry.searched_beta is None]
-    if missing:
-        lines.append(
-            f"No completed search trial for {', '.join(missing)}: no searched best, no regret there."
-        )
-    warned = evaluation[(evaluation["predictor"] == "loo") & (evaluation["warnings"].str.len() > 0)]
-    for _, row in warned.iterrows():
-        lines.append(f"{row['teacher']} (loo): {row['warnings']}")
-    if context.cifar is not None:
-        cifar_low, cifar_high = context.cifar.gap_range
-        lines.append(
-            f"The shipped CIFAR calibration is shown for reference only: it was fitted on CIFAR-100 teachers with "
-            f"gaps {cifar_low:.2f}-{cifar_high:.2f}; gaps of the {context.family} family are not comparable with "
-            "them (another dataset, class count and recipe), so its betas here are not predictions."
+            f"The student trained alone (CE, one seed): validation {grid.student_alone['val']:.2f}%, test "
+            f"{grid.student_alone['test']:.2f}%."
         )
     return lines
 
 
-def _fit_lines(teachers: Sequence[TeacherBetas], context: ValidationContext) -> list[str]:
-    points = [
-        CalibrationPoint(t.teacher, t.gap, t.searched_beta) for t in teachers if t.searched_beta is not None
-    ]
-    if len(points) < 2 or len({p.mean_logit_gap for p in points}) < 2:
-        return []
-    fit = fit_calibration(points, context.family, "in-sample fit on every teacher")
-    doubling = (
-        f"beta doubles every {math.log(2) / fit.slope:.2f} gap units" if fit.slope > 0 else "slope held at 0"
-    )
-    lines = [
-        f"In-sample fit on all {len(points)} teachers: beta = {math.exp(fit.intercept):.3g} * exp({fit.slope:.3g} * gap) "
-        f"({doubling}), RMSE {fit.rmse_log2:.2f} log2 units. This describes the searched points; it is not a "
-        "held-out prediction."
-    ]
-    if context.calibration is not None:
-        lines.append(
-            f"Calibration evaluated: {context.calibration.name!r} ({len(context.calibration.points)} points)."
-        )
-    return lines
-
-
-def _compute_shown(compute: pd.DataFrame) -> pd.DataFrame:
-    shown = compute[
+def _checked_calibration_table(grid: BetaGrid, context: ValidationContext) -> pd.DataFrame | None:
+    calibration = context.checked_calibration
+    if calibration is None:
+        return None
+    teachers = np.arange(len(grid.teachers))
+    seeds = np.arange(len(grid.seeds))
+    picks = np.array(
         [
-            "teacher",
-            "search_trials",
-            "search_trial_epochs",
-            "search_teacher_passes",
-            "search_epoch_equivalents",
-            "autobeta_epoch_equivalents",
-            "search_over_autobeta",
-            "search_wall_time_s",
-            "autobeta_wall_time_s",
-            "median_trial_epoch_s",
+            nearest_grid_index(math.log2(calibration.predict(float(gap)).beta), grid.log2_betas)
+            for gap in grid.gaps
         ]
-    ].copy()
-    if not shown.empty:
-        total = {
-            "teacher": "all",
-            **{column: shown[column].sum() for column in shown.columns if column not in ("teacher",)},
-        }
-        total["search_over_autobeta"] = (
-            total["search_epoch_equivalents"] / total["autobeta_epoch_equivalents"]
-        )
-        total["median_trial_epoch_s"] = math.nan
-        shown = pd.concat([shown, pd.DataFrame([total])], ignore_index=True)
-    return shown.rename(
-        columns={
-            "search_trials": "search trials",
-            "search_trial_epochs": "search trial-epochs",
-            "search_teacher_passes": "search teacher passes",
-            "search_epoch_equivalents": "search (trial-epochs)",
-            "autobeta_epoch_equivalents": "auto-beta (trial-epochs)",
-            "search_over_autobeta": "search / auto-beta",
-            "search_wall_time_s": "search wall s (sum of trials)",
-            "autobeta_wall_time_s": "full run wall s",
-            "median_trial_epoch_s": "median s per training epoch",
+    )
+    regret = regrets(grid, teachers, seeds, picks).mean(axis=1)
+    oracle = grid.val.mean(axis=2).argmax(axis=1)
+    return pd.DataFrame(
+        {
+            "teacher": grid.teachers,
+            "gap": grid.gaps,
+            "predicted beta": [calibration.predict(float(g)).beta for g in grid.gaps],
+            "grid beta used": grid.betas[picks],
+            "oracle beta (val)": grid.betas[oracle],
+            "regret (test)": regret,
         }
     )
 
 
-def _beta_vs_gap_figure(teachers: Sequence[TeacherBetas], context: ValidationContext, path: Path) -> Path:
-    points = [
-        CalibrationPoint(t.teacher, t.gap, t.searched_beta) for t in teachers if t.searched_beta is not None
-    ]
-    curve = None
-    if len(points) >= 2 and len({p.mean_logit_gap for p in points}) >= 2:
-        curve = fit_calibration(points, context.family, "in-sample fit on every teacher", name="in-sample")
+def _accuracy_figure(grid: BetaGrid, comparison: MethodComparison, path: Path) -> Path:
+    """Mean validation top-1 over the seeds against beta per teacher, with auto-beta's and the constant's picks."""
+    rows = []
+    for i, teacher in enumerate(grid.teachers):
+        for j, beta in enumerate(grid.betas):
+            rows.append(
+                {
+                    "part": teacher,
+                    "teacher": teacher,
+                    "teacher_gap": grid.gaps[i],
+                    "beta": beta,
+                    "loss": "dkd",
+                    "status": "completed",
+                    "final_val_acc": grid.val[i, j].mean(),
+                }
+            )
+    frame = pd.DataFrame(rows)
     marks = []
-    for entry in teachers:
-        for predictor, label in (
-            ("loo", "auto-beta, teacher left out"),
-            ("constant", "constant, teacher left out"),
+    for i, row in comparison.table.iterrows():
+        for method, marker, label in (
+            ("autobeta", "X", "auto-beta (held out)"),
+            ("constant", "s", "constant"),
         ):
-            prediction = entry.predictions.get(predictor)
-            if prediction is not None:
-                marks.append(
-                    PredictionMark(
-                        entry.teacher,
-                        entry.gap,
-                        prediction.beta,
-                        entry.searched_beta if predictor == "loo" else None,
-                        label,
-                        marker="X" if predictor == "loo" else "P",
-                        color="tab:red" if predictor == "loo" else "tab:gray",
-                    )
-                )
-    return plot_best_beta_vs_gap(
-        points,
-        path,
-        calibration=curve,
-        calibration_label="auto-beta fit on every teacher (in-sample)",
-        predictions=marks,
-    )
+            j = int(np.argmin(np.abs(grid.betas - row[f"{method}_beta"])))
+            marks.append(BetaMark(row["teacher"], grid.betas[j], grid.val[i, j].mean(), label, marker))
+    return plot_accuracy_vs_beta(frame, path, metric="final_val_acc", marks=marks)
 
 
-def _accuracy_figure(search_frame: pd.DataFrame, evaluation: pd.DataFrame, path: Path) -> Path:
-    marks = []
-    styles = {"loo": ("X", "run at auto-beta (teacher left out)"), "constant": ("P", "run at constant beta"),
-              "calibration": ("D", "run at calibration's beta")}  # fmt: skip
-    for _, row in evaluation.iterrows():
-        if row["predictor"] in styles and pd.notna(row["accuracy"]):
-            marker, label = styles[row["predictor"]]
-            marks.append(BetaMark(row["teacher"], row["predicted_beta"], row["accuracy"], label, marker))
-    return plot_accuracy_vs_beta(search_frame, path, marks=marks)
-
-
-def _teacher_flops(student: str, model: str, artifact: dict[str, Any]) -> StepFlops:
-    from dkd_tune.checkpoint import load_checkpoint
-
-    payload = load_checkpoint(artifact["checkpoint"])
-    return step_flops(student, model, int(artifact["num_classes"]), int(payload["input_size"]))
-
-
-def _cache_views(space: SearchSpaceFile, artifact: dict[str, Any]) -> int:
+def _split_sizes(grid_dir: Path) -> tuple[int, int]:
+    """(test images, validation images) of the grid's data, from its search file."""
+    from dkd_tune.config import load_search_space
     from dkd_tune.data import parse_data_spec
-    from dkd_tune.data.views import num_views
-    from dkd_tune.teacher import augmentation_views
 
-    if not artifact.get("cache_path"):
-        return 0
-    views = augmentation_views(parse_data_spec(space.data_spec_value(), source="data").augment)
-    return num_views(*views) if views else 0
-
-
-def _primary(evaluation: pd.DataFrame) -> str:
-    return "calibration" if (evaluation["predictor"] == "calibration").any() else "loo"
-
-
-def _neighbour_spread(frame: pd.DataFrame) -> float | None:
-    """Median |top-1 difference| between completed trials of one teacher whose betas are within 25%."""
-    from analysis.tables import distillation_trials
-
-    trials = distillation_trials(frame)
-    completed = trials[(trials["status"] == "completed") & trials["final_test_acc"].notna()]
-    differences = []
-    for _, group in completed.groupby("teacher"):
-        values = group[["beta", "final_test_acc"]].astype("float64").to_numpy()
-        for i in range(len(values)):
-            for j in range(i + 1, len(values)):
-                if abs(math.log(values[i][0] / values[j][0])) < math.log(1.25):
-                    differences.append(abs(values[i][1] - values[j][1]))
-    return float(pd.Series(differences).median()) if differences else None
+    try:
+        space = load_search_space(grid_dir / "search.yaml")
+        spec = parse_data_spec(space.data_spec_value(), source="data")
+        generate = spec.generate or {}
+        classes = generate.get("classes")
+        test = classes * generate["test_per_class"] if classes and "test_per_class" in generate else 0
+        return test, (classes or 0) * spec.validation
+    except Exception:  # the sizes are for the reader; a missing file must not fail the report
+        return 0, 0
 
 
-def _compact(value: Any) -> str:
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{key}: {_compact(item)}" for key, item in value.items()) + "}"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_compact(item) for item in value) + "]"
-    return format_cell(value) if isinstance(value, float) else str(value)
+def _data_text(space: SearchSpaceFile) -> str:
+    value = space.data_spec_value()
+    if isinstance(value, str):
+        return f"`{value}`"
+    parts = [f"{key}: {value[key]}" for key in ("name", "root", "validation") if key in value]
+    if "generate" in value:
+        parts.append("generate: {" + ", ".join(f"{k}: {v}" for k, v in value["generate"].items()) + "}")
+    return "`{" + ", ".join(parts) + "}`"

@@ -34,6 +34,7 @@ extrapolated a few gap units leaves that range quickly.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.resources
 import json
 import math
@@ -43,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dkd_tune.beta_surface import SurfaceFit
 from dkd_tune.errors import UserInputError
 from dkd_tune.storage import atomic_write_text
 
@@ -51,6 +53,10 @@ FORMAT_VERSION = 1
 FAMILIES = ("cifar", "imagenet", "synthetic")
 FIT_FORM = "log_beta_linear_in_gap"
 FIT_FORMULA = "beta = exp(intercept + slope * mean_logit_gap), slope >= 0"
+SURFACE_FORM = "response_surface"
+SURFACE_FORMULA = (
+    "top-1(teacher, beta) = level(teacher) - curvature * (log2(beta) - intercept - slope * mean_logit_gap)^2"
+)
 
 BETA_MIN = 0.25
 BETA_MAX = 16.0
@@ -157,6 +163,7 @@ class Calibration:
     window_k: float = DEFAULT_WINDOW_K
     residual_scale_floor: float = DEFAULT_RESIDUAL_SCALE_FLOOR
     evidence: dict[str, Any] | None = field(default=None, compare=False)
+    surface: SurfaceFit | None = None  # a grid's response surface (then the points are its oracle betas)
 
     @property
     def gap_range(self) -> tuple[float, float]:
@@ -181,26 +188,34 @@ class Calibration:
         errors = self.log_errors()
         return math.sqrt(math.fsum(error * error for error in errors) / len(errors))
 
-    def predict(self, gap: float) -> BetaSuggestion:
-        """The beta for a teacher with this mean logit gap, its search window, and warnings."""
+    def predict(self, gap: float, *, teacher_acc: float | None = None) -> BetaSuggestion:
+        """The beta for a teacher with this mean logit gap, its search window, and warnings.
+
+        The fit is never extrapolated: a gap outside the calibrated range is read at the nearest
+        calibrated gap. With `teacher_acc` (test top-1, %) and a calibration that knows the student
+        trained alone, a teacher no better than that student gets the window's smallest beta.
+        """
         if not _is_finite_number(gap):
             raise UserInputError(f"teacher gap must be a finite number, got {gap!r}")
         gap = float(gap)
-        log_min, log_max = math.log(BETA_MIN), math.log(BETA_MAX)
-        log_raw = self.intercept + self.slope * gap
-        log_beta = min(max(log_raw, log_min), log_max)
-        half_width = self.window_k * self.residual_scale * self._leverage(gap)
-        log_low = min(max(log_beta - half_width, log_min), log_max)
-        log_high = min(max(log_beta + half_width, log_min), log_max)
-        warnings = []
         low_gap, high_gap = self.gap_range
         extrapolated = not low_gap <= gap <= high_gap
+        warnings = []
         if extrapolated:
             warnings.append(
                 f"gap {gap:.2f} is outside the calibrated range [{low_gap:.2f}, {high_gap:.2f}] of "
                 f"calibration {self.name!r} ({len(self.points)} teachers, family {self.family}); "
-                "the prediction extrapolates the fit, so search the whole window"
+                f"the prediction is the one at gap {min(max(gap, low_gap), high_gap):.2f} (never extrapolated): "
+                "search the whole window"
             )
+        if self.surface is not None:
+            return self._predict_on_surface(gap, extrapolated, warnings, teacher_acc)
+        log_min, log_max = math.log(BETA_MIN), math.log(BETA_MAX)
+        log_raw = self.intercept + self.slope * min(max(gap, low_gap), high_gap)
+        log_beta = min(max(log_raw, log_min), log_max)
+        half_width = self.window_k * self.residual_scale * self._leverage(gap)
+        log_low = min(max(log_beta - half_width, log_min), log_max)
+        log_high = min(max(log_beta + half_width, log_min), log_max)
         clamped = log_beta != log_raw
         if clamped:
             reason = (
@@ -219,6 +234,34 @@ class Calibration:
             high=_beta_from_log(log_high),
             extrapolated=extrapolated,
             clamped=clamped,
+            warnings=tuple(warnings),
+            calibration=self.name,
+            family=self.family,
+        )
+
+    def _predict_on_surface(
+        self, gap: float, extrapolated: bool, warnings: list[str], teacher_acc: float | None
+    ) -> BetaSuggestion:
+        surface = self.surface
+        assert surface is not None
+        peak, _ = surface.peak(gap)
+        width = surface.half_width()
+        low_x, high_x = surface.log2_beta_range
+        low, high = max(peak - width, low_x), min(peak + width, high_x)
+        student = (self.evidence or {}).get("student_alone_test_acc")
+        if teacher_acc is not None and isinstance(student, (int, float)) and teacher_acc <= student:
+            warnings.append(
+                f"the teacher's test top-1 {teacher_acc:.2f}% is no better than the student trained alone in "
+                f"this calibration ({student:.2f}%): DKD may not help; suggesting the window's smallest beta"
+            )
+            peak = low
+        return BetaSuggestion(
+            gap=gap,
+            beta=2.0**peak,
+            low=2.0**low,
+            high=2.0**high,
+            extrapolated=extrapolated,
+            clamped=False,
             warnings=tuple(warnings),
             calibration=self.name,
             family=self.family,
@@ -290,6 +333,8 @@ class Calibration:
             },
             "window": {"k": self.window_k, "residual_scale_floor": self.residual_scale_floor},
         }
+        if self.surface is not None:
+            content["fit"] = {"form": SURFACE_FORM, "formula": SURFACE_FORMULA, **self.surface.to_dict()}
         if self.evidence is not None:
             content["evidence"] = self.evidence
         return content
@@ -483,8 +528,39 @@ def _calibration_from_content(content: Any, path: Path) -> Calibration:
         )
     except UserInputError as error:
         raise UserInputError(f"{path}: {error}") from None
-    _check_stored_fit(content["fit"], calibration, reader)
+    stored = content["fit"]
+    if isinstance(stored, dict) and stored.get("form") == SURFACE_FORM:
+        return surface_calibration(calibration, _surface_from(stored, reader))
+    _check_stored_fit(stored, calibration, reader)
     return calibration
+
+
+def surface_calibration(calibration: Calibration, surface: SurfaceFit) -> Calibration:
+    """`calibration` predicting from a grid's response surface (its points are then the grid's oracle betas)."""
+    ln2 = math.log(2.0)
+    return dataclasses.replace(
+        calibration,
+        surface=surface,
+        intercept=surface.intercept * ln2,
+        slope=surface.slope * ln2,
+        slope_held_at_zero=surface.slope == 0,
+    )
+
+
+def _surface_from(stored: dict, reader: _FileReader) -> SurfaceFit:
+    keys = ("intercept", "slope", "curvature", "gap_range", "log2_beta_range", "noise_variance", "teachers")
+    reader.require_keys(stored, "fit", required=("form", "formula", *keys))
+    for key in ("intercept", "slope", "curvature", "noise_variance"):
+        reader.number(stored, key, "fit")
+    for key in ("gap_range", "log2_beta_range"):
+        value = stored[key]
+        if not (isinstance(value, list) and len(value) == 2 and all(_is_finite_number(v) for v in value)):
+            raise UserInputError(f"{reader.path}: key fit.{key} must be a list [low, high] of numbers")
+        if value[0] > value[1]:
+            raise UserInputError(f"{reader.path}: key fit.{key} is {value}; expected low <= high")
+    if stored["curvature"] < 0:
+        raise UserInputError(f"{reader.path}: key fit.curvature is {stored['curvature']!r}; expected >= 0")
+    return SurfaceFit.from_dict(stored)
 
 
 def _check_stored_fit(stored: Any, calibration: Calibration, reader: _FileReader) -> None:

@@ -349,16 +349,34 @@ def analyze_command(name_or_path, out, storage, tracking_uri, no_mlflow) -> None
 @click.option(
     "--calibration",
     type=click.Path(dir_okay=False),
-    help="A calibration file for the dataset's family, evaluated beside the leave-one-out predictions.",
+    help="A calibration file fitted elsewhere (e.g. on another instance of the data), checked on this grid.",
 )
-def validate_beta_command(space_file, name, set_values, storage, tracking_uri, address, calibration) -> None:
-    """Check auto-beta against a search: per teacher, searched best beta vs predicted beta, regret and compute.
+@click.option(
+    "--resamples",
+    type=click.IntRange(min=100),
+    default=1000,
+    show_default=True,
+    help="Bootstrap resamples (over teachers and seeds, the models refitted in each).",
+)
+@click.option(
+    "--search-trials",
+    type=click.IntRange(min=2),
+    default=12,
+    show_default=True,
+    help="Trials of each replayed ASHA-pruned Optuna search.",
+)
+def validate_beta_command(
+    space_file, name, set_values, storage, tracking_uri, address, calibration, resamples, search_trials
+) -> None:
+    """Is auto-beta's beta as good as the best beta? Ground truth: a grid of betas x seeds per teacher.
 
-    For every teacher of SPACE_FILE (at least 3; only beta searched): the gap is measured and beta
-    searched (ASHA-pruned Optuna); beta is predicted from the gap by auto-beta refitted on the OTHER
-    teachers' searched points (leave-one-teacher-out) and by a constant (the others' mean best beta);
-    a full run trains at each prediction the search did not already cover. The report gives per teacher
-    the gap, the betas, the top-1 at each, the regret and the compute spent by the search vs auto-beta.
+    SPACE_FILE gives at least 3 teachers, beta as a log2 grid (beta: {grid: [0.5, 1, 2, 4, 8]}),
+    seed as a grid of at least 2 seeds, metric val_acc with data.validation, search.algorithm grid
+    and an ASHA scheduler. Every cell trains its full budget (the scheduler only shapes the replayed
+    searches). On the grid it compares, by regret on the test split with the beta chosen on the
+    validation split: auto-beta refitted without the teacher (leave-one-teacher-out), the constant
+    baseline, and an ASHA-pruned Optuna search replayed on the grid's curves; 95% bootstrap intervals
+    of the differences; the calibration fitted on every teacher is written beside the report.
     Run the same command again to resume an interrupted validation.
     """
     import shlex
@@ -379,6 +397,8 @@ def validate_beta_command(space_file, name, set_values, storage, tracking_uri, a
             tracking_uri=tracking_uri,
             address=address,
             calibration=calibration,
+            resamples=resamples,
+            search_trials=search_trials,
             command=command,
         ),
     )
@@ -387,7 +407,7 @@ def validate_beta_command(space_file, name, set_values, storage, tracking_uri, a
     click.echo("")
     click.echo(f"report: {outcome.report_path}")
     click.echo(
-        f"tables: {outcome.evaluation_path}, {outcome.compute_path}; figures: "
+        f"calibration: {outcome.calibration_path}; comparison: {outcome.comparison_path}; figures: "
         + ", ".join(str(path) for path in outcome.figures)
     )
 

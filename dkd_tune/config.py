@@ -36,7 +36,9 @@ MLFLOW_SCHEMES = (
     "databricks-uc",
     "uc",
 )
-METRICS = ("test_acc", "best_test_acc", "test_acc_top5", "test_loss", "train_loss", "train_acc")
+METRICS = (
+    "test_acc", "best_test_acc", "test_acc_top5", "test_loss", "train_loss", "train_acc", "val_acc", "val_loss",
+)  # fmt: skip
 INTEGER_FIELDS = frozenset({"epochs", "batch_size", "warmup_epochs", "seed"})
 
 
@@ -112,6 +114,11 @@ class DataMapping(StrictModel):
     noise_seed: int = 0
     generate: dict[str, Any] | None = Field(
         None, description="synthetic only: generator parameters (make-synthetic)."
+    )
+    validation: int = Field(
+        0,
+        ge=0,
+        description="Images per class held out of the training split as a validation split (val_acc); 0: none.",
     )
 
 
@@ -465,6 +472,12 @@ def check_search_space(space: SearchSpaceFile, path: Path) -> None:
     except UserInputError as error:
         raise UserInputError(f"{path}: {error}") from None
     check_data_present(data, path)
+    if space.metric.startswith("val_") and not data.validation:
+        fail(
+            "metric",
+            f"{space.metric!r} needs a validation split; set data.validation (images per class held out "
+            "of the training split), or use a test_ metric",
+        )
     if data.name == "imagenet":
         for index, teacher in enumerate(space.teachers):
             if teacher.train is not None:

@@ -419,7 +419,7 @@ def _collect_teachers(space, pending, data_spec, state, save_state, options) -> 
 
 def shared_data(data_spec, space: SearchSpaceFile, options: SearchOptions):
     """What the trials share: the decoded dataset (read once, here), or for ImageNet its folders."""
-    from dkd_tune.data import ImageFolderData, dataset_num_classes, load_train_test
+    from dkd_tune.data import ImageFolderData, dataset_num_classes, load_splits
     from dkd_tune.trial import SharedDataset
 
     if data_spec.name == "imagenet":
@@ -428,7 +428,8 @@ def shared_data(data_spec, space: SearchSpaceFile, options: SearchOptions):
             data_spec.root, dataset_num_classes(data_spec), workers=max(1, int(space.resources.cpu))
         )
     options.log(f"dkd-tune: loading {data_spec.name} from {data_spec.root}")
-    return SharedDataset.from_datasets(*load_train_test(data_spec))
+    train, validation, test = load_splits(data_spec)
+    return SharedDataset.from_datasets(train, test, validation)
 
 
 def _prepare_teacher_task(teacher, student, data_spec, shared, teachers_dir, cache_dir, cache_note, cpus):
@@ -974,7 +975,9 @@ def _best_row(frame, space: SearchSpaceFile) -> dict[str, Any] | None:
     candidates = frame[(frame["status"] == "completed") & ~frame["part"].str.startswith(BASELINE_PREFIX)]
     if candidates.empty:
         return None
-    column = "final_test_acc" if space.metric == "test_acc" else space.metric
+    column = {"test_acc": "final_test_acc", "val_acc": "final_val_acc", "val_loss": "final_val_loss"}.get(
+        space.metric, space.metric
+    )
     if column not in candidates:
         column = "final_test_acc"
     index = candidates[column].idxmax() if space.mode == "max" else candidates[column].idxmin()

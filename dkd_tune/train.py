@@ -136,6 +136,7 @@ class PreparedRun:
     test_loader: Any
     acceleration: Acceleration
     identity: RunIdentity
+    val_loader: Any = None  # the validation split's loader, when the data hold one out
 
 
 def prepare_run(
@@ -168,6 +169,16 @@ def prepare_run(
         channels_last=acceleration.channels_last,
         dtype=acceleration.input_dtype,
     )
+    val_loader = None
+    if hasattr(data, "val_loader"):
+        val_loader = data.val_loader(
+            device,
+            eval_batch_size=eval_batch_size,
+            rank=rank,
+            world_size=world_size,
+            channels_last=acceleration.channels_last,
+            dtype=acceleration.input_dtype,
+        )
     torch.manual_seed(recipe.seed)
     model = create_model(arch, num_classes=data.num_classes)
     mean, std = data.normalisation
@@ -179,7 +190,7 @@ def prepare_run(
         mean=tuple(float(v) for v in mean),
         std=tuple(float(v) for v in std),
     )
-    return PreparedRun(model, train_loader, test_loader, acceleration, identity)
+    return PreparedRun(model, train_loader, test_loader, acceleration, identity, val_loader)
 
 
 Reporter = Callable[[EpochReport], None]
@@ -242,8 +253,11 @@ def fit(
     checkpoint_dir: str | Path | None = None,
     resume_from: str | Path | None = None,
     stop_after_epochs: int | None = None,
+    val_loader: Iterable | None = None,
 ) -> FitResult:
     """Train `student` for `recipe.epochs` epochs (or until `stop_after_epochs`) and report each epoch.
+
+    With `val_loader` (the validation split) each epoch also reports val_acc and val_loss.
 
     `train_loader` yields batches with `.images`, `.labels` (and `.indices`, `.view_ids` for the
     logit cache) and has `set_epoch(epoch)`, so an epoch's data depend only on the seed and the
@@ -366,6 +380,9 @@ def fit(
             "diverged": float(diverged),
         }
         metrics.update(_distillation_metrics(loss_mode, kd_sum / count, tckd_sum / count, nckd_sum / count))
+        if val_loader is not None:
+            val = evaluate(model, val_loader, device, acceleration)
+            metrics.update(val_acc=val["acc"], val_loss=val["loss"])
         if not diverged and test["acc"] > best_test_acc:
             best_test_acc = test["acc"]
             if checkpoint_dir is not None and is_main_rank:

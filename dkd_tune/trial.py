@@ -45,9 +45,13 @@ class SharedDataset:
     std: tuple[float, ...]
     name: str
     label_noise_rate: float = 0.0
+    val_images: np.ndarray | None = None  # the validation split, when the data spec holds one out
+    val_labels: np.ndarray | None = None
 
     @classmethod
-    def from_datasets(cls, train: ImageDataset, test: ImageDataset) -> SharedDataset:
+    def from_datasets(
+        cls, train: ImageDataset, test: ImageDataset, validation: ImageDataset | None = None
+    ) -> SharedDataset:
         return cls(
             train_images=train.images.numpy(),
             train_labels=train.labels.numpy(),
@@ -59,24 +63,33 @@ class SharedDataset:
             std=tuple(train.std),
             name=train.name,
             label_noise_rate=float(getattr(train, "label_noise_rate", 0.0)),
+            val_images=None if validation is None else validation.images.numpy(),
+            val_labels=None if validation is None else validation.labels.numpy(),
         )
 
-    def datasets(self) -> tuple[ImageDataset, ImageDataset]:
-        def dataset(images: np.ndarray, labels: np.ndarray) -> ImageDataset:
-            with warnings.catch_warnings():
-                # Object-store arrays are read-only; loaders only read them (padding makes a copy).
-                warnings.simplefilter("ignore", UserWarning)
-                return ImageDataset(
-                    images=torch.from_numpy(images),
-                    labels=torch.from_numpy(labels),
-                    num_classes=self.num_classes,
-                    class_names=self.class_names,
-                    mean=self.mean,
-                    std=self.std,
-                    name=self.name,
-                )
+    def validation(self) -> ImageDataset | None:
+        if self.val_images is None:
+            return None
+        return self._dataset(self.val_images, self.val_labels)
 
-        return dataset(self.train_images, self.train_labels), dataset(self.test_images, self.test_labels)
+    def datasets(self) -> tuple[ImageDataset, ImageDataset]:
+        return self._dataset(self.train_images, self.train_labels), self._dataset(
+            self.test_images, self.test_labels
+        )
+
+    def _dataset(self, images: np.ndarray, labels: np.ndarray) -> ImageDataset:
+        with warnings.catch_warnings():
+            # Object-store arrays are read-only; loaders only read them (padding makes a copy).
+            warnings.simplefilter("ignore", UserWarning)
+            return ImageDataset(
+                images=torch.from_numpy(images),
+                labels=torch.from_numpy(labels),
+                num_classes=self.num_classes,
+                class_names=self.class_names,
+                mean=self.mean,
+                std=self.std,
+                name=self.name,
+            )
 
 
 @dataclass(frozen=True)
@@ -151,7 +164,11 @@ def run_trial(
     device = device or training_device()
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(plan.cpus_per_trial)))
-    source = InMemoryData(*data.datasets(), plan.augment) if isinstance(data, SharedDataset) else data
+    source = (
+        InMemoryData(*data.datasets(), plan.augment, val=data.validation())
+        if isinstance(data, SharedDataset)
+        else data
+    )
     run = prepare_run(
         plan.student, source, recipe,
         device=device, compile=plan.compile, rank=rank, world_size=world_size,
@@ -163,6 +180,7 @@ def run_trial(
         run.train_loader,
         run.test_loader,
         recipe,
+        val_loader=run.val_loader,
         identity=run.identity,
         loss_mode=loss_mode,
         teacher=teacher,

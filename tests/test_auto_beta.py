@@ -107,7 +107,11 @@ def test_prediction_outside_the_calibrated_range_warns():
         assert suggestion.extrapolated and not suggestion.clamped
         assert len(suggestion.warnings) == 1
         assert "outside the calibrated range [5.36, 8.53]" in suggestion.warnings[0]
+        assert "never extrapolated" in suggestion.warnings[0]
         assert one_line(suggestion.warnings[0])
+        # Never extrapolated: the beta is the one at the nearest calibrated gap.
+        nearest = calibration.predict(min(max(gap, 5.36), 8.53))
+        assert suggestion.beta == nearest.beta
     # The window widens away from the calibrated gaps (prediction-interval leverage).
     inside, outside = calibration.predict(7.0), calibration.predict(4.0)
     assert outside.high / outside.beta > inside.high / inside.beta
@@ -116,10 +120,13 @@ def test_prediction_outside_the_calibrated_range_warns():
 def test_predictions_and_windows_are_clamped_to_the_stable_range():
     calibration = default_calibration("cifar")
     high = calibration.predict(30.0)
-    assert high.beta == BETA_MAX and high.high == BETA_MAX and high.low < BETA_MAX
-    assert high.clamped and high.extrapolated and "clamped to [0.25, 16]" in high.warnings[1]
+    assert high.beta == calibration.predict(8.53).beta and high.high == BETA_MAX and high.low < high.beta
+    assert high.extrapolated and not high.clamped
+    steep = fit_calibration(points_from_law([1.0, 2.0], 0.0, 3.0), "synthetic", "steep law")
+    assert steep.predict(2.0).clamped and steep.predict(2.0).beta == BETA_MAX
+    assert "clamped to [0.25, 16]" in steep.predict(2.0).warnings[0]
     low = calibration.predict(-5.0)
-    assert low.beta == BETA_MIN and low.low == BETA_MIN and low.high > BETA_MIN and low.clamped
+    assert low.beta == calibration.predict(5.36).beta and low.low >= BETA_MIN and low.extrapolated
     for gap in (-1e300, -50.0, 0.0, 12.0, 1e6, 1e300):
         suggestion = calibration.predict(gap)
         assert BETA_MIN <= suggestion.low <= suggestion.beta <= suggestion.high <= BETA_MAX

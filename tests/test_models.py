@@ -42,6 +42,8 @@ CIFAR_PARAMS_M = {
     "MobileNetV2": 0.813,
     "ShuffleV1": 0.949,
     "ShuffleV2": 1.356,
+    "mlp_256": 0.223,  # dkd-tune's own CPU benchmark students (16x16x3 pooled pixels -> 256 -> classes)
+    "mlp_512x2": 0.708,
 }
 # Millions of parameters at 1000 classes (torchvision's published counts; MobileNetV1 as in mdistiller).
 IMAGENET_PARAMS_M = {
@@ -63,7 +65,7 @@ def _deterministic_single_thread():
     torch.set_num_threads(threads)
 
 
-def test_registry_holds_exactly_the_paper_networks():
+def test_registry_holds_the_paper_networks_and_the_benchmark_mlps():
     assert list_models("cifar") == list(CIFAR_PARAMS_M)
     assert list_models("imagenet") == list(IMAGENET_PARAMS_M)
     assert list_models() == list(CIFAR_PARAMS_M) + list(IMAGENET_PARAMS_M)

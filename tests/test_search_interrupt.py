@@ -239,7 +239,7 @@ def test_a_signal_in_a_driver_phase_leaves_a_resumable_search(tmp_path, monkeypa
 def test_ctrl_c_stops_validate_beta_resumably_and_its_command_continues_it(validation_file, tmp_path):  # noqa: F811
     from mlflow.tracking import MlflowClient
 
-    space = validation_file  # 3 teachers, beta searched
+    space = validation_file  # 3 teachers, a grid of betas and seeds
     validation = Search(space, tmp_path, command="validate-beta")
     validation.wait_for_line("part 'weak': starting")  # inside the validation's search, trials running
     validation.signal(signal.SIGINT)
@@ -251,7 +251,7 @@ def test_ctrl_c_stops_validate_beta_resumably_and_its_command_continues_it(valid
     assert state["status"] == "interrupted" and state["sessions"][-1]["outcome"] == "interrupted"
     client = MlflowClient(tracking_uri=state["tracking_uri"])
     assert client.get_run(state["validation_run_id"]).info.status == "KILLED"
-    search_state = json.loads((folder / "validation-search" / "state.json").read_text())
+    search_state = json.loads((folder / "validation-grid" / "state.json").read_text())
     assert search_state["status"] == "interrupted"
 
     again = cli("validate-beta", str(space), cwd=tmp_path)

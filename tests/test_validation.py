@@ -1,162 +1,127 @@
-"""validate-beta: held-out predictions, what gets trained, compute accounting, the file checks, and a real tiny run."""
+"""validate-beta: the grid ground truth, regrets paired by seed, the bootstrap, the file checks, and a real tiny run."""
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from analysis.beta_predictions import (
-    EVALUATION_COLUMNS,
-    betas_to_train,
-    covering_trial,
-    evaluation_rows,
-    teacher_betas,
+from analysis.beta_ground_truth import (
+    BetaGrid,
+    compare_methods,
+    grid_from_results,
+    loo_picks,
+    regrets,
+    verdict,
 )
-from analysis.compute_cost import StepFlops, compute_table, step_flops
 from analysis.results import typed_results
-from analysis.tables import beta_pivot, markdown_table
-from analysis.validation import autobeta_space, check_validation_space
-from dkd_tune.auto_beta import CalibrationPoint, default_calibration, fit_calibration
+from analysis.tables import markdown_table
+from analysis.validation import check_validation_space, grid_space
+from dkd_tune.auto_beta import read_calibration
 from dkd_tune.config import load_search_space
 from dkd_tune.errors import UserInputError
 from dkd_tune.tracking import TAG_KIND, TAG_PARENT
 from tests.test_search_e2e import cli, tiny_space
 
-GAPS = {"t1": 0.5, "t2": 1.5, "t3": 3.0, "t4": 6.0}
-BEST = {"t1": 1.0, "t2": 2.0, "t3": 4.0, "t4": 8.0}
+BETAS = np.array([0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0])
 
 
-def trials_frame(best: dict[str, float] = BEST) -> pd.DataFrame:
-    """A search's results: per teacher, completed trials at beta/2, beta (the best) and 2*beta, one stopped trial."""
+def synthetic_grid(
+    slope: float, *, seeds: int = 3, noise: float = 0.3, teachers: int = 6, seed: int = 0
+) -> BetaGrid:
+    """A grid whose peak log2(beta) is -1 + slope * gap (slope 0: the same best beta for every teacher)."""
+    rng = np.random.default_rng(seed)
+    gaps = np.linspace(1.0, 6.0, teachers)
+    x = np.log2(BETAS)
+    peaks = -1.0 + slope * gaps
+    surface = 80.0 - 1.5 * (x[None, :] - peaks[:, None]) ** 2
+    val = surface[:, :, None] + rng.normal(0, noise, (teachers, len(BETAS), seeds))
+    test = surface[:, :, None] + rng.normal(0, noise, (teachers, len(BETAS), seeds))
+    return BetaGrid(
+        teachers=[f"t{i}" for i in range(teachers)],
+        gaps=gaps,
+        betas=BETAS,
+        seeds=list(range(seeds)),
+        val=val,
+        test=test,
+        teacher_test_acc={f"t{i}": 85.0 + i for i in range(teachers)},
+        student_alone={"val": 70.0, "test": 70.0},
+    )
+
+
+def test_a_gap_that_moves_the_peak_makes_auto_beta_beat_the_constant():
+    grid = synthetic_grid(slope=0.8, teachers=8)
+    comparison = compare_methods(grid, resamples=200)
+    mean, _low, high = comparison.differences["autobeta-constant"]
+    assert high < 0 and mean < -1.0
+    # With 6 teachers the same effect is as large, but resamples that hold only neighbouring gaps
+    # tie the two methods (a clamped prediction is the constant), and the interval reaches 0.
+    six = compare_methods(synthetic_grid(slope=0.8), resamples=200).differences["autobeta-constant"]
+    assert six[0] < -1.0 and six[1] < -1.0
+    assert verdict(comparison.differences, "autobeta-constant", "the constant").startswith("Auto-beta beats")
+    # Held out, auto-beta lands within one grid step of each teacher's oracle beta.
+    steps = np.abs(np.log2(comparison.table["autobeta_beta"]) - np.log2(comparison.table["oracle_beta"]))
+    assert steps.max() <= 1.0
+
+
+def test_a_gap_that_does_not_matter_gives_an_interval_that_holds_zero():
+    grid = synthetic_grid(slope=0.0, seed=3)
+    comparison = compare_methods(grid, resamples=200)
+    _mean, low, high = comparison.differences["autobeta-constant"]
+    assert low <= 0 <= high
+    assert "does not beat" in verdict(comparison.differences, "autobeta-constant", "the constant")
+
+
+def test_regret_is_paired_by_seed_and_uses_the_test_split_only_for_reporting():
+    grid = synthetic_grid(slope=0.5, seeds=2)
+    grid.val[0, 2, :] = 99.0  # the validation split says beta 1 for teacher 0 ...
+    grid.test[0, :, :] = np.array([[50.0, 60.0]] * len(BETAS))
+    grid.test[0, 2, :] = [52.0, 61.0]  # ... and the test split is only read at the picks
+    teachers, seeds = np.arange(6), np.arange(2)
+    picks = np.full(6, 5)
+    got = regrets(grid, teachers, seeds, picks)
+    assert got[0].tolist() == [2.0, 1.0]  # oracle (val) beta 1 minus the pick, seed by seed
+    per_seed = np.tile(picks[:, None], (1, 2))
+    assert np.array_equal(regrets(grid, teachers, seeds, per_seed), got)
+
+
+def test_leave_one_teacher_out_never_sees_the_teacher():
+    grid = synthetic_grid(slope=0.8)
+    before = loo_picks(grid, np.arange(6), np.arange(3), constant=False)
+    grid.val[2] = 0.0  # the held-out teacher's own cells change nothing of its prediction
+    after = loo_picks(grid, np.arange(6), np.arange(3), constant=False)
+    assert before[2] == after[2]
+
+
+def test_the_grid_is_read_from_a_results_table_and_a_missing_cell_is_one_line():
     rows = []
-    for teacher, gap in GAPS.items():
-        for position, factor in enumerate((0.5, 1.0, 2.0)):
-            rows.append(
-                dict(part=teacher, teacher=teacher, teacher_model="resnet8", teacher_gap=gap, loss="dkd",
-                     dataset_family="synthetic", trial_id=f"{teacher}-{position}", status="completed",
-                     stop_epoch=8, max_epochs=8, beta=best[teacher] * factor, wall_time_s=10.0,
-                     final_test_acc=80.0 - 5 * abs(math.log2(factor))),
-            )  # fmt: skip
-        rows.append(
-            dict(part=teacher, teacher=teacher, teacher_model="resnet8", teacher_gap=gap, loss="dkd",
-                 dataset_family="synthetic", trial_id=f"{teacher}-stopped", status="stopped", stop_epoch=2,
-                 max_epochs=8, beta=best[teacher] * 1.01, wall_time_s=2.0, final_test_acc=95.0),
-        )  # fmt: skip
-    rows.append(
-        dict(part="baseline-ce", teacher="none", teacher_model="none", loss="ce", dataset_family="synthetic",
-             trial_id="ce", status="completed", stop_epoch=8, max_epochs=8, beta=8.0, final_test_acc=70.0,
-             wall_time_s=8.0),
-    )  # fmt: skip
-    return typed_results(pd.DataFrame(rows))
-
-
-def test_searched_best_ignores_stopped_trials_and_baselines():
-    teachers = {t.teacher: t for t in teacher_betas(trials_frame(), "synthetic")}
-    assert list(teachers) == ["t1", "t2", "t3", "t4"]  # by gap; the CE baseline is no teacher
-    for name, entry in teachers.items():
-        assert (
-            entry.searched_beta == BEST[name] and entry.searched_acc == 80.0 and entry.completed_trials == 3
-        )
-
-
-def test_held_out_predictions_never_use_the_teachers_own_search():
-    base = {t.teacher: t for t in teacher_betas(trials_frame(), "synthetic")}
-    for teacher in GAPS:
-        moved = dict(BEST, **{teacher: BEST[teacher] * 16})  # change only this teacher's search result
-        changed = {t.teacher: t for t in teacher_betas(trials_frame(moved), "synthetic")}
-        for predictor in ("loo", "constant"):
-            assert changed[teacher].predictions[predictor].beta == pytest.approx(
-                base[teacher].predictions[predictor].beta
-            ), (teacher, predictor)
-        assert changed[teacher].predictions["in_sample"].beta != pytest.approx(
-            base[teacher].predictions["in_sample"].beta
-        )  # the in-sample fit does see it: reported, never trained
-
-
-def test_leave_one_out_is_the_fit_on_the_others():
-    entry = next(t for t in teacher_betas(trials_frame(), "synthetic") if t.teacher == "t3")
-    others = [CalibrationPoint(name, GAPS[name], BEST[name]) for name in ("t1", "t2", "t4")]
-    expected = fit_calibration(others, "synthetic", "test").predict(GAPS["t3"]).beta
-    assert entry.predictions["loo"].beta == pytest.approx(expected)
-    geometric_mean = math.exp(sum(math.log(BEST[name]) for name in ("t1", "t2", "t4")) / 3)
-    assert entry.predictions["constant"].beta == pytest.approx(geometric_mean)
-
-
-def test_only_uncovered_predictions_are_trained_and_regret_is_measured_against_the_search():
-    frame = trials_frame()
-    teachers = teacher_betas(frame, "synthetic", cifar=default_calibration("cifar"))
-    t1 = next(t for t in teachers if t.teacher == "t1")
-    assert covering_trial(frame, "t1", BEST["t1"] * 1.001) is not None  # within 0.5%
-    assert covering_trial(frame, "t1", BEST["t1"] * 1.01) is None  # the stopped trial there does not count
-    pending = betas_to_train(teachers, frame)
-    assert set(pending) == set(GAPS)
-    for entry in teachers:
-        wanted = {round(entry.predictions[p].beta, 9) for p in ("loo", "constant")}
-        covered = {b for b in wanted if covering_trial(frame, entry.teacher, b) is not None}
-        assert {round(b, 9) for b in pending[entry.teacher]} == wanted - covered
-    assert "cifar" in t1.predictions  # reported, never trained
-    runs = typed_results(
-        pd.DataFrame(
-            [
-                dict(
-                    part=teacher,
-                    teacher=teacher,
-                    trial_id=f"run-{teacher}-{i}",
-                    status="completed",
-                    beta=beta,
-                    final_test_acc=78.0,
-                    stop_epoch=8,
-                    wall_time_s=12.0,
-                )
-                for teacher, betas in pending.items()
-                for i, beta in enumerate(betas)
-            ]
-        )
-    )
-    evaluation = evaluation_rows(teachers, frame, runs)
-    assert list(evaluation.columns) == list(EVALUATION_COLUMNS)
-    assert {str(d) for d in evaluation.dtypes} <= {"string", "float64"}
-    trained = evaluation[evaluation["predictor"].isin(["loo", "constant"])]
-    assert trained["accuracy"].notna().all()
-    assert (trained["regret"] == trained["searched_accuracy"] - trained["accuracy"]).all()
-    reported = evaluation[evaluation["predictor"].isin(["in_sample", "cifar"])]
-    assert reported["accuracy"].isna().all() and (reported["source"] == "not trained").all()
-
-
-def test_compute_counts_trial_epochs_and_converts_teacher_passes():
-    frame = trials_frame()
-    flops = {teacher: StepFlops(student_train=3.0, teacher_forward=1.0) for teacher in GAPS}
-    compute = compute_table(frame, pd.DataFrame(), flops, {"t4": 162}, 8, {"t1": 12.0}).set_index("teacher")
-    assert compute.loc["t1", "search_trial_epochs"] == 3 * 8 + 2
-    assert compute.loc["t1", "search_epoch_equivalents"] == pytest.approx(26 + 0.25)
-    assert compute.loc["t1", "autobeta_epoch_equivalents"] == pytest.approx(8 + 0.25)
-    # With the logit cache the trials skip the teacher forward but the cache cost one pass per view.
-    assert compute.loc["t4", "search_epoch_equivalents"] == pytest.approx(26 * 0.75 + 163 * 0.25)
-    assert compute.loc["t1", "autobeta_wall_time_s"] == 12.0 and pd.isna(
-        compute.loc["t2", "autobeta_wall_time_s"]
-    )
-    measured = step_flops("resnet8", "resnet20", 10, 16)
-    assert measured.teacher_forward > 0 and 0 < measured.teacher_pass_epochs < 1
-
-
-def test_pivot_bins_continuous_betas_and_keeps_a_grid_as_it_is():
-    frame = trials_frame()
-    grid = beta_pivot(frame)
-    assert not grid.binned and grid.table.shape == (6, 4)  # completed trials at 0.5, 1, 2, 4, 8 and 16
+    for t, gap in (("a", 1.0), ("b", 2.0), ("c", 3.0)):
+        for beta in (0.5, 1.0, 2.0):
+            for seed in (0, 1):
+                rows.append(
+                    dict(part=t, teacher=t, teacher_gap=gap, beta=beta, seed=seed, status="completed",
+                         final_val_acc=70 + beta + seed, final_test_acc=60 + beta, trial_id=f"{t}{beta}{seed}")
+                )  # fmt: skip
+    rows.append(dict(part="baseline-ce", teacher="none", status="completed", final_val_acc=50.0,
+                     final_test_acc=51.0, trial_id="ce", beta=8.0, seed=0))  # fmt: skip
+    frame = typed_results(pd.DataFrame(rows))
+    grid = grid_from_results(frame)
     assert (
-        grid.table.loc[1.0, "t1"] == 80.0
-        and grid.table.loc[2.0, "t1"] == 75.0
-        and pd.isna(grid.table.loc[16.0, "t1"])
+        grid.teachers == ["a", "b", "c"] and grid.betas.tolist() == [0.5, 1.0, 2.0] and grid.seeds == [0, 1]
     )
-    binned = beta_pivot(frame, bins=4)
-    assert binned.binned and len(binned.table) == 4
-    assert binned.table.max().tolist() == [80.0] * 4 and int(binned.counts.to_numpy().sum()) == 12
+    assert grid.val[1, 2, 1] == 73.0 and grid.student_alone == {"val": 50.0, "test": 51.0}
+    frame.loc[(frame["teacher"] == "b") & (frame["beta"] == 1.0) & (frame["seed"] == 1), "status"] = "error"
+    with pytest.raises(UserInputError, match="teacher 'b', beta 1, seed 1") as error:
+        grid_from_results(frame)
+    assert "\n" not in str(error.value)
+
+
+def test_markdown_table_formats_numbers_and_blanks():
     assert markdown_table(pd.DataFrame({"a": [1.23456, None], "b": ["x", "y"]})).splitlines() == [
         "| a | b |",
         "|---|---|",
@@ -172,73 +137,99 @@ def validation_file(tmp_path) -> Path:
         {"model": "resnet8", "name": "mid", "train": {"overrides": {"epochs": 2, "batch_size": 32}}},
         {"model": "resnet14", "name": "strong", "train": {"overrides": {"epochs": 3, "batch_size": 32}}},
     ]
+    data = {
+        "name": "synthetic",
+        "root": str(tmp_path / "data"),
+        "validation": 10,
+        "generate": {
+            "classes": 5,
+            "superclasses": 5,
+            "train_per_class": 40,
+            "test_per_class": 20,
+            "image_size": 8,
+        },
+    }
     return tiny_space(
         tmp_path,
         name="validation",
+        data=data,
+        student="mlp_256",
         teachers=teachers,
-        overrides={"epochs": 3, "lr_milestones": [2], "warmup_epochs": 1, "batch_size": 32},
-        space={"beta": {"loguniform": [0.25, 16.0]}, "alpha": 1.0},
-        baselines=[],
-        search={"algorithm": "optuna", "seed": 0, "num_samples": 3, "max_concurrent_trials": 2},
+        overrides={"epochs": 3, "lr_milestones": [2], "warmup_epochs": 1, "batch_size": 32, "lr": 0.01},
+        space={"beta": {"grid": [0.5, 1.0, 2.0]}, "seed": {"grid": [0, 1]}, "alpha": 1.0},
+        baselines=["ce"],
+        metric="val_acc",
+        search={"algorithm": "grid", "seed": 0, "num_samples": 1, "max_concurrent_trials": 2},
     )
 
 
-def test_a_validation_file_searches_beta_alone_for_three_teachers(validation_file, tmp_path):
+def test_a_validation_file_is_a_log2_grid_of_betas_and_seeds_for_three_teachers(validation_file, tmp_path):
     space = load_search_space(validation_file)
     check_validation_space(space, validation_file)
     raw = yaml.safe_load(validation_file.read_text())
+    grid_beta = raw["space"]
     for change, message in (
-        (
-            {"space": {"beta": {"loguniform": [0.25, 16.0]}, "temperature": {"choice": [2, 4]}}},
-            "space.temperature",
-        ),
+        ({"space": {**grid_beta, "temperature": {"grid": [2, 4]}}}, "space.temperature"),
         ({"teachers": raw["teachers"][:2]}, "at least 3 teachers"),
-        ({"space": {"beta": 2.0}}, "beta must be searched"),
+        ({"space": {**grid_beta, "beta": {"grid": [0.5, 1.0]}}}, "at least 3 betas"),
+        ({"space": {**grid_beta, "beta": {"grid": [0.5, 1.0, 3.0]}}}, "log2 ladder"),
+        ({"space": {**grid_beta, "seed": {"grid": [0]}}}, "at least 2 seeds"),
+        ({"metric": "test_acc"}, "metric"),
         ({"loss": "kd"}, "loss"),
+        ({"scheduler": {"type": "none"}}, "scheduler.type"),
     ):
         path = tmp_path / "changed.yaml"
         path.write_text(yaml.safe_dump({**raw, **change}))
         with pytest.raises(UserInputError, match=message) as error:
             check_validation_space(load_search_space(path), path)
         assert "\n" not in str(error.value)
-
-    # The full runs' file: each teacher's betas as a grid, no pruning; it validates as a search file.
-    derived = autobeta_space(space, "validation", {"weak": [0.5, 2.0], "strong": [3.0]})
-    path = tmp_path / "autobeta.yaml"
-    path.write_text(yaml.safe_dump(derived))
-    autobeta = load_search_space(path)
-    assert [t.label for t in autobeta.teachers] == ["weak", "strong"]
-    assert autobeta.space_for(autobeta.teachers[0])["beta"].grid == [0.5, 2.0]
-    assert (
-        autobeta.scheduler.type == "none" and autobeta.search.algorithm == "grid" and not autobeta.baselines
+    path = tmp_path / "no_validation_split.yaml"
+    path.write_text(
+        yaml.safe_dump({**raw, "data": {k: v for k, v in raw["data"].items() if k != "validation"}})
     )
-    assert autobeta.max_epochs() == space.max_epochs() and autobeta.name == space.name
+    with pytest.raises(UserInputError, match="metric: 'val_acc' needs a validation split"):
+        load_search_space(path)
+
+    # The grid's file: the same file with nothing pruned; it validates as a search file.
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid_space(space, "validation")))
+    grid = load_search_space(path)
+    assert grid.scheduler.type == "none" and grid.search.algorithm == "grid" and grid.baselines == ["ce"]
+    assert grid.max_epochs() == space.max_epochs() and grid.name == space.name
 
 
 @pytest.mark.slow
 def test_validate_beta_end_to_end_and_resume(validation_file, tmp_path):
-    result = cli("validate-beta", str(validation_file), cwd=tmp_path)
+    result = cli(
+        "validate-beta", str(validation_file), "--resamples", "100", "--search-trials", "3", cwd=tmp_path
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "auto-beta, leave-one-teacher-out" in result.stdout
+    assert "Auto-beta" in result.stdout
     folder = tmp_path / "runs" / "validation"
     report = (folder / "validation.md").read_text()
-    for heading in (
-        "## Per teacher",
-        "## Summary",
-        "## Compute spent finding beta",
-        "## Limits of this evidence",
-    ):
+    for heading in ("## Verdict", "## Per teacher", "## The calibration fitted on every teacher"):
         assert heading in report
     assert f"validate-beta {validation_file}" in report
-    evaluation = pd.read_parquet(folder / "evaluation.parquet")
-    assert list(evaluation.columns) == list(EVALUATION_COLUMNS)
-    assert set(evaluation["teacher"]) == {"weak", "mid", "strong"}
-    loo = evaluation[evaluation["predictor"] == "loo"].set_index("teacher")
-    assert loo["accuracy"].notna().all()  # each prediction was trained (or covered by a completed trial)
-    with_regret = loo.dropna(subset=["searched_accuracy"])
-    assert (with_regret["regret"] == with_regret["searched_accuracy"] - with_regret["accuracy"]).all()
-    compute = pd.read_parquet(folder / "compute.parquet")
-    assert (compute["search_trial_epochs"] > 0).all() and (compute["autobeta_trial_epochs"] == 3).all()
+    comparison = pd.read_parquet(folder / "comparison.parquet")
+    assert set(comparison["teacher"]) == {"weak", "mid", "strong"}
+    for method in ("autobeta", "constant", "search"):
+        assert comparison[f"{method}_regret"].notna().all()
+    assert (comparison["oracle_beta"].isin([0.5, 1.0, 2.0])).all()
+
+    # Every grid run trained its full budget, on both splits, and its curve is kept.
+    curves = pd.read_parquet(folder / "curves.parquet")
+    runs = curves[~curves["part"].str.startswith("baseline-")]
+    assert len(runs.groupby(["teacher", "beta", "seed"])) == 3 * 3 * 2
+    assert (runs.groupby("trial_id")["epoch"].max() == 3).all()
+    assert runs["val_acc"].notna().all() and runs["test_acc"].notna().all()
+    replays = pd.read_parquet(folder / "replays.parquet")
+    assert len(replays) == 3 * 2 and (replays["trials"] == 3).all() and (replays["trial_epochs"] >= 3).all()
+
+    calibration = read_calibration(folder / "calibration.json")
+    assert calibration.surface is not None and calibration.family == "synthetic"
+    assert "validate-beta" in calibration.provenance and "weak" in calibration.provenance
+    suggestion = calibration.predict(calibration.gap_range[1] + 10.0)
+    assert suggestion.extrapolated and 0.5 <= suggestion.beta <= 2.0  # clamped, never extrapolated
     for figure in ("validation_beta_vs_gap.png", "validation_accuracy_vs_beta.png"):
         assert (folder / figure).stat().st_size > 1000
 
@@ -247,30 +238,43 @@ def test_validate_beta_end_to_end_and_resume(validation_file, tmp_path):
     client = MlflowClient(tracking_uri=state["tracking_uri"])
     validation_run = client.get_run(state["validation_run_id"])
     assert validation_run.info.status == "FINISHED" and validation_run.data.tags[TAG_KIND] == "validate-beta"
-    assert "loo_mean_regret" in validation_run.data.metrics or loo["regret"].isna().all()
+    assert "autobeta_mean_regret" in validation_run.data.metrics
+    assert "autobeta_minus_constant_ci_low" in validation_run.data.metrics
     nested = client.search_runs(
         [validation_run.info.experiment_id],
         filter_string=f"tags.`{TAG_PARENT}` = '{state['validation_run_id']}'",
     )
-    names = {run.info.run_name for run in nested}
-    assert "validation-search" in names and names <= {"validation-search", "validation-autobeta"}
+    assert {run.info.run_name for run in nested} == {"validation-grid"}
     assert {a.path for a in client.list_artifacts(state["validation_run_id"])} >= {
         "validation.md",
-        "evaluation.parquet",
+        "comparison.parquet",
+        "calibration.json",
     }
 
-    again = cli("validate-beta", str(validation_file), cwd=tmp_path)
+    # Held out twice: the calibration checked on a grid it was not fitted on (here: itself, by path).
+    again = cli(
+        "validate-beta", str(validation_file), "--resamples", "100", "--search-trials", "3",
+        "--calibration", str(folder / "calibration.json"), cwd=tmp_path,
+    )  # fmt: skip
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "already finished, kept as is" in again.stdout
+    assert "## Calibration held out" in (folder / "validation.md").read_text()
     assert (
         json.loads((folder / "validation.json").read_text())["validation_run_id"]
         == state["validation_run_id"]
     )
 
 
-def test_the_shipped_validation_file_is_a_validation():
-    path = Path(__file__).resolve().parents[1] / "search_spaces" / "validate_synthetic.yaml"
-    space = load_search_space(path)
-    check_validation_space(space, path)
-    assert len({teacher.model for teacher in space.teachers}) >= 4  # four capacities
-    assert space.space_for(space.teachers[0])["beta"].loguniform == (0.25, 16.0)
+def test_the_shipped_validation_files_are_validations():
+    root = Path(__file__).resolve().parents[1] / "search_spaces"
+    for name in (
+        "validate_synthetic.yaml",
+        "validate_synthetic_control.yaml",
+        "validate_synthetic_heldout.yaml",
+    ):
+        path = root / name
+        space = load_search_space(path)
+        check_validation_space(space, path)
+    positive = load_search_space(root / "validate_synthetic.yaml")
+    assert len(positive.teachers) >= 6
+    assert all(len(set(positive.space_for(t)["seed"].grid)) >= 3 for t in positive.teachers)

@@ -26,6 +26,7 @@ class InMemoryData:
     train: ImageDataset
     test: ImageDataset
     augment: str = "standard"
+    val: ImageDataset | None = None  # the validation split held out of train, if any
 
     @property
     def name(self) -> str:
@@ -49,6 +50,12 @@ class InMemoryData:
         """(train, eval) loaders; `layout` holds rank, world_size, channels_last and dtype."""
         train = build_train_loader(self.train, self.augment, batch_size, device, seed=seed, **layout)
         return train, EvalLoader(self.test, eval_batch_size, device, **layout)
+
+    def val_loader(self, device: torch.device, *, eval_batch_size: int, **layout: Any) -> EvalLoader | None:
+        """The validation split's loader, or None without one; `layout` as for `loaders`."""
+        if self.val is None:
+            return None
+        return EvalLoader(self.val, eval_batch_size, device, **layout)
 
 
 @dataclass

@@ -13,7 +13,7 @@ from dkd_tune.errors import UserInputError
 DATASET_NAMES = ("cifar100", "synthetic", "imagenet")
 AUGMENTATIONS = ("standard", "autoaugment", "none")
 GENERATE_KEYS = ("classes", "superclasses", "train_per_class", "test_per_class", "image_size", "seed")
-SPEC_KEYS = ("name", "root", "download", "augment", "label_noise", "noise_seed", "generate")
+SPEC_KEYS = ("name", "root", "download", "augment", "label_noise", "noise_seed", "generate", "validation")
 FAMILY = {"cifar100": "cifar", "synthetic": "synthetic", "imagenet": "imagenet"}
 
 
@@ -28,12 +28,16 @@ class DataSpec:
     label_noise: float = 0.0
     noise_seed: int = 0
     generate: dict | None = None
+    validation: int = 0  # images per class held out of the training split for selection (0: none)
 
     def __hash__(self) -> int:
         generate = None if self.generate is None else tuple(sorted(self.generate.items()))
         return hash(
-            (self.name, self.root, self.download, self.augment, self.label_noise, self.noise_seed, generate)
-        )
+            (
+                self.name, self.root, self.download, self.augment, self.label_noise, self.noise_seed,
+                generate, self.validation,
+            )
+        )  # fmt: skip
 
     @property
     def family(self) -> str:
@@ -113,6 +117,16 @@ def _validated(fields: dict[str, Any], source: str) -> DataSpec:
     generate = fields.get("generate")
     if generate is not None:
         generate = _validated_generate(generate, name, source)
+    validation = fields.get("validation", 0)
+    if isinstance(validation, bool) or not isinstance(validation, int) or validation < 0:
+        raise UserInputError(
+            f"{source}: validation {validation!r} must be a non-negative integer (images per class held out "
+            "of the training split)"
+        )
+    if validation and name == "imagenet":
+        raise UserInputError(
+            f"{source}: validation is available for cifar100 and synthetic data, not imagenet"
+        )
     return DataSpec(
         name=name,
         root=Path(str(root).strip()).expanduser(),
@@ -121,6 +135,7 @@ def _validated(fields: dict[str, Any], source: str) -> DataSpec:
         label_noise=float(label_noise),
         noise_seed=noise_seed,
         generate=generate,
+        validation=validation,
     )
 
 

@@ -1,12 +1,16 @@
-"""Turns a DataSpec into a run's (train, test) datasets: read (or download, or generate), then label noise."""
+"""Turns a DataSpec into a run's datasets: read (or download, or generate), hold out a validation split, add label noise."""
 
 from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+import torch
+
 from dkd_tune.data.cifar import CIFAR100_URL, CIFAR_FILES, CIFAR_FOLDER, cifar100_folder, read_cifar100
 from dkd_tune.data.dataset import CIFAR100_MEAN, CIFAR100_STD, ImageDataset
 from dkd_tune.data.label_noise import symmetric_label_noise
+from dkd_tune.data.seeding import derived_seed
 from dkd_tune.data.spec import DataSpec
 from dkd_tune.data.synthetic import make_synthetic, synthetic_params
 from dkd_tune.errors import UserInputError
@@ -15,10 +19,18 @@ SYNTHETIC_DEFAULT_CLASSES = 100  # make_synthetic's default
 
 
 def load_train_test(spec: DataSpec) -> tuple[ImageDataset, ImageDataset]:
-    """The (train, test) datasets of a cifar100 or synthetic spec; label noise, if any, on train only.
+    """The (train, test) datasets of a cifar100 or synthetic spec; the validation split, if any, is left out of train."""
+    train, _, test = load_splits(spec)
+    return train, test
 
-    With noise, `train.labels` are noisy, `train.clean_labels` the originals and
-    `train.label_noise_rate` the realised rate.
+
+def load_splits(spec: DataSpec) -> tuple[ImageDataset, ImageDataset | None, ImageDataset]:
+    """(train, validation or None, test) of a cifar100 or synthetic spec; label noise, if any, on train only.
+
+    The validation split is `spec.validation` images per class drawn from the training split with a
+    fixed seed (the same images for every run and teacher) and removed from it, so a model is chosen
+    on images no run trained on and the test split only reports. With noise, `train.labels` are
+    noisy, `train.clean_labels` the originals and `train.label_noise_rate` the realised rate.
     """
     if spec.name == "cifar100":
         if spec.download and not (cifar100_folder(spec.root) / "meta").is_file():
@@ -39,12 +51,40 @@ def load_train_test(spec: DataSpec) -> tuple[ImageDataset, ImageDataset]:
             f"data spec {spec.name!r}: train/test datasets are read for cifar100 and synthetic; "
             "imagenet uses dkd_tune.data.imagenet_loaders"
         )
+    validation = None
+    if spec.validation:
+        train, validation = _hold_out(train, spec.validation, source=str(spec.root))
     if spec.label_noise > 0:
         noisy, realised = symmetric_label_noise(
             train.labels, spec.label_noise, train.num_classes, spec.noise_seed
         )
         train = dataclasses.replace(train, labels=noisy, clean_labels=train.labels, label_noise_rate=realised)
-    return train, test
+    return train, validation, test
+
+
+def _hold_out(train: ImageDataset, per_class: int, source: str) -> tuple[ImageDataset, ImageDataset]:
+    """Split `per_class` images of every class off `train` (seeded, stratified); (rest, held out), both in file order."""
+    labels = train.labels.numpy()
+    counts = np.bincount(labels, minlength=train.num_classes)
+    if counts.min() <= per_class:
+        raise UserInputError(
+            f"data {source}: validation {per_class} images per class leaves no training image for class "
+            f"{int(counts.argmin())} ({int(counts.min())} images); expected fewer than {int(counts.min())}"
+        )
+    rng = np.random.default_rng(derived_seed(0, "validation-split", per_class))
+    held = np.zeros(len(labels), dtype=bool)
+    for cls in range(train.num_classes):
+        members = np.flatnonzero(labels == cls)
+        held[rng.choice(members, per_class, replace=False)] = True
+
+    def subset(mask: np.ndarray) -> ImageDataset:
+        index = torch.from_numpy(np.flatnonzero(mask))
+        coarse = None if train.coarse_labels is None else train.coarse_labels[index]
+        return dataclasses.replace(
+            train, images=train.images[index], labels=train.labels[index], coarse_labels=coarse
+        )
+
+    return subset(~held), subset(held)
 
 
 def _download_cifar100(spec: DataSpec) -> None:

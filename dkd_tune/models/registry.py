@@ -19,6 +19,7 @@ from torch import nn
 from dkd_tune.errors import UserInputError
 from dkd_tune.models import (
     imagenet,
+    mlp,
     mobilenetv2,
     resnet_cifar,
     resnet_cifar_large,
@@ -66,6 +67,8 @@ _CIFAR_BUILDERS: dict[str, Callable[..., ImageClassifier]] = {
     "MobileNetV2": mobilenetv2.mobilenetv2_half,
     "ShuffleV1": shufflenetv1.shufflenet_v1,
     "ShuffleV2": shufflenetv2.shufflenet_v2,
+    "mlp_256": mlp.mlp_256,
+    "mlp_512x2": mlp.mlp_512x2,
 }
 
 _IMAGENET_BUILDERS: dict[str, Callable[..., ImageClassifier]] = {

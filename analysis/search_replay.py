@@ -1,0 +1,151 @@
+"""Replayed searches: the real Ray Tune + Optuna + ASHA machinery run on a beta grid's stored learning curves, in seconds.
+
+A replayed trial does not train: it looks up the grid run of the nearest grid beta (in octaves)
+for its seed and reports that run's per-epoch validation and test accuracy, one epoch per
+report, exactly as a training trial would. So the searcher and the scheduler make the decisions
+they would make on real runs (the practice of tabular HPO benchmarks such as LCBench and
+NAS-Bench-201), and the compute a search spends is counted in trial-epochs.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from dkd_tune.search_plan import BASELINE_PREFIX
+
+
+@dataclass
+class Curves:
+    """Per-epoch accuracies of a grid: `val[teacher][beta index][seed]` is a list over epochs."""
+
+    betas: np.ndarray
+    seeds: list[int]
+    val: dict[str, list[list[list[float]]]]
+    test: dict[str, list[list[list[float]]]]
+
+    @property
+    def epochs(self) -> int:
+        first = next(iter(self.val.values()))
+        return len(first[0][0])
+
+
+def curves_from_long(curves: pd.DataFrame) -> Curves:
+    """The curves from the long table validate-beta writes (`curves.parquet`: one row per run and epoch)."""
+    runs = curves[~curves["part"].str.startswith(BASELINE_PREFIX) & (curves["status"] == "completed")]
+    betas = np.array(sorted(runs["beta"].unique()), dtype=float)
+    seeds = sorted(int(s) for s in runs["seed"].unique())
+    val: dict[str, list] = {}
+    test: dict[str, list] = {}
+    for (teacher, beta, seed), run in runs.groupby(["teacher", "beta", "seed"]):
+        j = int(np.argmin(np.abs(np.log2(betas) - math.log2(beta))))
+        k = seeds.index(int(seed))
+        val.setdefault(teacher, [[[] for _ in seeds] for _ in betas])
+        test.setdefault(teacher, [[[] for _ in seeds] for _ in betas])
+        ordered = run.sort_values("epoch")
+        val[teacher][j][k] = [float(v) for v in ordered["val_acc"]]
+        test[teacher][j][k] = [float(v) for v in ordered["test_acc"]]
+    return Curves(betas, seeds, val, test)
+
+
+def replay_trial(config: dict[str, Any], curves: Curves, teacher: str, seed_index: int) -> None:
+    """The trainable: report the stored curve of the nearest grid beta, one epoch at a time."""
+    from ray import tune
+
+    j = int(np.argmin(np.abs(np.log2(curves.betas) - math.log2(float(config["beta"])))))
+    val, test = curves.val[teacher][j][seed_index], curves.test[teacher][j][seed_index]
+    for epoch, (v, t) in enumerate(zip(val, test, strict=True), start=1):
+        tune.report({"epoch": epoch, "val_acc": v, "test_acc": t, "grid_beta": float(curves.betas[j])})
+
+
+@dataclass
+class ReplayedSearch:
+    teacher: str
+    seed_index: int
+    chosen_beta: float  # the grid beta of the best full-budget trial on the validation split
+    trial_epochs: int  # epochs reported by all trials: the search's compute
+    trials: pd.DataFrame  # per trial: beta, grid beta, epochs, final val acc, completed
+
+
+def replay_search(
+    space,
+    curves: Curves,
+    teacher: str,
+    seed_index: int,
+    *,
+    beta_range: tuple[float, float],
+    points_to_evaluate: list[dict[str, float]] | None = None,
+) -> ReplayedSearch:
+    """One ASHA-pruned Optuna search over beta for `teacher`, replayed on the curves of one seed.
+
+    `space` is the validation's search file: its `search` (algorithm, trials, TPE seed) and
+    `scheduler` (ASHA rungs) settings are those a real search of the file would use. The searcher's
+    seed is shifted by the seed index, so repeated searches differ as real ones would.
+    """
+    from ray import tune
+
+    from dkd_tune.config import Distribution
+    from dkd_tune.search import asha_scheduler, search_algorithm
+
+    searched = {"beta": Distribution(loguniform=[float(beta_range[0]), float(beta_range[1])])}
+    seeded = space.model_copy(
+        update={
+            "metric": "val_acc",
+            "search": space.search.model_copy(
+                update={"seed": space.search.seed + seed_index, "max_concurrent_trials": 1}
+            ),
+        }
+    )
+    epochs = curves.epochs
+    searcher, param_space, num_samples = search_algorithm(seeded, searched, max_epochs=epochs)
+    if points_to_evaluate and hasattr(searcher, "_points_to_evaluate"):
+        searcher._points_to_evaluate = [dict(point) for point in points_to_evaluate]
+    with tempfile.TemporaryDirectory(prefix="dkd-replay-") as storage:
+        tuner = tune.Tuner(
+            tune.with_parameters(replay_trial, curves=curves, teacher=teacher, seed_index=seed_index),
+            param_space=param_space,
+            tune_config=tune.TuneConfig(
+                metric="val_acc",
+                mode="max",
+                search_alg=searcher,
+                scheduler=asha_scheduler(seeded, epochs),
+                num_samples=num_samples,
+                max_concurrent_trials=1,
+                reuse_actors=True,
+            ),
+            run_config=tune.RunConfig(
+                storage_path=str(Path(storage)), name="replay", verbose=0, log_to_file=False
+            ),
+        )
+        results = tuner.fit()
+        rows = []
+        for result in results:
+            history = result.metrics_dataframe
+            if history is None or history.empty:
+                continue
+            last = history.iloc[-1]
+            rows.append(
+                {
+                    "beta": float(result.config["beta"]),
+                    "grid_beta": float(last["grid_beta"]),
+                    "epochs": int(last["epoch"]),
+                    "final_val_acc": float(last["val_acc"]),
+                    "completed": int(last["epoch"]) == epochs,
+                }
+            )
+    trials = pd.DataFrame(rows)
+    completed = trials[trials["completed"]]
+    best = completed.loc[completed["final_val_acc"].idxmax()] if not completed.empty else None
+    return ReplayedSearch(
+        teacher=teacher,
+        seed_index=seed_index,
+        chosen_beta=float(best["grid_beta"]) if best is not None else float("nan"),
+        trial_epochs=int(trials["epochs"].sum()) if not trials.empty else 0,
+        trials=trials,
+    )
