@@ -63,7 +63,8 @@ def grid_from_results(frame: pd.DataFrame, teacher_test_acc: dict[str, float] | 
     shape = (len(teachers), len(betas), len(seeds))
     val, test = np.full(shape, np.nan), np.full(shape, np.nan)
     for row in runs.itertuples():
-        if row.status != "completed":
+        # A diverged run is a valid cell: its last accuracies are what that beta gives.
+        if row.status not in ("completed", "diverged"):
             continue
         i, j, k = teachers.index(row.teacher), _index(betas, row.beta), seeds.index(int(row.seed))
         val[i, j, k], test[i, j, k] = row.final_val_acc, row.final_test_acc

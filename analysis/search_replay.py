@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,9 @@ class Curves:
 
 def curves_from_long(curves: pd.DataFrame) -> Curves:
     """The curves from the long table validate-beta writes (`curves.parquet`: one row per run and epoch)."""
-    runs = curves[~curves["part"].str.startswith(BASELINE_PREFIX) & (curves["status"] == "completed")]
+    runs = curves[
+        ~curves["part"].str.startswith(BASELINE_PREFIX) & curves["status"].isin(["completed", "diverged"])
+    ]
     betas = np.array(sorted(runs["beta"].unique()), dtype=float)
     seeds = sorted(int(s) for s in runs["seed"].unique())
     val: dict[str, list] = {}
@@ -58,10 +61,19 @@ def replay_trial(config: dict[str, Any], curves: Curves, teacher: str, seed_inde
     """The trainable: report the stored curve of the nearest grid beta, one epoch at a time."""
     from ray import tune
 
+    started = time.time()  # trials run one at a time: their start times order them
     j = int(np.argmin(np.abs(np.log2(curves.betas) - math.log2(float(config["beta"])))))
     val, test = curves.val[teacher][j][seed_index], curves.test[teacher][j][seed_index]
     for epoch, (v, t) in enumerate(zip(val, test, strict=True), start=1):
-        tune.report({"epoch": epoch, "val_acc": v, "test_acc": t, "grid_beta": float(curves.betas[j])})
+        tune.report(
+            {
+                "epoch": epoch,
+                "val_acc": v,
+                "test_acc": t,
+                "grid_beta": float(curves.betas[j]),
+                "started": started,
+            }
+        )
 
 
 @dataclass
@@ -80,16 +92,15 @@ def replay_search(
     seed_index: int,
     *,
     beta_range: tuple[float, float],
-    points_to_evaluate: list[dict[str, float]] | None = None,
+    first_points: list[dict[str, float]] | None = None,
 ) -> ReplayedSearch:
-    """One ASHA-pruned Optuna search over beta for `teacher`, replayed on the curves of one seed.
+    """One search over beta for `teacher` as dkd-tune runs it, replayed on the curves of one seed.
 
-    `space` is the validation's search file: its `search` (algorithm, trials, TPE seed) and
-    `scheduler` (ASHA rungs) settings are those a real search of the file would use. The searcher's
-    seed is shifted by the seed index, so repeated searches differ as real ones would.
+    `space` is the validation's search file: its `search` (trials, TPE seed) and `scheduler` (ASHA
+    rungs) settings are those a real search of the file would use; `first_points` are `beta: auto`'s
+    first trials. The searcher's seed is shifted by the seed index, so repeated searches differ as
+    real ones would.
     """
-    from ray import tune
-
     from dkd_tune.config import Distribution
     from dkd_tune.search import asha_scheduler, search_algorithm
 
@@ -103,18 +114,35 @@ def replay_search(
         }
     )
     epochs = curves.epochs
-    searcher, param_space, num_samples = search_algorithm(seeded, searched, max_epochs=epochs)
-    if points_to_evaluate and hasattr(searcher, "_points_to_evaluate"):
-        searcher._points_to_evaluate = [dict(point) for point in points_to_evaluate]
+    searcher, param_space, num_samples = search_algorithm(
+        seeded, searched, max_epochs=epochs, first_points=first_points
+    )
+    return run_replay(
+        curves, teacher, seed_index, searcher, asha_scheduler(seeded, epochs), num_samples, param_space
+    )
+
+
+def run_replay(
+    curves: Curves,
+    teacher: str,
+    seed_index: int,
+    searcher,
+    scheduler,
+    num_samples: int,
+    param_space: dict | None = None,
+) -> ReplayedSearch:
+    """Run Ray Tune with `searcher` and `scheduler` on replayed trials, one at a time; the trials in their order."""
+    from ray import tune
+
     with tempfile.TemporaryDirectory(prefix="dkd-replay-") as storage:
         tuner = tune.Tuner(
             tune.with_parameters(replay_trial, curves=curves, teacher=teacher, seed_index=seed_index),
-            param_space=param_space,
+            param_space=param_space or {},
             tune_config=tune.TuneConfig(
                 metric="val_acc",
                 mode="max",
                 search_alg=searcher,
-                scheduler=asha_scheduler(seeded, epochs),
+                scheduler=scheduler,
                 num_samples=num_samples,
                 max_concurrent_trials=1,
                 reuse_actors=True,
@@ -132,15 +160,19 @@ def replay_search(
             last = history.iloc[-1]
             rows.append(
                 {
+                    "order": float(last["started"]),
                     "beta": float(result.config["beta"]),
                     "grid_beta": float(last["grid_beta"]),
                     "epochs": int(last["epoch"]),
                     "final_val_acc": float(last["val_acc"]),
-                    "completed": int(last["epoch"]) == epochs,
+                    "final_test_acc": float(last["test_acc"]),
+                    "completed": int(last["epoch"]) == curves.epochs,
                 }
             )
     trials = pd.DataFrame(rows)
-    completed = trials[trials["completed"]]
+    if not trials.empty:
+        trials = trials.sort_values("order").reset_index(drop=True)
+    completed = trials[trials["completed"]] if not trials.empty else trials
     best = completed.loc[completed["final_val_acc"].idxmax()] if not completed.empty else None
     return ReplayedSearch(
         teacher=teacher,
@@ -149,3 +181,53 @@ def replay_search(
         trial_epochs=int(trials["epochs"].sum()) if not trials.empty else 0,
         trials=trials,
     )
+
+
+def epochs_to_target(trials: pd.DataFrame, target_test_acc: float) -> float:
+    """Trial-epochs spent until the incumbent (best full-budget trial on validation) reaches the target test top-1.
+
+    Trials run one at a time in `order`; inf when the search never gets there.
+    """
+    spent, best_val, incumbent_test = 0, -math.inf, -math.inf
+    for trial in trials.itertuples():
+        spent += trial.epochs
+        if trial.completed and trial.final_val_acc > best_val:
+            best_val, incumbent_test = trial.final_val_acc, trial.final_test_acc
+        if incumbent_test >= target_test_acc:
+            return float(spent)
+    return math.inf
+
+
+def rung_correlations(curves: Curves, rungs: list[int]) -> pd.DataFrame:
+    """Per candidate rung: the Spearman correlation, across the grid's betas, of validation top-1 at that epoch
+    with the final validation top-1, for every teacher and seed (median, min and max over them).
+
+    ASHA keeps the trials that rank high at a rung; that is worth something only where the ranking at
+    the rung predicts the final one.
+    """
+    rows = []
+    for rung in rungs:
+        if not 1 <= rung <= curves.epochs:
+            continue
+        values = []
+        for per_beta in curves.val.values():
+            for k in range(len(curves.seeds)):
+                early = [
+                    per_beta[j][k][rung - 1] for j in range(len(curves.betas)) if len(per_beta[j][k]) >= rung
+                ]
+                final = [per_beta[j][k][-1] for j in range(len(curves.betas)) if len(per_beta[j][k]) >= rung]
+                if len(early) >= 3:
+                    rho = pd.Series(early).rank().corr(pd.Series(final).rank())
+                    if not math.isnan(rho):
+                        values.append(rho)
+        if values:
+            rows.append(
+                {
+                    "rung (epoch)": rung,
+                    "median Spearman": float(np.median(values)),
+                    "min": float(np.min(values)),
+                    "max": float(np.max(values)),
+                    "teacher-seed pairs": len(values),
+                }
+            )
+    return pd.DataFrame(rows)

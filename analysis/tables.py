@@ -26,9 +26,10 @@ def markdown_table(frame: pd.DataFrame, *, index: bool = False) -> str:
     """A GitHub Markdown table of `frame` (cells formatted by `format_cell`)."""
     columns = ([frame.index.name or ""] if index else []) + [str(column) for column in frame.columns]
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    for label, row in frame.iterrows():
+    # itertuples keeps each column's type (iterrows would turn a row of ints and floats into floats).
+    for label, *values in frame.itertuples(index=True, name=None):
         cells = [format_cell(label)] if index else []
-        cells.extend(format_cell(value) for value in row.tolist())
+        cells.extend(format_cell(value) for value in values)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

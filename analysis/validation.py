@@ -193,7 +193,10 @@ def _execute(space, folder, state, run_id, options, started, load_start) -> Vali
         f"dkd-tune: validate-beta: grid of {len(grid.teachers)} teachers x {len(grid.betas)} betas x "
         f"{len(grid.seeds)} seeds complete; replaying ASHA-pruned Optuna searches on its curves"
     )
-    replays = _replayed_searches(space, grid, curves_frame, folder, options)
+    from analysis.search_replay import curves_from_long
+
+    curves = curves_from_long(curves_frame)
+    replays = _replayed_searches(space, grid, curves, folder, options)
     search_picks, search_epochs = _search_picks(grid, replays)
     options.log(f"dkd-tune: validate-beta: bootstrap over teachers and seeds ({options.resamples} resamples)")
     comparison = compare_methods(
@@ -222,7 +225,7 @@ def _execute(space, folder, state, run_id, options, started, load_start) -> Vali
         checked_calibration=checked,
         checked_calibration_path=options.calibration,
     )
-    outcome = write_validation_outputs(context, grid, comparison, replays, folder)
+    outcome = write_validation_outputs(context, grid, comparison, replays, folder, curves)
     client = tracking.client_for(state["tracking_uri"])
     tracking.log_metrics(client, run_id, outcome_metrics(comparison), 0, tracking.now_ms())
     for path in [outcome.report_path, outcome.comparison_path, outcome.calibration_path, *outcome.figures]:
@@ -261,12 +264,12 @@ def _write_curves(frame: pd.DataFrame, histories: pd.DataFrame, path: Path) -> p
     return curves
 
 
-def _replayed_searches(space, grid, curves_frame: pd.DataFrame, folder: Path, options) -> pd.DataFrame:
+def _replayed_searches(space, grid, curves, folder: Path, options) -> pd.DataFrame:
     """One replayed ASHA-pruned Optuna search per teacher and seed (kept in replays.parquet: a resume reuses it)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from analysis.search_replay import curves_from_long, replay_search
+    from analysis.search_replay import replay_search
     from dkd_tune.storage import atomic_path
 
     path = folder / REPLAYS_FILE
@@ -274,7 +277,6 @@ def _replayed_searches(space, grid, curves_frame: pd.DataFrame, folder: Path, op
         replays = pd.read_parquet(path)
         if len(replays) == len(grid.teachers) * len(grid.seeds):
             return replays
-    curves = curves_from_long(curves_frame)
     replay_space = space.model_copy(
         update={
             "search": space.search.model_copy(

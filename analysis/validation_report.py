@@ -13,6 +13,7 @@ import pandas as pd
 
 from analysis.beta_ground_truth import BetaGrid, MethodComparison, regrets, verdict
 from analysis.plots import BetaMark, plot_accuracy_vs_beta, plot_best_beta_vs_gap
+from analysis.search_replay import rung_correlations
 from analysis.tables import markdown_table
 from dkd_tune.auto_beta import (
     Calibration,
@@ -91,6 +92,7 @@ def write_validation_outputs(
     comparison: MethodComparison,
     replays: pd.DataFrame,
     folder: Path,
+    curves=None,
 ):
     """Write the report, the comparison table, the calibration and the two figures; return the outcome."""
     import pyarrow as pa
@@ -111,7 +113,8 @@ def write_validation_outputs(
             calibration_label="auto-beta fitted on every teacher (peak and window)",
         ),
     ]
-    report = report_markdown(context, grid, comparison, replays, calibration, checked)
+    rungs = rung_correlations(curves, sorted({1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 24})) if curves else None
+    report = report_markdown(context, grid, comparison, replays, calibration, checked, rungs)
     report_path = folder / REPORT_FILE
     atomic_write_text(report_path, report)
     comparison_path = folder / COMPARISON_FILE
@@ -135,6 +138,7 @@ def report_markdown(
     replays: pd.DataFrame,
     calibration: Calibration,
     checked: pd.DataFrame | None,
+    rungs: pd.DataFrame | None = None,
 ) -> str:
     space = context.space
     recipe = space.base_recipe(space.teachers[0])
@@ -190,6 +194,16 @@ def report_markdown(
     for key, (mean, low, high) in comparison.differences.items():
         lines.append(f"| {key.replace('-', ' - ')} | {mean:+.2f} | {low:+.2f} to {high:+.2f} |")
     lines += ["", "## Per teacher", "", markdown_table(_teacher_table(grid, comparison)), ""]
+    if rungs is not None and not rungs.empty:
+        lines += [
+            "## Where ASHA's rungs can rank betas",
+            "",
+            f"Spearman correlation across the {betas} betas between validation top-1 at an epoch and at the end "
+            f"({epochs}), per teacher and seed; the warm-up ends at epoch {recipe.warmup_epochs}.",
+            "",
+            markdown_table(rungs),
+            "",
+        ]
     lines += _noise_lines(grid, test_size)
     lines += ["", "## The calibration fitted on every teacher", ""]
     surface = calibration.surface

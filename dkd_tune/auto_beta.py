@@ -64,10 +64,9 @@ DEFAULT_WINDOW_K = 2.0
 DEFAULT_RESIDUAL_SCALE_FLOOR = math.log(2.0) / math.sqrt(12.0)
 
 _CALIBRATIONS_PACKAGE_DIR = "calibrations"
-_DEFAULT_FILES = {"cifar": "cifar.json"}
+_DEFAULT_FILES = {"cifar": "cifar.json", "synthetic": "synthetic.json"}
 _NO_DEFAULT_REASONS = {
     "imagenet": "the paper gives ImageNet betas but no teacher gaps",
-    "synthetic": "it comes from dkd-tune's own validation searches",
 }
 _RELATIVE_TOLERANCE = 1e-9
 
@@ -338,6 +337,41 @@ class Calibration:
         if self.evidence is not None:
             content["evidence"] = self.evidence
         return content
+
+
+@dataclass(frozen=True)
+class BetaPrior:
+    """Auto-beta as a search's prior: the trials to start from, and the whole calibrated range to search after."""
+
+    suggestion: BetaSuggestion
+    beta_range: tuple[float, float]
+
+    def first_betas(self) -> list[float]:
+        """The predicted beta first (Optuna's first trial), then the window's ends, each once."""
+        betas: list[float] = []
+        for beta in (self.suggestion.beta, self.suggestion.low, self.suggestion.high):
+            beta = min(max(beta, self.beta_range[0]), self.beta_range[1])
+            if all(not math.isclose(beta, seen, rel_tol=1e-6) for seen in betas):
+                betas.append(beta)
+        return betas
+
+    def describe(self) -> str:
+        s = self.suggestion
+        return (
+            f"beta {s.beta:.3g}, window [{s.low:.3g}, {s.high:.3g}] (calibration {s.calibration!r}, gap {s.gap:.2f}); "
+            f"then TPE over [{self.beta_range[0]:g}, {self.beta_range[1]:g}]"
+        )
+
+
+def beta_prior(calibration: Calibration, gap: float, teacher_acc: float | None = None) -> BetaPrior:
+    """The prior `beta: auto` gives a teacher: its suggestion, and the range the calibration covers."""
+    suggestion = calibration.predict(gap, teacher_acc=teacher_acc)
+    if calibration.surface is not None:
+        low, high = calibration.surface.log2_beta_range
+        beta_range = (2.0**low, 2.0**high)
+    else:
+        beta_range = (BETA_MIN, BETA_MAX)
+    return BetaPrior(suggestion, beta_range)
 
 
 def fit_calibration(

@@ -71,6 +71,14 @@ def show_calibration(calibration_file: str | None, family: str | None, gaps: tup
     type=click.Path(dir_okay=False),
     help="Calibration file (default: the one shipped for the dataset's family).",
 )
+@click.option(
+    "--validation",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Images per class the teacher's search held out as its validation split (data.validation): "
+    "the gap is measured on the images it trained on, as the search measured it.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @click.option("--tracking-uri", help="Log to MLflow (default: MLFLOW_TRACKING_URI if set, else no logging).")
 @click.option("--device", help="cpu, cuda or cuda:N (default: cuda when available).")
@@ -79,6 +87,7 @@ def suggest_beta_command(
     teacher_checkpoint: str,
     data: str,
     calibration: str | None,
+    validation: int,
     as_json: bool,
     tracking_uri: str | None,
     device: str | None,
@@ -95,6 +104,7 @@ def suggest_beta_command(
         teacher_checkpoint,
         data,
         calibration=calibration,
+        validation=validation,
         device=device,
         tracking_uri=tracking_uri,
     )
@@ -281,9 +291,18 @@ def _print_outcome(outcome) -> None:
         click.echo(
             f"best trial: {best['trial_id']} (teacher {best['teacher']}, loss {best['loss']}): {hyper}"
         )
+        chosen_on = ""
+        if best.get("final_val_acc") is not None and best["final_val_acc"] == best["final_val_acc"]:
+            chosen_on = f"final validation top-1 {best['final_val_acc']:.2f}% (chosen on it), "
         click.echo(
-            f"  final test top-1 {best['final_test_acc']:.2f}%, checkpoint {best.get('checkpoint_path')}"
+            f"  {chosen_on}final test top-1 {best['final_test_acc']:.2f}%, checkpoint {best.get('checkpoint_path')}"
         )
+        predicted = best.get("predicted_beta")
+        if isinstance(predicted, float) and predicted == predicted and "beta" in best:
+            click.echo(
+                f"  auto-beta's suggestion for teacher {best['teacher']}: beta {predicted:.3g} "
+                f"(the search's best: {best['beta']:.3g}; dkd-tune suggest-beta explains it)"
+            )
         for part, accuracy in outcome.references.items():
             gain = best["final_test_acc"] - accuracy
             click.echo(

@@ -57,21 +57,32 @@ class Distribution(StrictModel):
     choice: list[Any] | None = Field(None, description="One of these values (categorical).")
     grid: list[Any] | None = Field(None, description="Every one of these values (algorithm: grid or random).")
     fixed: Any = Field(None, description="This value, not searched.")
+    auto: bool | None = Field(
+        None,
+        description="beta only (`beta: auto`): auto-beta's prediction from the teacher's gap is the search's "
+        "prior: the first trials at its beta and window ends, then TPE over the calibrated range.",
+    )
 
     @model_validator(mode="before")
     @classmethod
     def bare_value_is_fixed(cls, value: Any) -> Any:
+        if value == "auto":
+            return {"auto": True}
         return value if isinstance(value, dict) else {"fixed": value}
 
     @model_validator(mode="after")
     def exactly_one_kind(self) -> Distribution:
         given = [
             name
-            for name in ("uniform", "loguniform", "int_range", "choice", "grid", "fixed")
+            for name in ("uniform", "loguniform", "int_range", "choice", "grid", "fixed", "auto")
             if getattr(self, name) is not None
         ]
         if len(given) != 1:
-            raise ValueError("give exactly one of uniform, loguniform, int, choice, grid, fixed")
+            raise ValueError(
+                "give exactly one of uniform, loguniform, int, choice, grid, fixed (or beta: auto)"
+            )
+        if self.auto is False:
+            raise ValueError("auto: false is not a distribution; give the values to search instead")
         low_high = self.uniform or self.loguniform or self.int_range
         if low_high is not None and not low_high[0] <= low_high[1]:
             raise ValueError(f"low must be <= high, got [{low_high[0]}, {low_high[1]}]")
@@ -83,7 +94,7 @@ class Distribution(StrictModel):
 
     @property
     def kind(self) -> str:
-        for name in ("uniform", "loguniform", "int_range", "choice", "grid", "fixed"):
+        for name in ("uniform", "loguniform", "int_range", "choice", "grid", "fixed", "auto"):
             if getattr(self, name) is not None:
                 return "int" if name == "int_range" else name
         raise AssertionError("validated to have one kind")
@@ -95,6 +106,8 @@ class Distribution(StrictModel):
         return list(self.uniform or self.loguniform or self.int_range or self.choice or self.grid or [])
 
     def to_yaml_value(self) -> Any:
+        if self.kind == "auto":
+            return "auto"
         return self.fixed if self.kind == "fixed" else {self.kind: list(self.extremes())}
 
 
@@ -496,6 +509,8 @@ def check_search_space(space: SearchSpaceFile, path: Path) -> None:
         for name, distribution in space.space_for(teacher).items():
             origin = f"{where}.space.{name}" if teacher and name in teacher.space else f"space.{name}"
             check_distribution(name, distribution, base, space.search.algorithm, origin, fail)
+            if distribution.kind == "auto":
+                check_auto_beta(space, data, origin, fail)
     epochs = space.base_recipe(space.teachers[0] if space.teachers else None).epochs
     max_t = space.scheduler.max_t or epochs
     if space.scheduler.max_t is not None and space.scheduler.max_t > epochs:
@@ -537,6 +552,20 @@ def check_teacher_checkpoints(space: SearchSpaceFile, data: Any, path: Path) -> 
             raise UserInputError(f"{path}: teachers[{index}].checkpoint: {error}") from None
 
 
+def check_auto_beta(space: SearchSpaceFile, data: Any, key: str, fail) -> None:
+    """`beta: auto` needs DKD (or NCKD) and a shipped calibration for the dataset's family."""
+    from dkd_tune.auto_beta import default_calibration_or_none
+
+    if space.loss not in ("dkd", "nckd"):
+        fail(key, f"beta: auto predicts DKD's NCKD weight; loss {space.loss!r} has no beta")
+    if default_calibration_or_none(data.family) is None:
+        fail(
+            key,
+            f"beta: auto needs a calibration for the {data.family!r} family and dkd-tune ships none; give beta "
+            "values to search (e.g. {loguniform: [0.25, 16]}), or run `dkd-tune validate-beta` to make one",
+        )
+
+
 def check_distribution(
     name: str, distribution: Distribution, base: Recipe, algorithm: str, key: str, fail
 ) -> None:
@@ -549,6 +578,13 @@ def check_distribution(
         for value in distribution.extremes():
             if value not in LOSS_MODES:
                 fail(key, f"loss {value!r} is not one of {', '.join(LOSS_MODES)}")
+        return
+    if distribution.kind == "auto":
+        if name != "beta":
+            fail(key, f"auto is auto-beta's prior for beta; {name} needs values to search")
+        if algorithm != "optuna":
+            fail(key, f"beta: auto seeds Optuna's TPE with auto-beta's prediction; needs search.algorithm optuna, "
+                      f"not {algorithm!r}")  # fmt: skip
         return
     if name not in RECIPE_FIELDS or name == "lr_milestones":
         searchable = [field for field in RECIPE_FIELDS if field != "lr_milestones"] + ["loss"]

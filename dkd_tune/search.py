@@ -563,6 +563,8 @@ def _run_part(space, part_name, teacher, teachers, shared_ref, experiment_dir, s
         options.log(f"dkd-tune: resuming part '{part_name}' from {part_dir}")
         tuner = tune.Tuner.restore(str(part_dir), trainable, resume_unfinished=True, resume_errored=True)
     else:
+        if teacher is not None and space.space_for(teacher).get("beta", Distribution(fixed=0)).kind == "auto":
+            _announce_prior(auto_beta_prior(space, plan), teacher.label, state, experiment_dir, options)
         tuner = new_tuner(
             space,
             part_name,
@@ -608,11 +610,16 @@ def new_tuner(
     from dkd_tune.study import study_name
 
     is_baseline = part_name.startswith(BASELINE_PREFIX)
+    searched = {} if is_baseline else space.space_for(teacher)
+    prior = auto_beta_prior(space, plan) if "beta" in searched and searched["beta"].kind == "auto" else None
+    if prior is not None:
+        searched = {**searched, "beta": Distribution(loguniform=prior.beta_range)}
     searcher, param_space, num_samples = search_algorithm(
         space,
-        {} if is_baseline else space.space_for(teacher),
+        searched,
         max_epochs=plan.max_epochs,
         study=(study_storage, study_name(space.name, part_name)) if study_storage else None,
+        first_points=first_points(prior, searched, plan.base_recipe) if prior is not None else None,
     )
     return tune.Tuner(
         trainable,
@@ -668,16 +675,66 @@ def _fixed_params(space, plan, teacher, teachers) -> dict[str, Any]:
     return params
 
 
+def auto_beta_prior(space: SearchSpaceFile, plan):
+    """`beta: auto`: the teacher's measured gap read through its dataset family's shipped calibration."""
+    from dkd_tune.auto_beta import beta_prior, default_calibration
+    from dkd_tune.data import parse_data_spec
+
+    family = parse_data_spec(space.data_spec_value(), source="data").family
+    if plan.teacher is None or plan.teacher.gap is None:
+        raise ValueError("beta: auto needs the teacher's measured gap (prepare the teacher first)")
+    gap = plan.teacher.gap
+    return beta_prior(default_calibration(family), gap.mean, teacher_acc=gap.test_acc)
+
+
+def _announce_prior(prior, label: str, state, experiment_dir: Path, options) -> None:
+    """Say the prior `beta: auto` starts from, and tag it on the search's MLflow run."""
+    for warning in prior.suggestion.warnings:
+        options.log(f"dkd-tune: auto-beta: {warning}")
+    options.log(f"dkd-tune: teacher '{label}': beta: auto: {prior.describe()}")
+    s = prior.suggestion
+    tags = {
+        f"auto_beta.{label}.beta": f"{s.beta:.4g}",
+        f"auto_beta.{label}.window": f"[{s.low:.4g}, {s.high:.4g}]",
+        f"auto_beta.{label}.calibration": s.calibration,
+        f"auto_beta.{label}.first_trials": ", ".join(f"{b:.4g}" for b in prior.first_betas()),
+    }
+
+    def tag(client) -> None:
+        for key, value in tags.items():
+            client.set_tag(state["parent_run_id"], key, value)
+
+    _tracking_step(state, experiment_dir, options, tag)
+
+
+def first_points(prior, searched: dict[str, Distribution], base) -> list[dict[str, Any]]:
+    """Optuna's first trials for `beta: auto`: each of the prior's betas, the other searched values at the recipe's."""
+    others = {}
+    for name, distribution in searched.items():
+        if name == "beta" or distribution.kind == "fixed":
+            continue
+        value = getattr(base, name, None)
+        bounds = distribution.extremes()
+        if distribution.kind in ("choice", "grid"):
+            others[name] = value if value in bounds else bounds[0]
+        else:
+            inside = value is not None and bounds[0] <= value <= bounds[1]
+            others[name] = value if inside else bounds[0]
+    return [{"beta": beta, **others} for beta in prior.first_betas()]
+
+
 def search_algorithm(
     space: SearchSpaceFile,
     searched: dict[str, Distribution],
     *,
     max_epochs: int | None = None,
     study: tuple[str, str] | None = None,
+    first_points: list[dict[str, Any]] | None = None,
 ):
     """(search algorithm, Tuner param_space, num_samples) for one part.
 
     `study` is (Optuna storage URL, study name): where the part's TPE study persists (in memory if None).
+    `first_points` are Optuna's first trials (`beta: auto`'s prior), TPE's own suggestions after them.
     """
     from ray.tune.search import BasicVariantGenerator
 
@@ -704,6 +761,7 @@ def search_algorithm(
             max_epochs=max_epochs or space.max_epochs(),
             storage=optuna.storages.RDBStorage(storage) if storage else None,
             study_name=name,
+            points_to_evaluate=first_points,
         )
         return searcher, {}, settings.num_samples
     param_space = {name: _tune_distribution(d, settings.algorithm) for name, d in variable.items()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -9,6 +10,7 @@ from typing import Any
 
 from dkd_tune.auto_beta import BetaSuggestion, load_calibration
 from dkd_tune.config import check_tracking_uri
+from dkd_tune.errors import UserInputError
 from dkd_tune.teacher import LogitGapStats
 
 EXPERIMENT = "suggest-beta"
@@ -24,6 +26,7 @@ class BetaReport:
     gap: LogitGapStats
     suggestion: BetaSuggestion
     mlflow_run_id: str | None = None
+    calibration_provenance: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         low, high = self.suggestion.search_window()
@@ -37,7 +40,11 @@ class BetaReport:
             "extrapolated": self.suggestion.extrapolated,
             "clamped": self.suggestion.clamped,
             "warnings": list(self.suggestion.warnings),
-            "calibration": {"name": self.suggestion.calibration, "family": self.suggestion.family},
+            "calibration": {
+                "name": self.suggestion.calibration,
+                "family": self.suggestion.family,
+                "provenance": self.calibration_provenance,
+            },
             "search_space_yaml": self.suggestion.search_space_yaml(),
             "mlflow_run_id": self.mlflow_run_id,
         }
@@ -60,6 +67,8 @@ class BetaReport:
             f"auto-beta (calibration {suggestion.calibration!r}, family {suggestion.family}): "
             f"beta {suggestion.beta:.3g}, search window [{low:g}, {high:g}]",
         ]
+        if self.calibration_provenance:
+            lines.append(f"  calibration provenance: {self.calibration_provenance}")
         lines += [f"warning: {warning}" for warning in suggestion.warnings]
         lines += [
             "",
@@ -77,6 +86,7 @@ def suggest_beta(
     data: str,
     *,
     calibration: str | None = None,
+    validation: int = 0,
     device: str | None = None,
     tracking_uri: str | None = None,
     progress: bool = True,
@@ -95,6 +105,11 @@ def suggest_beta(
     check_tracking_uri(tracking_uri, "--tracking-uri")
     check_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI"), "MLFLOW_TRACKING_URI")
     spec = parse_data_spec(data, source="--data")
+    if validation and spec.name == "imagenet":
+        raise UserInputError(
+            "--validation: a validation split is held out for cifar100 and synthetic data, not imagenet"
+        )
+    spec = dataclasses.replace(spec, validation=validation)
     fitted = load_calibration(calibration, spec.family)
     model_info(teacher_model)
     target = chosen_device(device)
@@ -115,7 +130,10 @@ def suggest_beta(
             "num_classes": train_set.num_classes,
         },
         gap=gap,
-        suggestion=fitted.predict(gap.mean),
+        suggestion=fitted.predict(
+            gap.mean, teacher_acc=gap.test_acc if gap.test_acc == gap.test_acc else None
+        ),
+        calibration_provenance=fitted.provenance,
     )
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:

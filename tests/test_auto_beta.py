@@ -233,11 +233,58 @@ def test_load_without_a_file_gives_the_family_default_and_a_file_must_match_the_
     assert str(path) in str(error.value)
 
 
-@pytest.mark.parametrize("family", ["imagenet", "synthetic"])
-def test_families_without_a_default_say_how_to_make_one(family):
+def test_a_family_without_a_default_says_how_to_make_one():
     with pytest.raises(UserInputError, match="dkd-tune calibrate") as error:
-        default_calibration(family)
-    assert one_line(str(error.value)) and family in str(error.value)
+        default_calibration("imagenet")
+    assert one_line(str(error.value)) and "imagenet" in str(error.value)
+
+
+def test_the_shipped_synthetic_calibration_is_a_response_surface_with_provenance():
+    calibration = default_calibration("synthetic")
+    surface = calibration.surface
+    assert surface is not None and surface.teachers == len(calibration.points) >= 6
+    assert (
+        "dkd-tune validate-beta" in calibration.provenance
+        and "chosen on the validation split" in calibration.provenance
+    )
+    low_gap, high_gap = calibration.gap_range
+    assert (low_gap, high_gap) == pytest.approx(surface.gap_range)
+    for gap in (low_gap, (low_gap + high_gap) / 2, high_gap):
+        suggestion = calibration.predict(gap)
+        peak, _ = surface.peak(gap)
+        assert suggestion.beta == pytest.approx(2.0**peak) and not suggestion.extrapolated
+        assert suggestion.low <= suggestion.beta <= suggestion.high
+        assert math.log2(suggestion.high / suggestion.beta) <= surface.half_width() + 1e-9
+    # Never extrapolated: past the calibrated gaps the prediction is the one at the nearest end.
+    assert calibration.predict(high_gap + 50).beta == pytest.approx(calibration.predict(high_gap).beta)
+    assert calibration.predict(low_gap - 50).beta == pytest.approx(calibration.predict(low_gap).beta)
+    # A teacher no better than the student alone: a warning and the window's smallest beta.
+    student = calibration.evidence["student_alone_test_acc"]
+    weak = calibration.predict(high_gap, teacher_acc=student - 1.0)
+    assert (
+        weak.beta == pytest.approx(weak.low)
+        and "no better than the student trained alone" in weak.warnings[-1]
+    )
+    assert calibration.predict(high_gap, teacher_acc=student + 10.0).warnings == ()
+
+
+def test_a_surface_calibration_file_round_trips_and_a_bad_surface_is_one_line(tmp_path):
+    shipped = ROOT / "dkd_tune" / "calibrations" / "synthetic.json"
+    content = json.loads(shipped.read_text())
+    path = tmp_path / "copy.json"
+    save_calibration(read_calibration(shipped), path)
+    assert json.loads(path.read_text()) == content
+    for key, value, message in (
+        ("curvature", -1.0, "fit.curvature"),
+        ("gap_range", [3.0, 1.0], "fit.gap_range"),
+        ("slope", "steep", "fit.slope"),
+    ):
+        broken = json.loads(shipped.read_text())
+        broken["fit"][key] = value
+        path.write_text(json.dumps(broken))
+        with pytest.raises(UserInputError, match=message) as error:
+            read_calibration(path)
+        assert one_line(str(error.value)) and str(path) in str(error.value)
 
 
 def edit_default(edit):

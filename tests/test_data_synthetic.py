@@ -104,3 +104,33 @@ def test_make_synthetic_command(tmp_path, capsys):
     assert "4 classes in 2 superclasses, 20 train / 8 test images of 16x16" in capsys.readouterr().out
     train, test = load_train_test(parse_data_spec(f"synthetic:{tmp_path}"))
     assert len(train) == 20 and len(test) == 8
+
+
+def test_a_validation_split_is_held_out_of_training_per_class_and_always_the_same(tmp_path):
+    import numpy as np
+
+    from dkd_tune.data import load_splits
+
+    spec = parse_data_spec({"name": "synthetic", "root": str(tmp_path), "generate": SMALL, "validation": 3})
+    full, _ = load_train_test(
+        parse_data_spec({"name": "synthetic", "root": str(tmp_path), "generate": SMALL})
+    )
+    train, validation, _test = load_splits(spec)
+    assert len(validation) == 3 * full.num_classes and len(train) + len(validation) == len(full)
+    assert np.bincount(validation.labels.numpy()).tolist() == [3] * full.num_classes
+    # Disjoint and together the original training split: no image both trains and selects.
+    held = {bytes(image.numpy()) for image in validation.images}
+    kept = {bytes(image.numpy()) for image in train.images}
+    assert not held & kept and held | kept == {bytes(image.numpy()) for image in full.images}
+    again = load_splits(spec)[1]
+    assert torch.equal(again.images, validation.images)  # a fixed split: every run and teacher selects alike
+    assert len(load_train_test(spec)[0]) == len(train)  # train without the held-out images everywhere
+    with pytest.raises(UserInputError, match="validation 999 images per class leaves no training image"):
+        load_splits(
+            parse_data_spec(
+                {"name": "synthetic", "root": str(tmp_path), "generate": SMALL, "validation": 999}
+            )
+        )
+    for bad in (-1, 1.5, True):
+        with pytest.raises(UserInputError, match=r"validation .* must be a non-negative integer"):
+            parse_data_spec({"name": "synthetic", "root": str(tmp_path), "validation": bad})

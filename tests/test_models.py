@@ -42,6 +42,7 @@ CIFAR_PARAMS_M = {
     "MobileNetV2": 0.813,
     "ShuffleV1": 0.949,
     "ShuffleV2": 1.356,
+    "mlp_32": 0.028,
     "mlp_256": 0.223,  # dkd-tune's own CPU benchmark students (16x16x3 pooled pixels -> 256 -> classes)
     "mlp_512x2": 0.708,
 }

@@ -263,3 +263,34 @@ def test_trials_of_two_ddp_workers(tmp_path):
     for path in frame["checkpoint_path"]:
         # Ray Train kept each trial's checkpoint in the search's storage, not in a session folder.
         assert path and Path(path).is_file() and str(experiment) in path
+
+
+def test_beta_auto_runs_auto_betas_prediction_first_and_tags_it(tmp_path):
+    """`beta: auto` in a real search: the study's first trial is the prior's beta, the prior is on the MLflow run."""
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    from dkd_tune.auto_beta import beta_prior, default_calibration
+
+    path = tiny_space(
+        tmp_path,
+        space={"beta": "auto", "temperature": 4},
+        baselines=[],
+        search={"algorithm": "optuna", "seed": 0, "num_samples": 4, "max_concurrent_trials": 1},
+    )
+    result = cli("run", str(path), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    experiment = tmp_path / "runs" / "e2e"
+    state = json.loads((experiment / "state.json").read_text())
+    gap = state["teachers"]["teacher"]["gap"]
+    prior = beta_prior(default_calibration("synthetic"), gap["mean"], teacher_acc=gap["test_acc"])
+    assert f"beta: auto: {prior.describe()}" in result.stdout
+    study = optuna.load_study(study_name="e2e/teacher", storage=f"sqlite:///{experiment / 'optuna.db'}")
+    ordered = sorted(study.trials, key=lambda trial: trial.number)
+    betas = prior.first_betas()
+    assert [trial.params["beta"] for trial in ordered[: len(betas)]] == pytest.approx(betas)
+    low, high = prior.beta_range
+    assert all(low <= trial.params["beta"] <= high for trial in ordered)
+    tags = MlflowClient(tracking_uri=state["tracking_uri"]).get_run(state["parent_run_id"]).data.tags
+    assert float(tags["auto_beta.teacher.beta"]) == pytest.approx(prior.suggestion.beta, rel=1e-3)
+    assert tags["auto_beta.teacher.calibration"] == prior.suggestion.calibration

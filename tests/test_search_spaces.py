@@ -10,6 +10,7 @@ import yaml
 
 from dkd_tune.config import load_search_space
 from dkd_tune.data import dataset_num_classes, parse_data_spec
+from dkd_tune.errors import UserInputError
 from dkd_tune.models import create_model
 from dkd_tune.search import new_tuner
 from dkd_tune.search_plan import search_parts, trial_plan
@@ -50,6 +51,17 @@ def placeholder_inputs(path: Path, tmp_path: Path) -> list[str]:
     return overrides
 
 
+def measured_teacher(teacher):
+    """What the search knows of a teacher once it is prepared (`beta: auto` reads its gap)."""
+    from dkd_tune.teacher import LogitGapStats, TeacherArtifacts
+
+    if teacher is None:
+        return None
+    gap = LogitGapStats(mean=2.5, median=2.5, std=1.0, negative_fraction=0.05, train_acc=90.0, test_acc=80.0,
+                        num_samples=100)  # fmt: skip
+    return TeacherArtifacts(teacher.label, teacher.model, "teacher.pth", 100, gap, None)
+
+
 def dummy_trainable(config):
     raise AssertionError("no trial runs in this test")
 
@@ -62,7 +74,7 @@ def test_shipped_search_space_validates_and_builds_its_tuners(path, tmp_path):
     parts = search_parts(space)
     assert parts
     for part_name, teacher in parts:
-        plan = trial_plan(space, teacher, None, part_name)
+        plan = trial_plan(space, teacher, measured_teacher(teacher), part_name)
         assert plan.max_epochs <= plan.base_recipe.epochs
         run_config = tune.RunConfig(name=part_name, storage_path=str(tmp_path / "runs"))
         tuner = new_tuner(space, part_name, teacher, plan, dummy_trainable, run_config)
@@ -102,14 +114,23 @@ def demo_part(tmp_path):
     return space, teacher, trial_plan(space, teacher, None, part_name)
 
 
+SEARCHED = {"beta": {"loguniform": [0.5, 8.0]}, "temperature": {"choice": [2, 4]}, "alpha": 1.0}
+
+
+def searched_space():
+    from dkd_tune.config import Distribution
+
+    return {name: Distribution.model_validate(value) for name, value in SEARCHED.items()}
+
+
 def test_the_search_file_maps_to_optuna_distributions_seed_and_budget(tmp_path):
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
     from dkd_tune.search import search_algorithm
 
-    space, teacher, _ = demo_part(tmp_path)
-    searcher, param_space, num_samples = search_algorithm(space, space.space_for(teacher))
+    space, _, _ = demo_part(tmp_path)
+    searcher, param_space, num_samples = search_algorithm(space, searched_space())
     assert isinstance(searcher, OptunaSearch) and param_space == {} and num_samples == 8
     distributions = searcher._space  # what Optuna samples from, by name
     assert distributions == {
@@ -120,19 +141,19 @@ def test_the_search_file_maps_to_optuna_distributions_seed_and_budget(tmp_path):
     assert isinstance(sampler, optuna.samplers.TPESampler)
 
 
-def _suggestions(space, teacher, count: int) -> list[dict]:
+def _suggestions(space, count: int, first_points=None) -> list[dict]:
     from dkd_tune.search import search_algorithm
 
-    searcher, _, _ = search_algorithm(space, space.space_for(teacher))
+    searcher, _, _ = search_algorithm(space, searched_space(), first_points=first_points)
     return [searcher.suggest(f"trial-{index}") for index in range(count)]
 
 
 def test_one_seed_gives_the_same_trials_and_another_seed_others(tmp_path):
-    space, teacher, _ = demo_part(tmp_path)
-    first, again = _suggestions(space, teacher, 4), _suggestions(space, teacher, 4)
+    space, _, _ = demo_part(tmp_path)
+    first, again = _suggestions(space, 4), _suggestions(space, 4)
     assert first == again
     reseeded = space.model_copy(update={"search": space.search.model_copy(update={"seed": 1})})
-    assert _suggestions(reseeded, teacher, 4) != first
+    assert _suggestions(reseeded, 4) != first
     assert all(0.5 <= trial["beta"] <= 8.0 and trial["temperature"] in (2, 4) for trial in first)
 
 
@@ -167,13 +188,9 @@ def test_asha_rungs_follow_the_scheduler_settings(tmp_path):
 
     space, _, plan = demo_part(tmp_path)
     scheduler = asha_scheduler(space, plan.max_epochs)
-    assert scheduler._time_attr == "epoch" and scheduler._max_t == 8
+    assert scheduler._time_attr == "epoch" and scheduler._max_t == 30
     (bracket,) = scheduler._brackets
-    assert sorted(milestone for milestone, _ in bracket._rungs) == [
-        2,
-        4,
-        8,
-    ]  # grace 2, factor 2, up to max_t 8
+    assert sorted(milestone for milestone, _ in bracket._rungs) == [6, 12, 24]  # grace 6, factor 2, max_t 30
     assert (
         asha_scheduler(
             space.model_copy(update={"scheduler": space.scheduler.model_copy(update={"type": "none"})}), 8
@@ -210,15 +227,13 @@ def with_search(space, **changes):
 def test_tpe_starts_with_a_third_of_the_budget_at_random_within_2_to_10(tmp_path, num_samples, startup):
     from dkd_tune.search import search_algorithm
 
-    space, teacher, _ = demo_part(tmp_path)
-    searcher, _, samples = search_algorithm(
-        with_search(space, num_samples=num_samples), space.space_for(teacher)
-    )
+    space, _, _ = demo_part(tmp_path)
+    searcher, _, samples = search_algorithm(with_search(space, num_samples=num_samples), searched_space())
     assert samples == num_samples
     sampler = searcher._sampler
     assert sampler._n_startup_trials == startup and isinstance(sampler._n_startup_trials, int)
     assert sampler._multivariate is True
-    assert (searcher.metric, searcher.mode) == ("test_acc", "max")
+    assert (searcher.metric, searcher.mode) == ("val_acc", "max")  # chosen on the validation split
 
 
 def test_grid_and_random_algorithms_map_choice_and_grid(tmp_path):
@@ -282,7 +297,7 @@ def test_a_part_with_nothing_to_search_runs_once_seeded(tmp_path):
 
 @pytest.mark.parametrize(
     ("grace", "warmup", "searched", "warned"),
-    [(2, 2, None, False), (1, 2, None, True), (3, 2, {"int": [1, 5]}, True), (5, 2, {"int": [1, 5]}, False)],
+    [(6, 5, None, False), (2, 5, None, True), (3, 2, {"int": [1, 5]}, True), (5, 2, {"int": [1, 5]}, False)],
 )
 def test_a_first_rung_inside_the_warm_up_is_warned_about(tmp_path, grace, warmup, searched, warned):
     from dkd_tune.config import Distribution
@@ -304,3 +319,59 @@ def test_a_first_rung_inside_the_warm_up_is_warned_about(tmp_path, grace, warmup
         longest = 5 if searched else warmup
         assert lines[0].startswith(f"dkd-tune: warning: demo.yaml: scheduler.grace_period {grace} ")
         assert lines[0].endswith(f"set scheduler.grace_period to at least {longest}")
+
+
+def test_beta_auto_starts_optuna_at_the_prior_and_keeps_the_calibrated_range_reachable(tmp_path):
+    from dkd_tune.auto_beta import beta_prior, default_calibration
+    from dkd_tune.config import Distribution
+    from dkd_tune.search import first_points, search_algorithm
+
+    calibration = default_calibration("synthetic")
+    prior = beta_prior(calibration, gap=sum(calibration.gap_range) / 2)
+    low, high = prior.beta_range
+    assert prior.suggestion.low >= low and prior.suggestion.high <= high
+    space, _, plan = demo_part(tmp_path)
+    searched = {
+        "beta": Distribution(loguniform=prior.beta_range),
+        "temperature": Distribution.model_validate({"choice": [2, 4]}),
+    }
+    points = first_points(prior, searched, plan.base_recipe)
+    assert [point["beta"] for point in points] == prior.first_betas()
+    assert prior.first_betas()[0] == prior.suggestion.beta  # the prediction is the first trial
+    assert all(point["temperature"] == 4 for point in points)  # the recipe's value for the others
+    searcher, _, _ = search_algorithm(with_search(space, num_samples=30), searched, first_points=points)
+    trials = [searcher.suggest(f"trial-{index}") for index in range(30)]
+    assert trials[: len(points)] == points
+    later = [trial["beta"] for trial in trials[len(points) :]]
+    assert all(low <= beta <= high for beta in later)
+    assert (
+        min(later) < prior.suggestion.low or max(later) > prior.suggestion.high
+    )  # the range stays reachable
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"space": {"temperature": "auto"}}, "auto is auto-beta's prior for beta"),
+        ({"search": {"algorithm": "random", "num_samples": 4}}, "needs search.algorithm optuna"),
+        ({"loss": "kd"}, "loss 'kd' has no beta"),
+        ({}, "ships none"),
+    ],
+)
+def test_beta_auto_without_what_it_needs_is_one_line(tmp_path, monkeypatch, change, message):
+    import dkd_tune.auto_beta
+
+    if not change:  # a family without a shipped calibration
+        monkeypatch.delitem(dkd_tune.auto_beta._DEFAULT_FILES, "synthetic")
+    raw = yaml.safe_load((ROOT / "search_spaces" / "demo.yaml").read_text())
+    raw["data"]["root"] = str(tmp_path / "data")
+    for key, value in change.items():
+        if key == "space":
+            raw["space"] = {**raw["space"], **value}
+        else:
+            raw[key] = value
+    path = tmp_path / "auto.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(UserInputError, match=message) as error:
+        load_search_space(path)
+    assert "\n" not in str(error.value)

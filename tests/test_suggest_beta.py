@@ -97,7 +97,11 @@ def test_suggest_beta_json_on_a_trained_teacher(trained, capsys):
     assert report["beta"] == pytest.approx(2.0, rel=1e-9)
     low, high = report["window"]
     assert low < report["beta"] < high
-    assert report["calibration"] == {"name": "test-synthetic", "family": "synthetic"}
+    assert report["calibration"] == {
+        "name": "test-synthetic",
+        "family": "synthetic",
+        "provenance": "two made-up teachers around the test teacher's gap",
+    }
     assert report["warnings"] == [] and report["extrapolated"] is False
     snippet = yaml.safe_load(report["search_space_yaml"])
     assert snippet == {"space": {"beta": {"loguniform": [low, high]}}}
@@ -129,11 +133,13 @@ def test_suggest_beta_warns_when_the_gap_is_outside_the_calibration(trained, cap
     assert any("outside the calibrated range" in warning for warning in report["warnings"])
 
 
-def test_a_family_without_a_calibration_is_exit_2_and_one_line(trained):
+def test_a_family_without_a_calibration_is_exit_2_and_one_line(trained, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("MLFLOW_TRACKING_URI", None)
+    imagenet = suggest_args(trained)
+    imagenet[imagenet.index(trained["spec"])] = f"imagenet:{tmp_path}"
     result = subprocess.run(
-        [sys.executable, "-m", "dkd_tune", *suggest_args(trained)],
+        [sys.executable, "-m", "dkd_tune", *imagenet],
         capture_output=True,
         text=True,
         env=env,
@@ -143,7 +149,29 @@ def test_a_family_without_a_calibration_is_exit_2_and_one_line(trained):
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr
-    assert "no default beta calibration for family 'synthetic'" in lines[0]
+    assert "no default beta calibration for family 'imagenet'" in lines[0]
+
+
+def test_suggest_beta_works_on_the_demos_data_with_the_shipped_calibration(tmp_path, capsys):
+    """The demo's dataset and a resnet8 of the demo's kind: beta, window and the calibration's provenance."""
+    from dkd_tune.config import load_search_space
+    from dkd_tune.models import create_model
+
+    demo = load_search_space(ROOT / "search_spaces" / "demo.yaml", [f"data.root={tmp_path / 'data'}"])
+    make_synthetic(tmp_path / "data", **demo.data.generate)
+    checkpoint = tmp_path / "resnet8.pth"
+    torch.manual_seed(0)
+    torch.save(create_model("resnet8", num_classes=100).state_dict(), checkpoint)  # an untrained teacher
+    main(
+        ["suggest-beta", "--teacher-model", "resnet8", "--teacher-checkpoint", str(checkpoint),
+         "--data", f"synthetic:{tmp_path / 'data'}", "--validation", str(demo.data.validation), "--device", "cpu"]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert "auto-beta (calibration 'validate_synthetic', family synthetic): beta " in out
+    assert "search window [" in out and "calibration provenance: Fitted by `dkd-tune validate-beta" in out
+    assert "(5000 training images)" in out  # the demo's 60 per class minus the 10 held out
+    # Untrained: its gap is below the calibrated range and it is no better than the student alone.
+    assert "outside the calibrated range" in out and "no better than the student trained alone" in out
 
 
 @pytest.mark.slow

@@ -303,6 +303,28 @@ def test_prepare_run_seeds_the_student_and_records_normalisation(datasets, tmp_p
     assert saved.mean == pytest.approx(train_set.mean) and saved.std == pytest.approx(train_set.std)
 
 
+def test_a_validation_split_is_evaluated_every_epoch_beside_the_test_split(datasets):
+    from dkd_tune.data import InMemoryData
+    from dkd_tune.train import evaluate, prepare_run
+
+    train_set, test_set = datasets
+    # The first test images stand in for a held-out split: the report must evaluate them as well.
+    held_out = dataclasses.replace(test_set, images=test_set.images[:10], labels=test_set.labels[:10])
+    recipe = short_recipe(epochs=2)
+    run = prepare_run("resnet8", InMemoryData(train_set, test_set, "standard", val=held_out), recipe,
+                      device=torch.device("cpu"))  # fmt: skip
+    assert run.val_loader is not None
+    result = fit(run.model, run.train_loader, run.test_loader, recipe, identity=run.identity, loss_mode="ce",
+                 val_loader=run.val_loader)  # fmt: skip
+    assert [set(r) >= {"val_acc", "val_loss", "test_acc"} for r in result.history] == [True, True]
+    final = evaluate(run.model, run.val_loader, torch.device("cpu"))
+    assert result.history[-1]["val_acc"] == pytest.approx(final["acc"])
+    without = prepare_run(
+        "resnet8", InMemoryData(train_set, test_set, "standard"), recipe, device=torch.device("cpu")
+    )
+    assert without.val_loader is None
+
+
 def _tckd_nckd_from_definitions(logits_student, logits_teacher, labels, temperature):
     """Batch-mean TCKD and NCKD written out from appendix A.1 (binary and renormalised non-target KLs)."""
     p_s = torch.softmax(logits_student.double() / temperature, dim=1)

@@ -115,6 +115,9 @@ def test_the_grid_is_read_from_a_results_table_and_a_missing_cell_is_one_line():
         grid.teachers == ["a", "b", "c"] and grid.betas.tolist() == [0.5, 1.0, 2.0] and grid.seeds == [0, 1]
     )
     assert grid.val[1, 2, 1] == 73.0 and grid.student_alone == {"val": 50.0, "test": 51.0}
+    diverged = frame.copy()
+    diverged.loc[(diverged["teacher"] == "c") & (diverged["beta"] == 2.0), "status"] = "diverged"
+    assert grid_from_results(diverged).val[2, 2, 0] == 72.0  # a diverged run is what that beta gives
     frame.loc[(frame["teacher"] == "b") & (frame["beta"] == 1.0) & (frame["seed"] == 1), "status"] = "error"
     with pytest.raises(UserInputError, match="teacher 'b', beta 1, seed 1") as error:
         grid_from_results(frame)

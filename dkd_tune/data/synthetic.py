@@ -31,6 +31,7 @@ RENDER_CHUNK = 2048  # samples rendered at once; fixed so the output does not de
 MIX_PROBABILITY = 0.35
 MIX_WEIGHT = (0.15, 0.5)
 NOISE_STD = 0.05
+SHIFT = 0.15  # largest translation of the shape, in image half-widths
 # In units of the shape radius: where the marker sits, its radius, the stripe frequency.
 MARKER_DISTANCE = 0.55
 MARKER_RADIUS = 0.42
@@ -163,7 +164,7 @@ def _render_split(prototypes: _Prototypes, per_class: int, size: int, seed: int,
             partner[index] = siblings[rng.integers(len(siblings))]
             mix[index] = rng.uniform(*MIX_WEIGHT)
     pose = {
-        "shift": rng.uniform(-0.15, 0.15, (count, 2)),
+        "shift": rng.uniform(-SHIFT, SHIFT, (count, 2)),
         "scale": rng.uniform(0.85, 1.1, count),
         "rotation": rng.uniform(-0.25, 0.25, count),
         "phase": rng.uniform(0, 2 * math.pi, count),

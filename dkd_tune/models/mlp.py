@@ -36,6 +36,10 @@ class MLP(ImageClassifier):
         return self.fc
 
 
+def mlp_32(num_classes: int = 100) -> MLP:
+    return MLP(num_classes, width=32, depth=1)
+
+
 def mlp_256(num_classes: int = 100) -> MLP:
     return MLP(num_classes, width=256, depth=1)
 

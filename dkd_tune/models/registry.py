@@ -67,6 +67,7 @@ _CIFAR_BUILDERS: dict[str, Callable[..., ImageClassifier]] = {
     "MobileNetV2": mobilenetv2.mobilenetv2_half,
     "ShuffleV1": shufflenetv1.shufflenet_v1,
     "ShuffleV2": shufflenetv2.shufflenet_v2,
+    "mlp_32": mlp.mlp_32,
     "mlp_256": mlp.mlp_256,
     "mlp_512x2": mlp.mlp_512x2,
 }

@@ -1,0 +1,180 @@
+"""How much compute does a search need to find a beta as good as the best one? Searches replayed on a validation grid.
+
+The oracle is `dkd-tune validate-beta`'s grid (every beta x seed trained to the end, per-epoch
+validation and test top-1 in `curves.parquet`). A replayed search runs the real Ray Tune + Optuna +
+ASHA machinery on trials that read the grid run of the nearest grid beta (`analysis.search_replay`),
+so hundreds of searches take minutes. For each teacher of the grid and each search seed, it counts
+the trial-epochs spent until the search's incumbent (its best full-budget trial on the validation
+split) has a test top-1 within 0.5 points of the oracle's (the grid beta with the best mean
+validation top-1, read on the same seed's run), for:
+
+  a. Ray's OptunaSearch + ASHAScheduler as a user would wire them by hand (Ray's defaults: pruned
+     trials told to Optuna as COMPLETE, grace period 1, reduction factor 4): the anchor;
+  b. dkd-tune's search (pruned trials told as PRUNED, TPE's start-up, the file's rungs);
+  c. b with `beta: auto`: first trials at auto-beta's prediction and window, the model refitted
+     without the teacher (leave-one-teacher-out);
+  d. c with a deliberately wrong calibration: every prediction shifted up by 3 octaves (x8).
+
+    python benchmarks/search_efficiency.py --validation dkd_runs/validate_synthetic --out /tmp/efficiency
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from analysis.beta_ground_truth import grid_from_results
+from analysis.search_replay import curves_from_long, epochs_to_target, replay_search, run_replay
+from analysis.tables import markdown_table
+from dkd_tune.auto_beta import CalibrationPoint, beta_prior, fit_calibration, surface_calibration
+from dkd_tune.beta_surface import fit_surface
+from dkd_tune.config import load_search_space
+
+TOLERANCE = 0.5  # points of test top-1 below the oracle that count as found
+WRONG_SHIFT = 8.0  # the wrong calibration's factor: 3 octaves
+
+
+def held_out_prior(grid, teacher_index: int, shift: float = 1.0):
+    """Auto-beta's prior for one teacher from a surface fitted on the other teachers, optionally shifted."""
+    others = [i for i in range(len(grid.teachers)) if i != teacher_index]
+    means = grid.val.mean(axis=2)
+    surface = fit_surface(
+        grid.gaps[others], grid.log2_betas, means[others], noise_variance=grid.noise_variance()
+    )
+    points = [
+        CalibrationPoint(grid.teachers[i], float(grid.gaps[i]), float(grid.betas[means[i].argmax()]), "grid")
+        for i in others
+    ]
+    calibration = surface_calibration(fit_calibration(points, "synthetic", "held out"), surface)
+    prior = beta_prior(calibration, float(grid.gaps[teacher_index]))
+    if shift == 1.0:
+        return prior
+    import dataclasses
+
+    s = prior.suggestion
+    shifted = dataclasses.replace(s, beta=s.beta * shift, low=s.low * shift, high=s.high * shift)
+    return dataclasses.replace(prior, suggestion=shifted)
+
+
+def anchor_search(curves, teacher: str, seed_index: int, seed: int, trials: int, beta_range):
+    """Ray's OptunaSearch and ASHAScheduler with their defaults, as a user would wire them by hand."""
+    import optuna
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    searcher = OptunaSearch(
+        space={"beta": optuna.distributions.FloatDistribution(*beta_range, log=True)},
+        metric="val_acc",
+        mode="max",
+        seed=seed,
+    )
+    scheduler = ASHAScheduler(time_attr="epoch", max_t=curves.epochs)
+    return run_replay(curves, teacher, seed_index, searcher, scheduler, trials)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--validation", type=Path, required=True, help="a finished validate-beta folder")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--search-seeds", type=int, default=5)
+    parser.add_argument("--trials", type=int, default=16, help="trials per search")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    import ray
+
+    state = json.loads((args.validation / "validation.json").read_text())
+    grid_dir = args.validation / f"{state['name']}-grid"
+    grid = grid_from_results(pd.read_parquet(grid_dir / "results.parquet"))
+    curves = curves_from_long(pd.read_parquet(args.validation / "curves.parquet"))
+    space = load_search_space(args.validation / "validate.yaml")
+    space = space.model_copy(
+        update={"search": space.search.model_copy(update={"algorithm": "optuna", "num_samples": args.trials})}
+    )
+    beta_range = (float(grid.betas[0]), float(grid.betas[-1]))
+    oracle = grid.val.mean(axis=2).argmax(axis=1)
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    rows = []
+    started = time.time()
+    for i, teacher in enumerate(grid.teachers):
+        priors = {"c": held_out_prior(grid, i), "d": held_out_prior(grid, i, WRONG_SHIFT)}
+        for seed in range(args.search_seeds):
+            k = seed % len(grid.seeds)
+            target = grid.test[i, oracle[i], k] - TOLERANCE
+            runs = {
+                "a": anchor_search(curves, teacher, k, seed, args.trials, beta_range),
+                "b": replay_search(space, curves, teacher, seed, beta_range=beta_range),
+            }
+            for variant, prior in priors.items():
+                points = [{"beta": min(max(b, beta_range[0]), beta_range[1])} for b in prior.first_betas()]
+                runs[variant] = replay_search(
+                    space, curves, teacher, seed, beta_range=beta_range, first_points=points
+                )
+            for variant, run in runs.items():
+                rows.append(
+                    {
+                        "variant": variant,
+                        "teacher": teacher,
+                        "search_seed": seed,
+                        "grid_seed": grid.seeds[k],
+                        "epochs_to_target": epochs_to_target(run.trials, target),
+                        "total_epochs": run.trial_epochs,
+                        "chosen_beta": run.chosen_beta,
+                    }
+                )
+        print(f"{teacher}: done ({time.time() - started:.0f} s)", flush=True)
+    ray.shutdown()
+    frame = pd.DataFrame(rows)
+    frame.to_parquet(args.out / "search_efficiency.parquet", index=False)
+    summary = summarise(frame, args.trials * curves.epochs)
+    text = (
+        f"{len(grid.teachers)} teachers x {args.search_seeds} search seeds, {args.trials} trials per search, "
+        f"{curves.epochs} epochs per full trial; target: within {TOLERANCE} points of the oracle's test top-1; "
+        f"{time.time() - started:.0f} s in all\n\n" + markdown_table(summary)
+    )
+    (args.out / "search_efficiency.md").write_text(text + "\n")
+    print(text)
+
+
+def summarise(frame: pd.DataFrame, budget: int) -> pd.DataFrame:
+    names = {
+        "a": "a. Ray OptunaSearch + ASHA, by hand",
+        "b": "b. dkd-tune search",
+        "c": "c. b + beta: auto (held out)",
+        "d": "d. c, calibration 3 octaves off",
+    }
+    medians = {}
+    rows = []
+    for variant, group in frame.groupby("variant"):
+        values = group["epochs_to_target"].to_numpy()
+        finite = values[np.isfinite(values)]
+        # Searches that never reach the target count as the whole budget's worth (a lower bound).
+        capped = np.where(np.isfinite(values), values, budget)
+        medians[variant] = float(np.median(capped))
+        rows.append(
+            {
+                "search": names[variant],
+                "reached target": f"{len(finite)}/{len(values)}",
+                "median trial-epochs to target": medians[variant],
+                "25th-75th percentile": f"{np.percentile(capped, 25):.0f}-{np.percentile(capped, 75):.0f}",
+                "mean trial-epochs spent": float(group["total_epochs"].mean()),
+            }
+        )
+    table = pd.DataFrame(rows)
+    # "a / this": how many times less compute than the anchor; "this / b": compute relative to dkd-tune's search.
+    table["a / this"] = [medians["a"] / medians[v] if medians[v] else math.inf for v in sorted(medians)]
+    table["this / b"] = [medians[v] / medians["b"] if medians["b"] else math.inf for v in sorted(medians)]
+    return table
+
+
+if __name__ == "__main__":
+    main()
