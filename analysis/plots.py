@@ -154,8 +154,10 @@ def plot_best_beta_vs_gap(
     calibration: Calibration | None = None,
     calibration_label: str | None = None,
     predictions: Sequence[PredictionMark] = (),
+    points_label: str = "searched best beta",
+    title: str = "Best beta found by the search vs the teacher's gap",
 ) -> Path:
-    """Searched best beta against the teacher's gap, the auto-beta curve and its window, and predictions."""
+    """Best beta per teacher against its gap, the auto-beta curve and its window, and predictions."""
     figure, axis = plt.subplots(figsize=(7.0, 4.6))
     gaps = [point.mean_logit_gap for point in points] + [mark.gap for mark in predictions]
     if calibration is not None:
@@ -186,7 +188,7 @@ def plot_best_beta_vs_gap(
             fontsize=8,
         )
     if points:
-        axis.plot([], [], "o", color="black", label="searched best beta")
+        axis.plot([], [], "o", color="black", label=points_label)
     for mark in predictions:
         axis.plot(mark.gap, mark.beta, mark.marker, color=mark.color, markersize=9, label=mark.label)
         if mark.searched_beta is not None:
@@ -195,7 +197,7 @@ def plot_best_beta_vs_gap(
     _plain_log_ticks(axis.yaxis)
     axis.set_xlabel("teacher's mean logit gap z_t - z_max (training set)")
     axis.set_ylabel("beta")
-    axis.set_title("Best beta found by the search vs the teacher's gap", fontsize=10)
+    axis.set_title(title, fontsize=10)
     axis.grid(alpha=0.3, which="both")
     _dedupe_legend(axis)
     return _save(figure, path)

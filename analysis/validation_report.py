@@ -111,6 +111,8 @@ def write_validation_outputs(
             folder / BETA_VS_GAP_FIGURE,
             calibration=calibration,
             calibration_label="auto-beta fitted on every teacher (peak and window)",
+            points_label="oracle beta (best mean validation top-1 on the grid)",
+            title="The grid's best beta vs the teacher's gap",
         ),
     ]
     rungs = rung_correlations(curves, sorted({1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 24})) if curves else None

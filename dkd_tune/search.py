@@ -739,6 +739,10 @@ def search_algorithm(
     from ray.tune.search import BasicVariantGenerator
 
     variable = {name: d for name, d in searched.items() if d.kind != "fixed"}
+    if any(d.kind == "auto" for d in variable.values()):
+        raise ValueError(
+            "beta: auto is resolved to a range and first trials (new_tuner) before the searcher is built"
+        )
     settings = space.search
     # BasicVariantGenerator limits concurrency itself (TuneConfig's limit only applies to Searchers).
     concurrency = settings.max_concurrent_trials or 0

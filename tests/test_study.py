@@ -8,11 +8,12 @@ import pytest
 from dkd_tune.config import Distribution
 from dkd_tune.search import search_algorithm
 from dkd_tune.study import RAY_TRIAL_ID_ATTR
-from tests.test_search_spaces import demo_part
+from tests.test_search_spaces import demo_part, searched_space
 
 
 def searcher_in(tmp_path, max_epochs=4):
     space, _, _ = demo_part(tmp_path)
+    space = space.model_copy(update={"metric": "test_acc"})  # the results below report test_acc
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     searched = {"beta": Distribution.model_validate({"loguniform": [0.5, 8.0]})}
     searcher, _, _ = search_algorithm(space, searched, max_epochs=max_epochs, study=(url, "demo/resnet20"))
@@ -28,9 +29,9 @@ def test_the_study_persists_in_the_search_folder_under_the_part_s_name(tmp_path)
 
 
 def test_a_search_file_s_budget_is_the_default_full_budget(tmp_path):
-    space, teacher, _ = demo_part(tmp_path)
-    searcher, _, _ = search_algorithm(space, space.space_for(teacher))
-    assert searcher.max_epochs == space.max_epochs() == 8
+    space, _, _ = demo_part(tmp_path)
+    searcher, _, _ = search_algorithm(space, searched_space())
+    assert searcher.max_epochs == space.max_epochs() == 30
     assert searcher_in(tmp_path, max_epochs=5)[0].max_epochs == 5
 
 

@@ -119,7 +119,8 @@ def test_views_of_each_augmentation_and_default_calibrations():
     assert augmentation_views("none") == (0, False)
     assert augmentation_views("autoaugment") is None
     assert default_calibration_or_none("cifar").family == "cifar"
-    assert default_calibration_or_none("synthetic") is None
+    assert default_calibration_or_none("synthetic").surface is not None  # fitted by validate-beta
+    assert default_calibration_or_none("imagenet") is None
     with pytest.raises(UserInputError):
         default_calibration_or_none("mnist")
 
