@@ -159,6 +159,8 @@ def _trial_row(parent: ParentRun, run: Any, searched: dict[str, list[str]]) -> d
         "final_test_acc": metrics.get("test_acc"),
         "best_test_acc": metrics.get("best_test_acc"),
         "final_test_acc_top5": metrics.get("test_acc_top5"),
+        "final_val_acc": metrics.get("val_acc"),
+        "final_val_loss": metrics.get("val_loss"),
         "final_train_acc": metrics.get("train_acc"),
         "final_train_loss": metrics.get("train_loss"),
         "wall_time_s": duration,

@@ -93,13 +93,14 @@ def replay_search(
     *,
     beta_range: tuple[float, float],
     first_points: list[dict[str, float]] | None = None,
+    search_seed: int | None = None,
 ) -> ReplayedSearch:
-    """One search over beta for `teacher` as dkd-tune runs it, replayed on the curves of one seed.
+    """One search over beta for `teacher` as dkd-tune runs it, replayed on the curves of grid seed `seed_index`.
 
     `space` is the validation's search file: its `search` (trials, TPE seed) and `scheduler` (ASHA
     rungs) settings are those a real search of the file would use; `first_points` are `beta: auto`'s
-    first trials. The searcher's seed is shifted by the seed index, so repeated searches differ as
-    real ones would.
+    first trials. The searcher's seed is the file's plus `search_seed` (default: the seed index), so
+    repeated searches differ as real ones would.
     """
     from dkd_tune.config import Distribution
     from dkd_tune.search import asha_scheduler, search_algorithm
@@ -109,7 +110,10 @@ def replay_search(
         update={
             "metric": "val_acc",
             "search": space.search.model_copy(
-                update={"seed": space.search.seed + seed_index, "max_concurrent_trials": 1}
+                update={
+                    "seed": space.search.seed + (seed_index if search_seed is None else search_seed),
+                    "max_concurrent_trials": 1,
+                }
             ),
         }
     )

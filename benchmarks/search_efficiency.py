@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
             target = grid.test[i, oracle[i], k] - TOLERANCE
             runs = {
                 "a": anchor_search(curves, teacher, k, seed, args.trials, beta_range),
-                "b": replay_search(space, curves, teacher, seed, beta_range=beta_range),
+                "b": replay_search(space, curves, teacher, k, beta_range=beta_range, search_seed=seed),
             }
             for variant, prior in priors.items():
                 points = [{"beta": min(max(b, beta_range[0]), beta_range[1])} for b in prior.first_betas()]
