@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
             for variant, prior in priors.items():
                 points = [{"beta": min(max(b, beta_range[0]), beta_range[1])} for b in prior.first_betas()]
                 runs[variant] = replay_search(
-                    space, curves, teacher, seed, beta_range=beta_range, first_points=points
+                    space, curves, teacher, k, beta_range=beta_range, first_points=points, search_seed=seed
                 )
             for variant, run in runs.items():
                 rows.append(
