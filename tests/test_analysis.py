@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 FIGURES = (LEARNING_CURVES_FIGURE, ACCURACY_VS_BETA_FIGURE, BETA_VS_GAP_FIGURE)
 ARROW_TYPES = {"string": pa.string(), "float64": pa.float64(), "int64": pa.int64()}
 # What MLflow does not hold (README: "Loading from MLflow"); every other column must match the folder's.
-NOT_IN_MLFLOW = {"wall_time_s", "num_failures", "checkpoint_path", "teacher_gap"}
+NOT_IN_MLFLOW = {"wall_time_s", "num_failures", "checkpoint_path", "teacher_gap", "predicted_beta"}
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +119,10 @@ def test_analyze_from_the_folder_and_from_mlflow_agree(search, tmp_path):
     for column in set(RESULT_COLUMNS) - NOT_IN_MLFLOW:
         pd.testing.assert_series_equal(mlflow[column], folder[column], check_names=False, obj=column)
     assert (mlflow["teacher_gap"] - folder["teacher_gap"]).abs().max() < 1e-4
+    # MLflow holds auto-beta's prediction as the 3-decimal tag the search logged.
+    assert folder["predicted_beta"].notna().any()
+    assert (mlflow["predicted_beta"].isna() == folder["predicted_beta"].isna()).all()
+    assert (mlflow["predicted_beta"] - folder["predicted_beta"]).abs().max() <= 5e-4
     assert from_folder.main_table() == from_mlflow.main_table()
 
     # The same search found by its name, and its histories through the client.
