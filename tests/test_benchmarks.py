@@ -101,3 +101,33 @@ def test_beta_ranking_budget_compares_two_grids(tmp_path):
     text = main(["--short", str(tmp_path / "short"), "--long", str(tmp_path / "long")])
     assert "30 epochs (2 seeds) vs 90 epochs (2 seeds)" in text
     assert "| t | 0.5 | 1 | 2 |" in text  # beta 2 overtakes at 3x: the rankings disagree in part
+
+
+def test_search_efficiency_summary_counts_reach_compute_and_the_chosen_betas_regret():
+    import math
+
+    import numpy as np
+    import pandas as pd
+
+    from benchmarks.search_efficiency import summarise
+    from tests.test_validation import synthetic_grid
+
+    grid = synthetic_grid(slope=0.0, seeds=1)  # every teacher's oracle is beta 0.5 (log2 -1)
+    rows = []
+    for variant, to_target, chosen in (
+        ("a", math.inf, 16.0),
+        ("b", 60.0, 0.5),
+        ("c", 30.0, 0.5),
+        ("d", math.inf, 0.5),
+    ):
+        rows.append(dict(variant=variant, teacher="t0", search_seed=0, grid_seed=0, epochs_to_target=to_target,
+                         total_epochs=100, chosen_beta=chosen))  # fmt: skip
+    table = summarise(pd.DataFrame(rows), 360, grid).set_index("search")
+    assert list(table["reached target"]) == ["0/1", "1/1", "1/1", "0/1"]
+    assert list(table["mean trial-epochs to target (>=)"]) == [360.0, 60.0, 30.0, 360.0]  # never: the budget
+    assert (
+        table.iloc[0]["a / this"] == 1 and table.iloc[1]["a / this"] == 6 and table.iloc[2]["this / b"] == 0.5
+    )
+    oracle = grid.val[0, :, 0].argmax()
+    expected = grid.test[0, oracle, 0] - grid.test[0, int(np.argmin(abs(grid.betas - 16.0))), 0]
+    assert table.iloc[0]["regret of the chosen beta (mean, sd)"].startswith(f"{expected:.2f}")
