@@ -258,7 +258,7 @@ def ranking_agreement(short: BetaGrid, long: BetaGrid) -> pd.DataFrame:
         rows.append(
             {
                 "teacher": teacher,
-                "spearman": _spearman(a, b),
+                "spearman": spearman(a, b),
                 "best_beta_short": short.betas[a.argmax()],
                 "best_beta_long": long.betas[b.argmax()],
             }
@@ -266,7 +266,8 @@ def ranking_agreement(short: BetaGrid, long: BetaGrid) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+def spearman(a, b) -> float:
+    """Spearman's rank correlation (average ranks for ties); NaN when either side is constant."""
     ra, rb = pd.Series(a).rank().to_numpy(), pd.Series(b).rank().to_numpy()
     if ra.std() == 0 or rb.std() == 0:
         return float("nan")

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from analysis.beta_ground_truth import spearman
 from dkd_tune.search_plan import BASELINE_PREFIX
 
 
@@ -221,7 +222,7 @@ def rung_correlations(curves: Curves, rungs: list[int]) -> pd.DataFrame:
                 ]
                 final = [per_beta[j][k][-1] for j in range(len(curves.betas)) if len(per_beta[j][k]) >= rung]
                 if len(early) >= 3:
-                    rho = pd.Series(early).rank().corr(pd.Series(final).rank())
+                    rho = spearman(early, final)
                     if not math.isnan(rho):
                         values.append(rho)
         if values:

@@ -563,8 +563,10 @@ def _run_part(space, part_name, teacher, teachers, shared_ref, experiment_dir, s
         options.log(f"dkd-tune: resuming part '{part_name}' from {part_dir}")
         tuner = tune.Tuner.restore(str(part_dir), trainable, resume_unfinished=True, resume_errored=True)
     else:
+        prior = None
         if teacher is not None and space.space_for(teacher).get("beta", Distribution(fixed=0)).kind == "auto":
-            _announce_prior(auto_beta_prior(space, plan), teacher.label, state, experiment_dir, options)
+            prior = auto_beta_prior(space, plan)
+            _announce_prior(prior, teacher.label, state, experiment_dir, options)
         tuner = new_tuner(
             space,
             part_name,
@@ -573,6 +575,7 @@ def _run_part(space, part_name, teacher, teachers, shared_ref, experiment_dir, s
             trainable,
             run_config,
             study_storage=study_storage_url(experiment_dir),
+            prior=prior,
         )
         options.log(
             f"dkd-tune: part '{part_name}': starting ({plan.loss_mode}, up to {plan.max_epochs} epochs per trial)"
@@ -598,7 +601,15 @@ def _trial_logger(space, part_name, teacher, teachers, state):
 
 
 def new_tuner(
-    space: SearchSpaceFile, part_name: str, teacher, plan, trainable, run_config, *, study_storage=None
+    space: SearchSpaceFile,
+    part_name: str,
+    teacher,
+    plan,
+    trainable,
+    run_config,
+    *,
+    study_storage=None,
+    prior=None,
 ):
     """The Ray Tune Tuner of one part: its searcher, ASHA and budget (a baseline runs once, unpruned).
 
@@ -611,7 +622,8 @@ def new_tuner(
 
     is_baseline = part_name.startswith(BASELINE_PREFIX)
     searched = {} if is_baseline else space.space_for(teacher)
-    prior = auto_beta_prior(space, plan) if "beta" in searched and searched["beta"].kind == "auto" else None
+    if prior is None and "beta" in searched and searched["beta"].kind == "auto":
+        prior = auto_beta_prior(space, plan)  # `beta: auto`; the caller may pass the prior it announced
     if prior is not None:
         searched = {**searched, "beta": Distribution(loguniform=prior.beta_range)}
     searcher, param_space, num_samples = search_algorithm(
