@@ -155,6 +155,9 @@ class MethodComparison:
     mean_regret: dict[str, float]
     differences: dict[str, tuple[float, float, float]]  # "autobeta-constant": (mean, low, high)
     resamples: int
+    # The gap-beta relation: octaves the fitted peak moves per unit of gap, fitted on every
+    # teacher, with the 95% interval of the same bootstrap: (estimate, low, high).
+    slope: tuple[float, float, float] = (math.nan, math.nan, math.nan)
 
 
 def compare_methods(
@@ -200,6 +203,7 @@ def compare_methods(
     mean_regret = {name: float(r.mean()) for name, r in regret.items()}
     pairs = [("autobeta", "constant")] + ([("autobeta", "search")] if "search" in picks else [])
     samples = {f"{a}-{b}": [] for a, b in pairs}
+    slopes = []
     rng = np.random.default_rng(seed)
     for _ in range(resamples):
         t = rng.choice(teachers, len(teachers), replace=True)
@@ -215,6 +219,7 @@ def compare_methods(
         mean = {name: regrets(grid, t, s, p).mean() for name, p in sample_picks.items()}
         for a, b in pairs:
             samples[f"{a}-{b}"].append(mean[a] - mean[b])
+        slopes.append(gap_slope(grid, t, s))
     differences = {}
     for a, b in pairs:
         values = np.array(samples[f"{a}-{b}"])
@@ -223,7 +228,24 @@ def compare_methods(
             float(np.percentile(values, 2.5)) if len(values) else np.nan,
             float(np.percentile(values, 97.5)) if len(values) else np.nan,
         )
-    return MethodComparison(table, mean_regret, differences, len(samples["autobeta-constant"]))
+    slope = (
+        gap_slope(grid, teachers, seeds),
+        float(np.percentile(slopes, 2.5)) if slopes else np.nan,
+        float(np.percentile(slopes, 97.5)) if slopes else np.nan,
+    )
+    return MethodComparison(table, mean_regret, differences, len(samples["autobeta-constant"]), slope)
+
+
+def gap_slope(grid: BetaGrid, teachers: np.ndarray, seeds: np.ndarray) -> float:
+    """The surface's slope (octaves of peak per unit of gap) fitted on `teachers` over `seeds`."""
+    noise = grid.noise_variance(seeds) if len(seeds) > 1 else math.nan
+    fit = fit_surface(
+        grid.gaps[teachers],
+        grid.log2_betas,
+        grid.val[teachers][:, :, seeds].mean(axis=2),
+        noise_variance=noise if math.isfinite(noise) else None,
+    )
+    return fit.slope
 
 
 def verdict(differences: dict[str, tuple[float, float, float]], key: str, other: str) -> str:
@@ -245,6 +267,21 @@ def verdict(differences: dict[str, tuple[float, float, float]], key: str, other:
         f"Auto-beta does not beat {other}: the regret difference is {mean:+.2f} points and its 95% interval "
         f"({low:+.2f} to {high:+.2f}) includes 0."
     )
+
+
+def relation_verdict(slope: tuple[float, float, float], gaps: np.ndarray) -> str:
+    """One plain sentence on the gap-beta relation: found only when the slope's interval excludes 0."""
+    estimate, low, high = slope
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return "No interval could be computed for the gap-beta relation."
+    span = float(np.max(gaps) - np.min(gaps))
+    text = (
+        f"the best beta's peak moves {estimate:+.2f} octaves per unit of gap ({estimate * span:+.1f} octaves "
+        f"across the teachers' gaps), 95% interval {low:+.2f} to {high:+.2f}"
+    )
+    if low > 0 or high < 0:
+        return f"A gap-beta relation is found: {text}, which excludes 0."
+    return f"No gap-beta relation is found: {text}, which includes 0."
 
 
 def ranking_agreement(short: BetaGrid, long: BetaGrid) -> pd.DataFrame:

@@ -330,6 +330,8 @@ def outcome_metrics(comparison) -> dict[str, float]:
     for key, (mean, low, high) in comparison.differences.items():
         slug = key.replace("-", "_minus_")
         metrics.update({f"{slug}": mean, f"{slug}_ci_low": low, f"{slug}_ci_high": high})
+    slope, low, high = comparison.slope
+    metrics.update({"gap_slope": slope, "gap_slope_ci_low": low, "gap_slope_ci_high": high})
     return {key: float(value) for key, value in metrics.items() if math.isfinite(value)}
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from analysis.beta_ground_truth import BetaGrid, MethodComparison, regrets, verdict
+from analysis.beta_ground_truth import BetaGrid, MethodComparison, regrets, relation_verdict, verdict
 from analysis.plots import BetaMark, plot_accuracy_vs_beta, plot_best_beta_vs_gap
 from analysis.search_replay import rung_correlations
 from analysis.tables import markdown_table
@@ -174,10 +174,11 @@ def report_markdown(
     ]
     if "autobeta-search" in comparison.differences:
         lines.append(verdict(comparison.differences, "autobeta-search", "the replayed search"))
+    lines.append(relation_verdict(comparison.slope, grid.gaps))
     lines += [
         "",
         f"Intervals: 95% percentile bootstrap over teachers and seeds ({comparison.resamples} resamples), both "
-        "models refitted inside every resample. Regret = mean test top-1 at the oracle's beta (best mean "
+        "models (and the relation's fit on every teacher) refitted inside every resample. Regret = mean test top-1 at the oracle's beta (best mean "
         "validation top-1 on the grid) minus mean test top-1 at the method's beta, paired by seed.",
         "",
         "| method | mean regret (points) | compute to choose beta |",

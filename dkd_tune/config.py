@@ -156,6 +156,11 @@ class TeacherConfig(StrictModel):
     space: dict[str, Distribution] = Field(
         default_factory=dict, description="Per-teacher searched parameters."
     )
+    non_target: Literal["as_is", "permuted"] = Field(
+        "as_is",
+        description="permuted: a negative control; each training image's non-target logits are shuffled "
+        "(fixed per image), so accuracy and gap stay and the non-target knowledge is gone.",
+    )
 
     @property
     def label(self) -> str:

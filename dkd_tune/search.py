@@ -404,7 +404,11 @@ def _collect_teachers(space, pending, data_spec, state, save_state, options) -> 
             artifacts[teacher.label] = TeacherArtifacts.from_dict(state["teachers"][teacher.label])
             continue
         prepared = ray.get(pending[teacher.label])
-        prepared = dataclasses.replace(prepared, predicted_beta=_predict_beta(prepared, data_spec, options))
+        prepared = dataclasses.replace(
+            prepared,
+            predicted_beta=_predict_beta(prepared, data_spec, options),
+            non_target=teacher.non_target,
+        )
         artifacts[teacher.label] = prepared
         state["teachers"][teacher.label] = prepared.to_dict()
         save_state()

@@ -24,7 +24,7 @@ from dkd_tune.data import ImageDataset, ImageFolderData, InMemoryData
 from dkd_tune.errors import UserInputError
 from dkd_tune.models import load_teacher
 from dkd_tune.recipes import Recipe, validate_recipe
-from dkd_tune.teacher import CorruptCacheError, TeacherArtifacts, TeacherLogitCache
+from dkd_tune.teacher import CorruptCacheError, PermutedNonTarget, TeacherArtifacts, TeacherLogitCache
 from dkd_tune.train import FitResult, LiveTeacher, Reporter, fit, prepare_run
 
 EVAL_BATCH_SIZE = 512
@@ -197,10 +197,16 @@ def teacher_logit_source(artifacts: TeacherArtifacts | None, train_loader: Any, 
     """The exact logit cache when the search built one and this loader's views are finite; else the live teacher.
 
     The cache's hash is checked (once per process and file version): a damaged cache is reported
-    in one line and the trial runs the live teacher instead, never the damaged logits.
+    in one line and the trial runs the live teacher instead, never the damaged logits. A teacher
+    marked `non_target: permuted` (the validation's negative control) is wrapped either way.
     """
     if artifacts is None:
         raise ValueError("a distillation trial needs teacher artifacts")
+    source = _unwrapped_teacher_source(artifacts, train_loader, device)
+    return PermutedNonTarget(source) if artifacts.non_target == "permuted" else source
+
+
+def _unwrapped_teacher_source(artifacts: TeacherArtifacts, train_loader: Any, device: torch.device):
     uses_finite_views = getattr(train_loader, "num_views", None) is not None
     if artifacts.cache_path and uses_finite_views and os.path.exists(artifacts.cache_path):
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -18,11 +19,13 @@ from dkd_tune.models import create_model, load_teacher
 from dkd_tune.recipes import resolve_recipe
 from dkd_tune.teacher import (
     LogitGapStats,
+    PermutedNonTarget,
     TeacherArtifacts,
     TeacherLogitCache,
     augmentation_views,
     dataset_fingerprint,
     measure_logit_gap,
+    permute_non_target,
     prepare_teacher,
     teacher_training_dir,
 )
@@ -244,6 +247,55 @@ def test_prepare_teacher_from_a_checkpoint_builds_the_logit_cache(small_data, tm
     assert isinstance(teacher_logit_source(artifacts, loader, torch.device("cpu")), TeacherLogitCache)
     loader.num_views = None
     assert isinstance(teacher_logit_source(artifacts, loader, torch.device("cpu")), LiveTeacher)
+
+    # The negative control's teacher: either source, wrapped; the flag survives the state file.
+    control = dataclasses.replace(artifacts, non_target="permuted")
+    assert TeacherArtifacts.from_dict(json.loads(json.dumps(control.to_dict()))) == control
+    source = teacher_logit_source(control, loader, torch.device("cpu"))
+    assert isinstance(source, PermutedNonTarget) and isinstance(source.source, LiveTeacher)
+    batch = next(iter(build_train_loader(train_set, "standard", 8, "cpu", seed=0)))
+    plain = source.source.logits_for(batch)
+    shuffled = source.logits_for(batch)
+    assert torch.equal(shuffled.gather(1, batch.labels[:, None]), plain.gather(1, batch.labels[:, None]))
+    assert not torch.equal(shuffled, plain)
+
+
+# ------------------------------------------------------------------------------------------------
+# The negative control's teacher: non-target logits permuted per image
+
+
+def test_permuted_non_target_keeps_the_target_the_values_and_the_gap():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 10, generator=generator)
+    labels = torch.randint(0, 10, (64,), generator=generator)
+    indices = torch.arange(100, 164)
+    permuted = permute_non_target(logits, labels, indices)
+    target = labels[:, None]
+    assert torch.equal(permuted.gather(1, target), logits.gather(1, target))
+    assert torch.equal(permuted.sort(dim=1).values, logits.sort(dim=1).values)
+
+    def gap(values):
+        non_target = values.scatter(1, target, float("-inf"))
+        return values.gather(1, target).squeeze(1) - non_target.max(dim=1).values
+
+    assert torch.equal(gap(permuted), gap(logits))
+    moved = (permuted != logits).float().mean().item()
+    assert moved > 0.7  # 9 non-target places each, nearly all change
+
+
+def test_permuted_non_target_is_fixed_per_image_and_differs_between_images():
+    logits = torch.arange(10.0).expand(3000, 10).contiguous()
+    labels = torch.zeros(3000, dtype=torch.long)
+    indices = torch.arange(3000)
+    permuted = permute_non_target(logits, labels, indices)
+    # The same image in another batch, in another position, in another epoch: the same order.
+    subset = torch.tensor([2999, 5, 17])
+    assert torch.equal(permute_non_target(logits[subset], labels[subset], indices[subset]), permuted[subset])
+    # Another seed is another control; images get orders of their own: the largest non-target
+    # logit lands in each of the 9 non-target places about equally often (expected 333, sd 17).
+    assert not torch.equal(permute_non_target(logits, labels, indices, seed=1), permuted)
+    counts = torch.bincount(permuted[:, 1:].argmax(dim=1), minlength=9)
+    assert counts.min() > 250 and counts.max() < 420
 
 
 def test_prepare_teacher_needs_weights_or_a_recipe(small_data, tmp_path):

@@ -17,6 +17,7 @@ from analysis.beta_ground_truth import (
     grid_from_results,
     loo_picks,
     regrets,
+    relation_verdict,
     verdict,
 )
 from analysis.results import typed_results
@@ -64,6 +65,10 @@ def test_a_gap_that_moves_the_peak_makes_auto_beta_beat_the_constant():
     six = compare_methods(synthetic_grid(slope=0.8), resamples=200).differences["autobeta-constant"]
     assert six[0] < -1.0 and six[1] < -1.0
     assert verdict(comparison.differences, "autobeta-constant", "the constant").startswith("Auto-beta beats")
+    # The relation itself: the slope planted (0.8 octaves per gap unit) is recovered, interval above 0.
+    slope, low, high = comparison.slope
+    assert 0 < low <= 0.8 <= high and abs(slope - 0.8) < 0.2
+    assert relation_verdict(comparison.slope, grid.gaps).startswith("A gap-beta relation is found")
     # Held out, auto-beta lands within one grid step of each teacher's oracle beta.
     steps = np.abs(np.log2(comparison.table["autobeta_beta"]) - np.log2(comparison.table["oracle_beta"]))
     assert steps.max() <= 1.0
@@ -75,6 +80,10 @@ def test_a_gap_that_does_not_matter_gives_an_interval_that_holds_zero():
     _mean, low, high = comparison.differences["autobeta-constant"]
     assert low <= 0 <= high
     assert "does not beat" in verdict(comparison.differences, "autobeta-constant", "the constant")
+    # The negative control's question: no relation, the slope's interval holds 0.
+    _slope, low, high = comparison.slope
+    assert low <= 0 <= high
+    assert relation_verdict(comparison.slope, grid.gaps).startswith("No gap-beta relation is found")
 
 
 def test_regret_is_paired_by_seed_and_uses_the_test_split_only_for_reporting():
@@ -137,7 +146,13 @@ def test_markdown_table_formats_numbers_and_blanks():
 def validation_file(tmp_path) -> Path:
     teachers = [
         {"model": "resnet8", "name": "weak", "train": {"overrides": {"epochs": 1, "batch_size": 32}}},
-        {"model": "resnet8", "name": "mid", "train": {"overrides": {"epochs": 2, "batch_size": 32}}},
+        # The negative control's teacher kind rides along, to run its path through Ray end to end.
+        {
+            "model": "resnet8",
+            "name": "mid",
+            "train": {"overrides": {"epochs": 2, "batch_size": 32}},
+            "non_target": "permuted",
+        },
         {"model": "resnet14", "name": "strong", "train": {"overrides": {"epochs": 3, "batch_size": 32}}},
     ]
     data = {
@@ -212,6 +227,7 @@ def test_validate_beta_end_to_end_and_resume(validation_file, tmp_path):
     report = (folder / "validation.md").read_text()
     for heading in ("## Verdict", "## Per teacher", "## The calibration fitted on every teacher"):
         assert heading in report
+    assert "gap-beta relation is found" in report
     assert f"validate-beta {validation_file}" in report
     comparison = pd.read_parquet(folder / "comparison.parquet")
     assert set(comparison["teacher"]) == {"weak", "mid", "strong"}
@@ -243,6 +259,13 @@ def test_validate_beta_end_to_end_and_resume(validation_file, tmp_path):
     assert validation_run.info.status == "FINISHED" and validation_run.data.tags[TAG_KIND] == "validate-beta"
     assert "autobeta_mean_regret" in validation_run.data.metrics
     assert "autobeta_minus_constant_ci_low" in validation_run.data.metrics
+    assert "gap_slope_ci_high" in validation_run.data.metrics
+    grid_state = json.loads((folder / "validation-grid" / "state.json").read_text())
+    assert [grid_state["teachers"][name]["non_target"] for name in ("weak", "mid", "strong")] == [
+        "as_is",
+        "permuted",
+        "as_is",
+    ]
     nested = client.search_runs(
         [validation_run.info.experiment_id],
         filter_string=f"tags.`{TAG_PARENT}` = '{state['validation_run_id']}'",
