@@ -11,9 +11,15 @@ from pathlib import Path
 import pandas as pd
 
 from dkd_tune import __version__
-from dkd_tune.auto_beta import FAMILIES, Calibration, CalibrationPoint, fit_calibration, save_calibration
-from dkd_tune.errors import UserInputError
-from dkd_tune.storage import file_sha256
+from dkd_tune.core.errors import UserInputError
+from dkd_tune.core.files import file_sha256
+from dkd_tune.teacher.auto_beta import (
+    FAMILIES,
+    Calibration,
+    CalibrationPoint,
+    fit_calibration,
+    save_calibration,
+)
 
 REQUIRED_COLUMNS = (
     "search",

@@ -7,7 +7,7 @@ regret = mean test top-1 at the oracle's beta - mean test top-1 at the method's 
 seed, so the test split only ever reports.
 
 Methods compared:
-- auto-beta: the response surface (`dkd_tune.beta_surface`) refitted without the teacher
+- auto-beta: the response surface (`dkd_tune.teacher.beta_surface`) refitted without the teacher
   (leave-one-teacher-out), its predicted peak snapped to the nearest grid beta;
 - constant: the same fit with the slope held at 0 (one beta for every teacher);
 - search: the beta each replayed ASHA-pruned Optuna search chose (given per teacher and seed).
@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from dkd_tune.beta_surface import fit_surface, nearest_grid_index
-from dkd_tune.errors import UserInputError
-from dkd_tune.search_plan import BASELINE_PREFIX
+from dkd_tune.config.plan import BASELINE_PREFIX
+from dkd_tune.core.errors import UserInputError
+from dkd_tune.teacher.beta_surface import fit_surface, nearest_grid_index
 
 
 @dataclass

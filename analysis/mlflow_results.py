@@ -21,8 +21,8 @@ from typing import Any
 import pandas as pd
 
 from analysis.results import RECIPE_COLUMNS, empty_results, typed_results
-from dkd_tune import tracking
-from dkd_tune.errors import UserInputError
+from dkd_tune.core.errors import UserInputError
+from dkd_tune.tracking import mlflow_store as tracking
 
 RUN_ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
 MAX_CHILD_RUNS = 50000
@@ -173,8 +173,9 @@ def _trial_row(parent: ParentRun, run: Any, searched: dict[str, list[str]]) -> d
 
 def _searched_names(parent: ParentRun) -> dict[str, list[str]]:
     """part -> the hyperparameters the search sampled there, read from the search.yaml the parent logged."""
-    from dkd_tune.config import SearchSpaceFile, read_yaml_mapping
-    from dkd_tune.search_plan import search_parts
+    from dkd_tune.config.loading import read_yaml_mapping
+    from dkd_tune.config.plan import search_parts
+    from dkd_tune.config.schema import SearchSpaceFile
 
     client = tracking.client_for(parent.tracking_uri)
     with tempfile.TemporaryDirectory(prefix="dkd-analysis-") as folder:

@@ -2,7 +2,7 @@
 
 Table A.2 gives six CIFAR-100 teachers' gaps and the betas the authors used; Table A.1 gives, for
 three of them (ShuffleNet-V1 student), the top-1 at betas 1, 2, 4, 6, 8 and 10. For each of those
-three: fit auto-beta (log beta linear in the gap, slope >= 0: `dkd_tune.auto_beta.fit_calibration`)
+three: fit auto-beta (log beta linear in the gap, slope >= 0: `dkd_tune.teacher.auto_beta.fit_calibration`)
 on the OTHER five teachers of Table A.2, predict its beta, and read the top-1 there from Table A.1
 (linear in log beta between the measured betas; clamped to the measured range). The constant
 baseline predicts the geometric mean of the other five betas. Regret = the row's best top-1 minus
@@ -18,7 +18,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from dkd_tune.auto_beta import CalibrationPoint, fit_calibration
+from dkd_tune.teacher.auto_beta import CalibrationPoint, fit_calibration
 
 # Table A.2: teacher -> (mean logit gap z_t - z_max over the training set, beta used).
 TABLE_A2 = {

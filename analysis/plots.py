@@ -21,9 +21,10 @@ import pandas as pd
 from matplotlib.colors import LogNorm
 from matplotlib.ticker import FuncFormatter, LogLocator
 
-from analysis.tables import BASELINE_PREFIX, distillation_trials, teacher_order
-from dkd_tune.auto_beta import Calibration, CalibrationPoint
-from dkd_tune.storage import atomic_path
+from analysis.tables import distillation_trials, teacher_order
+from dkd_tune.config.plan import BASELINE_PREFIX
+from dkd_tune.core.files import atomic_path
+from dkd_tune.teacher.auto_beta import Calibration, CalibrationPoint
 
 DPI = 120
 

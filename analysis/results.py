@@ -16,8 +16,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from analysis.status import trial_status
-from dkd_tune.storage import atomic_path
+from dkd_tune.core.files import atomic_path
+from dkd_tune.tracking.status import trial_status
 
 # name -> pandas dtype; the order is the Parquet column order.
 RESULT_COLUMNS: dict[str, str] = {
@@ -89,18 +89,17 @@ def load_search_results(
     experiment_dir = Path(experiment_dir)
     state = dict(state) if state is not None else json.loads((experiment_dir / "state.json").read_text())
     if space is None:
-        from dkd_tune.config import load_search_space
+        from dkd_tune.config.loading import load_search_space
 
         space = load_search_space(experiment_dir / "search.yaml")
-    from dkd_tune.data import parse_data_spec
-    from dkd_tune.search_plan import BASELINE_PREFIX, search_parts, trial_plan
-    from dkd_tune.teacher import TeacherArtifacts
+    from dkd_tune.config.plan import BASELINE_PREFIX, search_parts, trial_plan
+    from dkd_tune.teacher.preparation import TeacherArtifacts
 
     if teachers is None:
         teachers = {
             label: TeacherArtifacts.from_dict(data) for label, data in state.get("teachers", {}).items()
         }
-    data_spec = parse_data_spec(space.data_spec_value(), source="data")
+    data_spec = space.data_spec
     rows = []
     for part_name, teacher in search_parts(space):
         part_dir = experiment_dir / part_name

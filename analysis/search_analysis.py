@@ -15,8 +15,8 @@ import pandas as pd
 from analysis.plots import plot_accuracy_vs_beta, plot_best_beta_vs_gap, plot_learning_curves
 from analysis.results import write_results
 from analysis.tables import beta_pivot, markdown_table, teacher_summary
-from dkd_tune.errors import UserInputError
-from dkd_tune.storage import atomic_path, atomic_write_text
+from dkd_tune.core.errors import UserInputError
+from dkd_tune.core.files import atomic_path, atomic_write_text
 
 RESULTS_FILE = "results.parquet"
 HISTORIES_FILE = "histories.parquet"
@@ -105,7 +105,7 @@ def analyze_search(
     log_to_mlflow: bool = True,
 ) -> AnalysisOutputs:
     """Analyse a search given by its folder (or name under `storage`), else by its MLflow parent run's name or id."""
-    from dkd_tune import tracking
+    from dkd_tune.tracking import mlflow_store as tracking
 
     folder = _search_folder(name_or_path, storage)
     if folder is not None:
@@ -146,7 +146,7 @@ def log_analysis(client, run_id: str, out_dir: Path) -> None:
 
 
 def _search_folder(name_or_path: str, storage: str | None) -> Path | None:
-    from dkd_tune.search import locate_search
+    from dkd_tune.config.folders import locate_search
 
     try:
         return locate_search(name_or_path, storage)
@@ -157,7 +157,7 @@ def _search_folder(name_or_path: str, storage: str | None) -> Path | None:
 def _beta_curve(frame: pd.DataFrame):
     """(calibration, its label, searched points, notes) for the beta-vs-gap figure."""
     from analysis.best_beta import calibration_points_from_results
-    from dkd_tune.auto_beta import FAMILIES, default_calibration_or_none, fit_calibration
+    from dkd_tune.teacher.auto_beta import FAMILIES, default_calibration_or_none, fit_calibration
 
     notes = []
     try:

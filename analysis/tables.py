@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dkd_tune.search_plan import BASELINE_PREFIX
+from dkd_tune.config.plan import BASELINE_PREFIX
+from dkd_tune.core.losses import LOSS_MODES
 
 # Up to this many distinct betas per table are shown as they are (a grid search, Table A.1);
 # more (TPE samples beta continuously) are grouped into log-spaced bins.
@@ -53,7 +54,7 @@ def format_cell(value: Any) -> str:
 def distillation_trials(frame: pd.DataFrame) -> pd.DataFrame:
     """The searched trials that use beta (teacher parts, loss dkd or nckd), with a finite positive beta."""
     searched = frame[~frame["part"].astype(str).str.startswith(BASELINE_PREFIX)]
-    uses_beta = searched["loss"].isin(["dkd", "nckd"])
+    uses_beta = searched["loss"].isin([name for name, mode in LOSS_MODES.items() if mode.uses_beta])
     beta = pd.to_numeric(searched["beta"], errors="coerce")
     return searched[uses_beta & beta.gt(0) & np.isfinite(beta)]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -12,19 +12,20 @@ import numpy as np
 import pandas as pd
 
 from analysis.beta_ground_truth import BetaGrid, MethodComparison, regrets, relation_verdict, verdict
+from analysis.grid_curves import rung_correlations
 from analysis.plots import BetaMark, plot_accuracy_vs_beta, plot_best_beta_vs_gap
-from analysis.search_replay import rung_correlations
 from analysis.tables import markdown_table
-from dkd_tune.auto_beta import (
+from dkd_tune.config.loading import load_search_space
+from dkd_tune.config.schema import SearchSpaceFile
+from dkd_tune.core.files import atomic_path, atomic_write_text
+from dkd_tune.teacher.auto_beta import (
     Calibration,
     CalibrationPoint,
     fit_calibration,
     save_calibration,
     surface_calibration,
 )
-from dkd_tune.beta_surface import fit_surface, nearest_grid_index
-from dkd_tune.config import SearchSpaceFile
-from dkd_tune.storage import atomic_path, atomic_write_text
+from dkd_tune.teacher.beta_surface import fit_surface, nearest_grid_index
 
 REPORT_FILE = "validation.md"
 COMPARISON_FILE = "comparison.parquet"
@@ -98,7 +99,7 @@ def write_validation_outputs(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from analysis.validation import ValidationOutcome
+    from analysis.validation_report import ValidationOutcome
 
     calibration = fitted_calibration(grid, context)
     calibration_path = folder / CALIBRATION_FILE
@@ -345,12 +346,10 @@ def _accuracy_figure(grid: BetaGrid, comparison: MethodComparison, path: Path) -
 
 def _split_sizes(grid_dir: Path) -> tuple[int, int]:
     """(test images, validation images) of the grid's data, from its search file."""
-    from dkd_tune.config import load_search_space
-    from dkd_tune.data import parse_data_spec
 
     try:
         space = load_search_space(grid_dir / "search.yaml")
-        spec = parse_data_spec(space.data_spec_value(), source="data")
+        spec = space.data_spec
         generate = spec.generate or {}
         classes = generate.get("classes")
         test = classes * generate["test_per_class"] if classes and "test_per_class" in generate else 0
@@ -360,10 +359,21 @@ def _split_sizes(grid_dir: Path) -> tuple[int, int]:
 
 
 def _data_text(space: SearchSpaceFile) -> str:
-    value = space.data_spec_value()
-    if isinstance(value, str):
-        return f"`{value}`"
+    if isinstance(space.data, str):
+        return f"`{space.data}`"
+    value = space.data.model_dump(exclude_none=True)
     parts = [f"{key}: {value[key]}" for key in ("name", "root", "validation") if key in value]
     if "generate" in value:
         parts.append("generate: {" + ", ".join(f"{k}: {v}" for k, v in value["generate"].items()) + "}")
     return "`{" + ", ".join(parts) + "}`"
+
+
+@dataclass
+class ValidationOutcome:
+    folder: Path
+    report_path: Path
+    comparison_path: Path
+    calibration_path: Path
+    figures: list[Path]
+    summary: str
+    comparison: pd.DataFrame = field(repr=False)

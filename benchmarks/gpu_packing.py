@@ -66,8 +66,8 @@ def worker(rank: int, setup: PackingSetup, tasks, results, barriers) -> None:
     import torch
 
     from benchmarks.workloads import random_image_dataset
-    from dkd_tune.recipes import resolve_recipe
-    from dkd_tune.teacher import TeacherArtifacts
+    from dkd_tune.core.recipes import resolve_recipe
+    from dkd_tune.teacher.preparation import TeacherArtifacts
     from dkd_tune.trial import SharedDataset, TrialPlan, run_trial
 
     torch.set_num_threads(setup.threads)

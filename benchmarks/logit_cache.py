@@ -28,11 +28,11 @@ import torch  # noqa: E402
 
 from benchmarks.timing import machine_description, write_section  # noqa: E402
 from benchmarks.workloads import NUM_CLASSES, endless, random_image_dataset  # noqa: E402
+from dkd_tune.core.recipes import resolve_recipe  # noqa: E402
 from dkd_tune.data import DeviceAugmentLoader  # noqa: E402
+from dkd_tune.engine.loop import LiveTeacher, training_objective  # noqa: E402
 from dkd_tune.models import create_model  # noqa: E402
-from dkd_tune.recipes import resolve_recipe  # noqa: E402
-from dkd_tune.teacher import CPU_BUILD_BATCH, TeacherLogitCache  # noqa: E402
-from dkd_tune.train import LiveTeacher, training_objective  # noqa: E402
+from dkd_tune.teacher.logit_cache import CPU_BUILD_BATCH, TeacherLogitCache  # noqa: E402
 
 PAIRS = (("resnet32x4", "resnet8x4"), ("wrn_40_2", "wrn_16_2"))
 BATCH = 64

@@ -96,8 +96,8 @@ def child_trial(config: dict) -> dict:
     import torch
 
     from benchmarks.workloads import random_image_dataset
-    from dkd_tune.recipes import resolve_recipe
-    from dkd_tune.teacher import TeacherArtifacts
+    from dkd_tune.core.recipes import resolve_recipe
+    from dkd_tune.teacher.preparation import TeacherArtifacts
     from dkd_tune.trial import SharedDataset, TrialPlan, run_trial
 
     torch.set_num_threads(config["threads"])

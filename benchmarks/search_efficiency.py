@@ -2,7 +2,7 @@
 
 The oracle is `dkd-tune validate-beta`'s grid (every beta x seed trained to the end, per-epoch
 validation and test top-1 in `curves.parquet`). A replayed search runs the real Ray Tune + Optuna +
-ASHA machinery on trials that read the grid run of the nearest grid beta (`analysis.search_replay`),
+ASHA machinery on trials that read the grid run of the nearest grid beta (`dkd_tune.search.replay`),
 so hundreds of searches take minutes. For each teacher of the grid and each search seed, it counts
 the trial-epochs spent until the search's incumbent (its best full-budget trial on the validation
 split) has a test top-1 within 0.5 points of the oracle's (the grid beta with the best mean
@@ -33,11 +33,12 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from analysis.beta_ground_truth import grid_from_results
-from analysis.search_replay import curves_from_long, epochs_to_target, replay_search, run_replay
+from analysis.grid_curves import curves_from_long, epochs_to_target
 from analysis.tables import markdown_table
-from dkd_tune.auto_beta import CalibrationPoint, beta_prior, fit_calibration, surface_calibration
-from dkd_tune.beta_surface import fit_surface
-from dkd_tune.config import load_search_space
+from dkd_tune.config.loading import load_search_space
+from dkd_tune.search.replay import replay_search, run_replay
+from dkd_tune.teacher.auto_beta import CalibrationPoint, beta_prior, fit_calibration, surface_calibration
+from dkd_tune.teacher.beta_surface import fit_surface
 
 TOLERANCE = 0.5  # points of test top-1 below the oracle that count as found
 WRONG_SHIFT = 8.0  # the wrong calibration's factor: 3 octaves

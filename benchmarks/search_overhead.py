@@ -109,15 +109,15 @@ def run_direct(space_path: Path) -> dict[str, float]:
     """Time `run_trial` (loaders + `train.fit`) on the search's own plan and data, without and with checkpoints."""
     import torch
 
-    from dkd_tune.config import load_search_space
-    from dkd_tune.data import load_train_test, parse_data_spec
-    from dkd_tune.search_plan import trial_plan
-    from dkd_tune.teacher import TeacherArtifacts
+    from dkd_tune.config.loading import load_search_space
+    from dkd_tune.config.plan import trial_plan
+    from dkd_tune.data import load_train_test
+    from dkd_tune.teacher.preparation import TeacherArtifacts
     from dkd_tune.trial import SharedDataset, run_trial
 
     space = load_search_space(space_path)
     teacher = space.teachers[0]
-    data_spec = parse_data_spec(space.data_spec_value(), source="data")
+    data_spec = space.data_spec
     train_set, test_set = load_train_test(data_spec)
     data = SharedDataset.from_datasets(train_set, test_set)
     artifacts = TeacherArtifacts(

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dkd_tune.core.losses import dkd_loss
 from dkd_tune.data import DeviceAugmentLoader, EvalLoader, load_train_test, parse_data_spec
-from dkd_tune.losses import dkd_loss
 
 # name -> (stage widths, conv blocks per stage)
 NETWORKS = {

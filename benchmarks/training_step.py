@@ -63,10 +63,12 @@ from benchmarks.workloads import (  # noqa: E402
     random_image_dataset,
     standin_logit_cache,
 )
+from dkd_tune.core.recipes import Recipe, resolve_recipe  # noqa: E402
 from dkd_tune.data import DeviceAugmentLoader, ImageDataset  # noqa: E402
+from dkd_tune.engine.acceleration import Acceleration  # noqa: E402
+from dkd_tune.engine.loop import LiveTeacher, fit  # noqa: E402
+from dkd_tune.engine.run_setup import RunIdentity  # noqa: E402
 from dkd_tune.models import create_model  # noqa: E402
-from dkd_tune.recipes import Recipe, resolve_recipe  # noqa: E402
-from dkd_tune.train import Acceleration, LiveTeacher, RunIdentity, fit  # noqa: E402
 
 PAIRS = (("resnet32x4", "resnet8x4"), ("wrn_40_2", "wrn_16_2"), ("resnet32x4", "ShuffleV1"))
 LOOPS = {

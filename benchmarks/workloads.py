@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dkd_tune.data import ImageDataset
 from dkd_tune.data.dataset import CIFAR100_MEAN, CIFAR100_STD
-from dkd_tune.teacher import TeacherLogitCache
+from dkd_tune.teacher.logit_cache import TeacherLogitCache
 
 NUM_CLASSES = 100
 BATCH = 64

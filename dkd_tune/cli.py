@@ -12,8 +12,9 @@ from pathlib import Path
 import click
 
 from dkd_tune import __version__
-from dkd_tune.errors import UserInputError
-from dkd_tune.interruption import SearchInterrupted
+from dkd_tune.core.errors import UserInputError
+from dkd_tune.core.losses import LOSS_MODE_NAMES, LOSS_MODES
+from dkd_tune.search.interruption import SearchInterrupted
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -52,7 +53,7 @@ def calibrate(results: tuple[str, ...], out: str, family: str | None, name: str 
 )
 def show_calibration(calibration_file: str | None, family: str | None, gaps: tuple[float, ...]) -> None:
     """Show an auto-beta calibration (default: the shipped CIFAR one) and its beta for given gaps."""
-    from dkd_tune.auto_beta import describe_calibration
+    from dkd_tune.teacher.auto_beta import describe_calibration
 
     click.echo(describe_calibration(calibration_file, family, gaps))
 
@@ -97,7 +98,7 @@ def suggest_beta_command(
     Prints the gap statistics (mean, median, std, share of samples the teacher gets wrong), the
     teacher's train/test top-1, beta, the window and a ready `space:` snippet for a search file.
     """
-    from dkd_tune.suggest import suggest_beta
+    from dkd_tune.commands.suggest import suggest_beta
 
     report = suggest_beta(
         teacher_model,
@@ -145,7 +146,7 @@ def models_command(family: str | None) -> None:
 )
 def ui(port: int, host: str, tracking_uri: str | None) -> None:
     """Start the MLflow UI on the searches' MLflow store to compare trials (Ctrl-C stops it)."""
-    from dkd_tune.mlflow_ui import run_ui
+    from dkd_tune.commands.mlflow_ui import run_ui
 
     run_ui(tracking_uri, host=host, port=port)
 
@@ -224,11 +225,13 @@ def run_command(
     space_file, name, num_samples, set_values, address, storage, tracking_uri, resume_existing, dashboard
 ) -> None:
     """Run an ASHA-pruned Optuna search described by a search-space YAML file."""
-    from dkd_tune.config import load_search_space
+    from dkd_tune.config.loading import load_search_space
 
     overrides = [*set_values, *([f"search.num_samples={num_samples}"] if num_samples is not None else [])]
     space = load_search_space(space_file, overrides)  # every check happens here, before Ray is imported
-    from dkd_tune.search import SearchOptions, locate_search, resume_search, run_search
+    from dkd_tune.config.folders import locate_search
+    from dkd_tune.search.driver import resume_search, run_search
+    from dkd_tune.search.options import SearchOptions
 
     options = SearchOptions(
         name=name, address=address, storage=storage, tracking_uri=tracking_uri, dashboard=dashboard
@@ -251,7 +254,8 @@ def run_command(
 @click.option("--tracking-uri", help="MLflow tracking URI (default: the one the search started with).")
 def resume_command(name_or_path, storage, address, tracking_uri) -> None:
     """Continue an interrupted search: finished trials kept, unfinished ones resumed from checkpoints."""
-    from dkd_tune.search import SearchOptions, resume_search
+    from dkd_tune.search.driver import resume_search
+    from dkd_tune.search.options import SearchOptions
 
     _print_outcome(
         resume_search(
@@ -270,7 +274,8 @@ def sync_command(name_or_path, storage, tracking_uri) -> None:
     Every trial's run gets every epoch Ray saved, the statuses, and the search's run its results and
     analysis. Safe to run again: nothing is logged twice.
     """
-    from dkd_tune.search import SearchOptions, sync_search
+    from dkd_tune.search.driver import sync_search
+    from dkd_tune.search.options import SearchOptions
 
     if not sync_search(name_or_path, SearchOptions(storage=storage, tracking_uri=tracking_uri)):
         sys.exit(1)
@@ -400,10 +405,10 @@ def validate_beta_command(
     """
     import shlex
 
-    from dkd_tune.config import load_search_space
+    from dkd_tune.config.loading import load_search_space
 
     space = load_search_space(space_file, list(set_values))
-    from analysis.validation import ValidationOptions, check_validation_space, validate_beta
+    from dkd_tune.commands.validate import ValidationOptions, check_validation_space, validate_beta
 
     check_validation_space(space, space_file)
     command = "dkd-tune " + " ".join(shlex.quote(argument) for argument in sys.argv[1:])
@@ -441,7 +446,7 @@ def schema_command(output_format: str) -> None:
 
     import yaml
 
-    from dkd_tune.config import SearchSpaceFile
+    from dkd_tune.config.schema import SearchSpaceFile
 
     schema = SearchSpaceFile.model_json_schema(by_alias=True)
     click.echo(
@@ -490,7 +495,7 @@ def train_teacher_command(
     model, recipe, data, out_dir, set_values, tracking_uri, experiment, resume, device
 ) -> None:
     """Train a network with cross-entropy (a teacher, or a student baseline)."""
-    from dkd_tune.runs import RunSettings, train_teacher
+    from dkd_tune.commands.single_run import RunSettings, train_teacher
 
     train_teacher(
         model, RunSettings(data, out_dir, recipe, set_values, tracking_uri, experiment, resume, device)
@@ -504,9 +509,10 @@ def train_teacher_command(
 @click.option(
     "--loss",
     "loss_mode",
-    type=click.Choice(["dkd", "kd", "tckd", "nckd", "ce"]),
+    type=click.Choice(LOSS_MODE_NAMES),
     default="dkd",
     show_default=True,
+    help="; ".join(f"{mode.name}: {mode.objective}" for mode in LOSS_MODES.values()),
 )
 @click.option("--recipe", default="cifar100", show_default=True, help="Recipe preset.")
 @_single_run_options
@@ -525,7 +531,7 @@ def distill_command(
     device,
 ) -> None:
     """Distil a student from a trained teacher (one run, no search)."""
-    from dkd_tune.runs import RunSettings, distill
+    from dkd_tune.commands.single_run import RunSettings, distill
 
     distill(
         student,
@@ -571,7 +577,7 @@ def probe_command(
     """
     import json
 
-    from dkd_tune.probe_runs import probe_command as run_probe
+    from dkd_tune.search.transfer_probes import probe_command as run_probe
 
     result, run_id = run_probe(
         checkpoint,

@@ -28,11 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dkd_tune.core.errors import UserInputError
+from dkd_tune.core.progress import Progress
 from dkd_tune.data import EvalLoader, ImageDataset, load_stl10, load_tiny_imagenet
 from dkd_tune.data.dataset import CIFAR100_MEAN, CIFAR100_STD, IMAGENET_MEAN, IMAGENET_STD
-from dkd_tune.errors import UserInputError
+from dkd_tune.engine.devices import training_device
 from dkd_tune.models import ImageClassifier, load_teacher, model_info, read_model_checkpoint
-from dkd_tune.progress import Progress
 
 # Probe dataset -> (training split, evaluation split) as the readers name them.
 PROBE_SPLITS = {"stl10": ("train", "test"), "tiny-imagenet": ("train", "val")}
@@ -330,7 +331,7 @@ def probe_checkpoint(
     """
     if dataset_name not in PROBE_SPLITS:
         raise UserInputError(f"probe dataset {dataset_name!r} is not one of: {', '.join(PROBE_SPLITS)}")
-    device = torch.device(device) if device is not None else default_device()
+    device = torch.device(device) if device is not None else training_device()
     student = load_student(checkpoint_path, model_name)
     train_set, test_set = load_probe_splits(
         dataset_name, data_root, student.input_size, mean=student.mean, std=student.std
@@ -358,10 +359,6 @@ def single_cpu_thread(device: torch.device) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def top1_accuracy(head: nn.Module, features: torch.Tensor, labels: torch.Tensor) -> float:

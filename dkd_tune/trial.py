@@ -9,7 +9,6 @@ is a thin adapter around this, and this runs without Ray in tests and benchmarks
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 import warnings
@@ -20,15 +19,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from dkd_tune.core.losses import LOSS_MODES
+from dkd_tune.core.recipes import Recipe, recipe_with
 from dkd_tune.data import ImageDataset, ImageFolderData, InMemoryData
-from dkd_tune.errors import UserInputError
+from dkd_tune.engine.devices import training_device
+from dkd_tune.engine.loop import FitResult, LiveTeacher, Reporter, fit
+from dkd_tune.engine.run_setup import prepare_run
 from dkd_tune.models import load_teacher
-from dkd_tune.recipes import Recipe, validate_recipe
-from dkd_tune.teacher import CorruptCacheError, PermutedNonTarget, TeacherArtifacts, TeacherLogitCache
-from dkd_tune.train import FitResult, LiveTeacher, Reporter, fit, prepare_run
+from dkd_tune.teacher.logit_cache import CorruptCacheError, TeacherLogitCache
+from dkd_tune.teacher.non_target_control import PermutedNonTarget
+from dkd_tune.teacher.preparation import TeacherArtifacts
 
 EVAL_BATCH_SIZE = 512
-INTEGER_FIELDS = frozenset({"epochs", "batch_size", "warmup_epochs", "seed"})
 
 
 @dataclass
@@ -110,40 +112,7 @@ class TrialPlan:
 
 def trial_recipe(base: Recipe, hyperparameters: dict[str, Any]) -> Recipe:
     """The base recipe with one trial's sampled values (numbers typed as the fields are)."""
-    changes = {
-        name: round(value) if name in INTEGER_FIELDS else float(value)
-        for name, value in hyperparameters.items()
-        if name in {field.name for field in dataclasses.fields(Recipe)} and name != "name"
-    }
-    return validate_recipe(dataclasses.replace(base, **changes), source="trial config")
-
-
-def training_device(prefer_cuda: bool = True) -> torch.device:
-    """cuda:0 when a GPU was given to this process (Ray sets CUDA_VISIBLE_DEVICES), else the CPU."""
-    if prefer_cuda and torch.cuda.is_available():
-        return torch.device("cuda", 0)
-    return torch.device("cpu")
-
-
-def chosen_device(name: str | None, source: str = "--device") -> torch.device:
-    """The device a user named (cpu, cuda, cuda:N), checked against this machine; None: `training_device()`."""
-    if name is None:
-        return training_device()
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserInputError(f"{source} {name!r}: expected cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise UserInputError(f"{source} {name!r}: expected cpu, cuda or cuda:N")
-    if device.type == "cuda":
-        count = torch.cuda.device_count()
-        if count == 0:
-            raise UserInputError(f"{source} {name}: no CUDA GPU is available on this machine")
-        if device.index is not None and device.index >= count:
-            raise UserInputError(
-                f"{source} {name}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}"
-            )
-    return device
+    return recipe_with(base, hyperparameters, source="trial config")
 
 
 def run_trial(
@@ -174,7 +143,11 @@ def run_trial(
         device=device, compile=plan.compile, rank=rank, world_size=world_size,
         eval_batch_size=EVAL_BATCH_SIZE,
     )  # fmt: skip
-    teacher = teacher_logit_source(plan.teacher, run.train_loader, device) if loss_mode != "ce" else None
+    teacher = (
+        teacher_logit_source(plan.teacher, run.train_loader, device)
+        if LOSS_MODES[loss_mode].needs_teacher
+        else None
+    )
     return fit(
         run.model,
         run.train_loader,

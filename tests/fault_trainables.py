@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from ray import tune
 
-from dkd_tune.train import EpochReport
+from dkd_tune.engine.loop import EpochReport
 from dkd_tune.trial import SharedDataset, TrialPlan, run_trial
 from trainables.distill import report_to_tune, restore_from_tune
 

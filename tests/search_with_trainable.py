@@ -12,9 +12,10 @@ from __future__ import annotations
 import importlib
 import sys
 
-from dkd_tune.config import load_search_space
-from dkd_tune.errors import UserInputError
-from dkd_tune.search import SearchOptions, resume_search, run_search
+from dkd_tune.config.loading import load_search_space
+from dkd_tune.core.errors import UserInputError
+from dkd_tune.search.driver import resume_search, run_search
+from dkd_tune.search.options import SearchOptions
 
 
 def main(argv: list[str]) -> int:

@@ -20,8 +20,8 @@ from analysis.search_analysis import (
     LEARNING_CURVES_FIGURE,
     analyze_search,
 )
-from analysis.status import STATUSES
 from analysis.tables import beta_pivot, teacher_summary
+from dkd_tune.tracking.status import STATUSES
 from tests.test_search_e2e import cli, tiny_space
 
 pytestmark = pytest.mark.slow

@@ -12,7 +12,9 @@ import pytest
 import yaml
 
 from analysis.best_beta import calibration_points_from_results
-from dkd_tune.auto_beta import (
+from dkd_tune.cli import main
+from dkd_tune.core.errors import UserInputError
+from dkd_tune.teacher.auto_beta import (
     BETA_MAX,
     BETA_MIN,
     DEFAULT_RESIDUAL_SCALE_FLOOR,
@@ -24,8 +26,6 @@ from dkd_tune.auto_beta import (
     read_calibration,
     save_calibration,
 )
-from dkd_tune.cli import main
-from dkd_tune.errors import UserInputError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,7 +64,7 @@ def test_default_cifar_calibration_holds_the_papers_table_a2():
     assert calibration.family == "cifar"
     assert [(p.teacher, p.mean_logit_gap, p.best_beta) for p in calibration.points] == PAPER_TABLE_A2
     assert "Table A.2" in calibration.provenance and "2203.08679" in calibration.provenance
-    content = json.loads((ROOT / "dkd_tune" / "calibrations" / "cifar.json").read_text())
+    content = json.loads((ROOT / "dkd_tune" / "teacher" / "calibrations" / "cifar.json").read_text())
     assert content["format_version"] == FORMAT_VERSION
 
 
@@ -269,7 +269,7 @@ def test_the_shipped_synthetic_calibration_is_a_response_surface_with_provenance
 
 
 def test_a_surface_calibration_file_round_trips_and_a_bad_surface_is_one_line(tmp_path):
-    shipped = ROOT / "dkd_tune" / "calibrations" / "synthetic.json"
+    shipped = ROOT / "dkd_tune" / "teacher" / "calibrations" / "synthetic.json"
     content = json.loads(shipped.read_text())
     path = tmp_path / "copy.json"
     save_calibration(read_calibration(shipped), path)
@@ -288,7 +288,7 @@ def test_a_surface_calibration_file_round_trips_and_a_bad_surface_is_one_line(tm
 
 
 def edit_default(edit):
-    content = json.loads((ROOT / "dkd_tune" / "calibrations" / "cifar.json").read_text())
+    content = json.loads((ROOT / "dkd_tune" / "teacher" / "calibrations" / "cifar.json").read_text())
     edit(content)
     return json.dumps(content)
 

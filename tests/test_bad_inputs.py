@@ -24,10 +24,10 @@ import numpy as np
 import pytest
 import torch
 
-from dkd_tune.auto_beta import CalibrationPoint, fit_calibration, save_calibration
-from dkd_tune.config import load_search_space
+from dkd_tune.config.loading import load_search_space
 from dkd_tune.data import make_synthetic
 from dkd_tune.models import create_model, save_model
+from dkd_tune.teacher.auto_beta import CalibrationPoint, fit_calibration, save_calibration
 from tests.damaged_files import flip_tensor_byte
 from tests.probe_datasets import write_stl10_split
 

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dkd_tune.config import apply_set_override, load_search_space
-from dkd_tune.errors import UserInputError
+from dkd_tune.config.loading import load_search_space
+from dkd_tune.config.overrides import apply_set_override
+from dkd_tune.core.errors import UserInputError
 from dkd_tune.models import create_model, save_model
 
 

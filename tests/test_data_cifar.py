@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from dkd_tune.core.errors import UserInputError
 from dkd_tune.data import DataSpec, load_train_test, parse_data_spec
 from dkd_tune.data.cifar import CifarSplit, read_cifar100, write_cifar100
-from dkd_tune.errors import UserInputError
 
 HOW = "how-to-get-hint"
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
+from dkd_tune.core.errors import UserInputError
 from dkd_tune.data import Batch, imagenet_loaders, load_stl10, load_tiny_imagenet
 from dkd_tune.data.dataset import resize_images
-from dkd_tune.errors import UserInputError
 
 
 def write_stl10(root: Path, split="train", count=6, seed=0):

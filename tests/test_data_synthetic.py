@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from dkd_tune.cli import main
+from dkd_tune.core.errors import UserInputError
 from dkd_tune.data import load_train_test, make_synthetic, parse_data_spec
 from dkd_tune.data.cifar import read_cifar100
-from dkd_tune.errors import UserInputError
 
 SMALL = dict(classes=6, superclasses=2, train_per_class=12, test_per_class=4, image_size=16, seed=3)
 

@@ -12,12 +12,14 @@ import pytest
 import torch
 from torch import nn
 
+from dkd_tune.core.errors import UserInputError
+from dkd_tune.core.recipes import resolve_recipe
 from dkd_tune.data import Batch, DeviceAugmentLoader, EvalLoader, ImageDataset, normalize, render_views
 from dkd_tune.data.dataset import CIFAR100_MEAN, CIFAR100_STD
-from dkd_tune.errors import UserInputError
+from dkd_tune.engine.loop import fit
+from dkd_tune.engine.run_setup import RunIdentity
 from dkd_tune.models import create_model
-from dkd_tune.recipes import resolve_recipe
-from dkd_tune.teacher import (
+from dkd_tune.teacher.logit_cache import (
     CACHE_DATA_FILE,
     CACHE_META_FILE,
     CACHE_PROGRESS_FILE,
@@ -25,7 +27,6 @@ from dkd_tune.teacher import (
     TeacherLogitCache,
     teacher_weights_digest,
 )
-from dkd_tune.train import RunIdentity, fit
 
 # A cached logit is the float32 logit rounded to float16: off by at most half a float16 spacing
 # (2**-11 relative). Float32 results also vary slightly with the batch a view was computed in,

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dkd_tune.losses import decoupled_terms, dkd_loss, kd_loss, nckd_loss, tckd_loss
+from dkd_tune.core.losses import decoupled_terms, dkd_loss, kd_loss, nckd_loss, tckd_loss
 
 
 def random_case(seed: int, batch: int, classes: int, scale: float, dtype=torch.float64):
@@ -190,7 +190,7 @@ def test_bad_inputs_raise_value_errors():
 
 @pytest.mark.parametrize("loss", ["tckd_loss", "nckd_loss"])
 def test_decoupled_losses_average_over_the_batch_by_default(loss):
-    import dkd_tune.losses as losses
+    import dkd_tune.core.losses as losses
 
     generator = torch.Generator().manual_seed(1)
     student, teacher = torch.randn(6, 5, generator=generator), torch.randn(6, 5, generator=generator)

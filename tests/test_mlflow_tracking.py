@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from dkd_tune.tracking import TAG_KIND, TAG_PARENT, TAG_STATUS, TAG_TEACHER, TAG_TRIAL_ID
+from dkd_tune.tracking.mlflow_store import TAG_KIND, TAG_PARENT, TAG_STATUS, TAG_TEACHER, TAG_TRIAL_ID
 from tests.test_search_e2e import cli, tiny_space
 
 pytestmark = pytest.mark.slow

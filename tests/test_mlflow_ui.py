@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from dkd_tune import mlflow_ui
 from dkd_tune.cli import main
-from dkd_tune.errors import UserInputError
+from dkd_tune.commands import mlflow_ui
+from dkd_tune.core.errors import UserInputError
 from tests.listening_sockets import listening_sockets
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,7 +108,7 @@ def resolve_in_subprocess(cwd: Path, tracking_uri_env: str | None) -> subprocess
         [
             sys.executable,
             "-c",
-            "from dkd_tune.mlflow_ui import resolve_store_uri; print(resolve_store_uri())",
+            "from dkd_tune.commands.mlflow_ui import resolve_store_uri; print(resolve_store_uri())",
         ],
         cwd=cwd,
         env=env,

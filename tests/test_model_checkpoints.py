@@ -5,8 +5,8 @@ import argparse
 import pytest
 import torch
 
-from dkd_tune.checkpoint import CorruptCheckpointError, load_checkpoint, save_checkpoint
-from dkd_tune.errors import UserInputError
+from dkd_tune.core.checkpoint_file import CorruptCheckpointError, load_checkpoint, save_checkpoint
+from dkd_tune.core.errors import UserInputError
 from dkd_tune.models import (
     ArchitectureMismatchError,
     ClassCountMismatchError,

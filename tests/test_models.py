@@ -7,7 +7,7 @@ import urllib.error
 import pytest
 import torch
 
-from dkd_tune.errors import UserInputError
+from dkd_tune.core.errors import UserInputError
 from dkd_tune.models import (
     ImageClassifier,
     count_parameters,

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dkd_tune.cli import main
-from dkd_tune.config import ProbeConfig
+from dkd_tune.config.schema import ProbeConfig
 from dkd_tune.data import normalize
 from dkd_tune.models import create_model, save_model
 from dkd_tune.probe import (
@@ -286,7 +286,7 @@ def trial_runs(client, experiment: str, trial_ids: list[str]) -> dict[str, str]:
 def test_best_trials_are_probed_inline_and_logged_under_their_trial_runs(data_root, student_path, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from dkd_tune.probe_runs import PROBE_COLUMNS, probe_best_trials
+    from dkd_tune.search.transfer_probes import PROBE_COLUMNS, probe_best_trials
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)
@@ -341,7 +341,7 @@ def test_best_trials_are_probed_inline_and_logged_under_their_trial_runs(data_ro
 
 
 def test_no_completed_trial_means_no_probe(data_root, student_path, tmp_path):
-    from dkd_tune.probe_runs import probe_best_trials
+    from dkd_tune.search.transfer_probes import probe_best_trials
 
     results = search_results(student_path, tmp_path).assign(status="stopped")
     messages = []
@@ -357,7 +357,7 @@ def test_best_trials_are_probed_as_parallel_ray_tasks(data_root, student_path, t
     import ray
     from mlflow.tracking import MlflowClient
 
-    from dkd_tune.probe_runs import probe_best_trials
+    from dkd_tune.search.transfer_probes import probe_best_trials
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)

@@ -85,10 +85,12 @@ def test_non_editable_install_works_from_any_directory(tmp_path):
 
 
 def test_the_core_imports_torch_only():
-    """The training core runs on a machine whose Python has torch but not Ray, MLflow or pandas."""
+    """The floors below the search file run on a machine whose Python has torch but not Ray, MLflow or pandas."""
     core = [
-        "losses", "models", "data", "recipes", "train", "teacher", "auto_beta", "probe",
-        "checkpoint", "storage", "trial", "progress", "errors",
+        "core.losses", "core.recipes", "core.errors", "core.files", "core.progress", "core.checkpoint_file",
+        "models", "data", "engine.loop", "engine.run_setup", "engine.devices", "teacher.gap",
+        "teacher.logit_cache", "teacher.preparation", "teacher.auto_beta", "teacher.non_target_control",
+        "probe", "trial",
     ]  # fmt: skip
     probe = (
         f"import {', '.join('dkd_tune.' + module for module in core)}; import sys; "
@@ -99,3 +101,11 @@ def test_the_core_imports_torch_only():
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT
     )
     assert result.stdout.strip() == "[]"
+
+
+def test_imports_point_down_the_floors():
+    """import-linter's contracts (pyproject.toml): no import up a floor, no cycle, torch-only floors."""
+    lint = Path(sys.executable).with_name("lint-imports")
+    result = subprocess.run([str(lint)], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert "Contracts: 4 kept, 0 broken." in result.stdout

@@ -2,8 +2,8 @@
 
 import pytest
 
-from dkd_tune.errors import UserInputError
-from dkd_tune.recipes import cifar100, imagenet, resolve_recipe, teacher_cifar100
+from dkd_tune.core.errors import UserInputError
+from dkd_tune.core.recipes import cifar100, imagenet, resolve_recipe, teacher_cifar100
 
 
 def test_cifar100_preset_matches_the_paper():

@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from ray.tune import ExperimentAnalysis
 
 from analysis.results import RESULT_COLUMNS
-from dkd_tune.tracking import TAG_KIND, TAG_PARENT, TAG_STATUS, TAG_TRIAL_ID
+from dkd_tune.tracking.mlflow_store import TAG_KIND, TAG_PARENT, TAG_STATUS, TAG_TRIAL_ID
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -270,7 +270,7 @@ def test_beta_auto_runs_auto_betas_prediction_first_and_tags_it(tmp_path):
     import optuna
     from mlflow.tracking import MlflowClient
 
-    from dkd_tune.auto_beta import beta_prior, default_calibration
+    from dkd_tune.teacher.auto_beta import beta_prior, default_calibration
 
     path = tiny_space(
         tmp_path,

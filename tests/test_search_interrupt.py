@@ -21,8 +21,8 @@ import pandas as pd
 import pytest
 from ray.tune import ExperimentAnalysis
 
-from dkd_tune.interruption import SearchInterrupted
-from dkd_tune.tracking import TAG_STATUS, TAG_TRIAL_ID
+from dkd_tune.search.interruption import SearchInterrupted
+from dkd_tune.tracking.mlflow_store import TAG_STATUS, TAG_TRIAL_ID
 from tests.test_search_e2e import (
     ROOT,
     cli,
@@ -200,8 +200,9 @@ def test_sigterm_while_the_teacher_is_prepared_exits_143_and_resumes(tmp_path):
 
 @pytest.mark.parametrize("phase_line", ["dkd-tune: probe: the best", "dkd-tune: writing the results"])
 def test_a_signal_in_a_driver_phase_leaves_a_resumable_search(tmp_path, monkeypatch, phase_line):
-    from dkd_tune.config import load_search_space
-    from dkd_tune.search import SearchOptions, resume_search, run_search
+    from dkd_tune.config.loading import load_search_space
+    from dkd_tune.search.driver import resume_search, run_search
+    from dkd_tune.search.options import SearchOptions
 
     monkeypatch.setenv("PYTHONPATH", str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     monkeypatch.chdir(tmp_path)

@@ -8,8 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.search_replay import Curves, epochs_to_target, replay_search, rung_correlations
-from dkd_tune.config import load_search_space
+from analysis.grid_curves import Curves, epochs_to_target, rung_correlations
+from dkd_tune.config.loading import load_search_space
+from dkd_tune.search.replay import replay_search
 from tests.test_search_e2e import tiny_space
 
 BETAS = np.array([0.5, 1.0, 2.0, 4.0, 8.0])

@@ -8,12 +8,12 @@ import pytest
 import torch
 import yaml
 
-from dkd_tune.config import load_search_space
+from dkd_tune.config.loading import load_search_space
+from dkd_tune.config.plan import search_parts, trial_plan
+from dkd_tune.core.errors import UserInputError
 from dkd_tune.data import dataset_num_classes, parse_data_spec
-from dkd_tune.errors import UserInputError
 from dkd_tune.models import create_model
-from dkd_tune.search import new_tuner
-from dkd_tune.search_plan import search_parts, trial_plan
+from dkd_tune.search.tuner import new_tuner
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "search_spaces").glob("*.yaml"))
@@ -53,7 +53,8 @@ def placeholder_inputs(path: Path, tmp_path: Path) -> list[str]:
 
 def measured_teacher(teacher):
     """What the search knows of a teacher once it is prepared (`beta: auto` reads its gap)."""
-    from dkd_tune.teacher import LogitGapStats, TeacherArtifacts
+    from dkd_tune.teacher.gap import LogitGapStats
+    from dkd_tune.teacher.preparation import TeacherArtifacts
 
     if teacher is None:
         return None
@@ -118,7 +119,7 @@ SEARCHED = {"beta": {"loguniform": [0.5, 8.0]}, "temperature": {"choice": [2, 4]
 
 
 def searched_space():
-    from dkd_tune.config import Distribution
+    from dkd_tune.config.schema import Distribution
 
     return {name: Distribution.model_validate(value) for name, value in SEARCHED.items()}
 
@@ -127,7 +128,7 @@ def test_the_search_file_maps_to_optuna_distributions_seed_and_budget(tmp_path):
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
-    from dkd_tune.search import search_algorithm
+    from dkd_tune.search.tuner import search_algorithm
 
     space, _, _ = demo_part(tmp_path)
     searcher, param_space, num_samples = search_algorithm(space, searched_space())
@@ -142,7 +143,7 @@ def test_the_search_file_maps_to_optuna_distributions_seed_and_budget(tmp_path):
 
 
 def _suggestions(space, count: int, first_points=None) -> list[dict]:
-    from dkd_tune.search import search_algorithm
+    from dkd_tune.search.tuner import search_algorithm
 
     searcher, _, _ = search_algorithm(space, searched_space(), first_points=first_points)
     return [searcher.suggest(f"trial-{index}") for index in range(count)]
@@ -168,8 +169,8 @@ def test_one_seed_gives_the_same_trials_and_another_seed_others(tmp_path):
 def test_random_search_maps_each_distribution_to_its_tune_sampler(tmp_path, kind, value, sampler_name):
     from ray.tune.search import BasicVariantGenerator
 
-    from dkd_tune.config import Distribution
-    from dkd_tune.search import search_algorithm
+    from dkd_tune.config.schema import Distribution
+    from dkd_tune.search.tuner import search_algorithm
 
     space, _, _ = demo_part(tmp_path)
     space = space.model_copy(update={"search": space.search.model_copy(update={"algorithm": "random"})})
@@ -184,7 +185,7 @@ def test_random_search_maps_each_distribution_to_its_tune_sampler(tmp_path, kind
 
 
 def test_asha_rungs_follow_the_scheduler_settings(tmp_path):
-    from dkd_tune.search import asha_scheduler
+    from dkd_tune.search.tuner import asha_scheduler
 
     space, _, plan = demo_part(tmp_path)
     scheduler = asha_scheduler(space, plan.max_epochs)
@@ -211,8 +212,8 @@ def test_asha_rungs_follow_the_scheduler_settings(tmp_path):
 def test_each_distribution_becomes_its_optuna_distribution(tmp_path, kind, value, expected):
     import optuna
 
-    from dkd_tune.config import Distribution
-    from dkd_tune.search import search_algorithm
+    from dkd_tune.config.schema import Distribution
+    from dkd_tune.search.tuner import search_algorithm
 
     space, _, _ = demo_part(tmp_path)
     searcher, _, _ = search_algorithm(space, {"beta": Distribution.model_validate({kind: value})})
@@ -225,7 +226,7 @@ def with_search(space, **changes):
 
 @pytest.mark.parametrize(("num_samples", "startup"), [(3, 2), (8, 2), (24, 8), (60, 10)])
 def test_tpe_starts_with_a_third_of_the_budget_at_random_within_2_to_10(tmp_path, num_samples, startup):
-    from dkd_tune.search import search_algorithm
+    from dkd_tune.search.tuner import search_algorithm
 
     space, _, _ = demo_part(tmp_path)
     searcher, _, samples = search_algorithm(with_search(space, num_samples=num_samples), searched_space())
@@ -240,8 +241,8 @@ def test_grid_and_random_algorithms_map_choice_and_grid(tmp_path):
     from ray.tune.search import BasicVariantGenerator
     from ray.tune.search.sample import Categorical
 
-    from dkd_tune.config import Distribution
-    from dkd_tune.search import search_algorithm
+    from dkd_tune.config.schema import Distribution
+    from dkd_tune.search.tuner import search_algorithm
 
     space, _, _ = demo_part(tmp_path)
     searched = {
@@ -260,8 +261,8 @@ def test_grid_and_random_algorithms_map_choice_and_grid(tmp_path):
 
 
 def test_random_search_is_seeded_and_limits_concurrency(tmp_path):
-    from dkd_tune.config import Distribution
-    from dkd_tune.search import search_algorithm
+    from dkd_tune.config.schema import Distribution
+    from dkd_tune.search.tuner import search_algorithm
 
     space, _, _ = demo_part(tmp_path)
     searched = {"beta": Distribution.model_validate({"loguniform": [0.5, 8.0]})}
@@ -283,7 +284,7 @@ def test_random_search_is_seeded_and_limits_concurrency(tmp_path):
 def test_a_part_with_nothing_to_search_runs_once_seeded(tmp_path):
     from ray.tune.search import BasicVariantGenerator
 
-    from dkd_tune.search import search_algorithm
+    from dkd_tune.search.tuner import search_algorithm
 
     space, _, _ = demo_part(tmp_path)
     searcher, param_space, samples = search_algorithm(with_search(space, max_concurrent_trials=2), {})
@@ -300,8 +301,8 @@ def test_a_part_with_nothing_to_search_runs_once_seeded(tmp_path):
     [(6, 5, None, False), (2, 5, None, True), (3, 2, {"int": [1, 5]}, True), (5, 2, {"int": [1, 5]}, False)],
 )
 def test_a_first_rung_inside_the_warm_up_is_warned_about(tmp_path, grace, warmup, searched, warned):
-    from dkd_tune.config import Distribution
-    from dkd_tune.search_plan import rung_warnings
+    from dkd_tune.config.plan import rung_warnings
+    from dkd_tune.config.schema import Distribution
 
     demo, _, _ = demo_part(tmp_path)
     assert rung_warnings(demo, "demo.yaml") == []  # the demo's first rung is at the warm-up's end
@@ -322,9 +323,9 @@ def test_a_first_rung_inside_the_warm_up_is_warned_about(tmp_path, grace, warmup
 
 
 def test_beta_auto_starts_optuna_at_the_prior_and_keeps_the_calibrated_range_reachable(tmp_path):
-    from dkd_tune.auto_beta import beta_prior, default_calibration
-    from dkd_tune.config import Distribution
-    from dkd_tune.search import first_points, search_algorithm
+    from dkd_tune.config.schema import Distribution
+    from dkd_tune.search.tuner import first_points, search_algorithm
+    from dkd_tune.teacher.auto_beta import beta_prior, default_calibration
 
     calibration = default_calibration("synthetic")
     prior = beta_prior(calibration, gap=sum(calibration.gap_range) / 2)
@@ -359,10 +360,10 @@ def test_beta_auto_starts_optuna_at_the_prior_and_keeps_the_calibrated_range_rea
     ],
 )
 def test_beta_auto_without_what_it_needs_is_one_line(tmp_path, monkeypatch, change, message):
-    import dkd_tune.auto_beta
+    import dkd_tune.teacher.auto_beta
 
     if not change:  # a family without a shipped calibration
-        monkeypatch.delitem(dkd_tune.auto_beta._DEFAULT_FILES, "synthetic")
+        monkeypatch.delitem(dkd_tune.teacher.auto_beta._DEFAULT_FILES, "synthetic")
     raw = yaml.safe_load((ROOT / "search_spaces" / "demo.yaml").read_text())
     raw["data"]["root"] = str(tmp_path / "data")
     for key, value in change.items():

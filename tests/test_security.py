@@ -18,9 +18,9 @@ import pytest
 import torch
 import yaml
 
-from dkd_tune.checkpoint import CorruptCheckpointError, load_checkpoint, read_checkpoint_file
-from dkd_tune.config import load_search_space
-from dkd_tune.errors import UserInputError
+from dkd_tune.config.loading import load_search_space
+from dkd_tune.core.checkpoint_file import CorruptCheckpointError, load_checkpoint, read_checkpoint_file
+from dkd_tune.core.errors import UserInputError
 from dkd_tune.models import create_model, load_teacher
 
 ROOT = Path(__file__).resolve().parents[1]

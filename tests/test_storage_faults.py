@@ -18,18 +18,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from dkd_tune.checkpoint import CorruptCheckpointError, load_checkpoint, save_checkpoint
+from dkd_tune.core.checkpoint_file import CorruptCheckpointError, load_checkpoint, save_checkpoint
+from dkd_tune.core.recipes import resolve_recipe
 from dkd_tune.data import EvalLoader, ImageDataset, build_train_loader
+from dkd_tune.engine.checkpoints import LAST_CHECKPOINT
+from dkd_tune.engine.loop import LiveTeacher, fit
+from dkd_tune.engine.run_setup import RunIdentity
 from dkd_tune.models import create_model, save_model
-from dkd_tune.recipes import resolve_recipe
-from dkd_tune.teacher import (
+from dkd_tune.teacher.logit_cache import (
     CACHE_DATA_FILE,
     CACHE_META_FILE,
     CACHE_PARTIAL_FILE,
-    TeacherArtifacts,
     TeacherLogitCache,
 )
-from dkd_tune.train import LAST_CHECKPOINT, LiveTeacher, RunIdentity, fit
+from dkd_tune.teacher.preparation import TeacherArtifacts
 from dkd_tune.trial import teacher_logit_source
 from tests.damaged_files import flip_tensor_byte
 from tests.test_logit_cache import ForwardCounter, build, random_dataset, teacher_for
@@ -47,7 +49,7 @@ pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 KILLED_WRITER = """
 import os, signal, sys
-from dkd_tune.storage import atomic_write
+from dkd_tune.core.files import atomic_write
 
 def write(file):
     file.write(b"new content that never lands " * 100_000)
@@ -60,7 +62,7 @@ atomic_write(sys.argv[1], write)
 KILLED_CHECKPOINT_WRITER = """
 import os, signal, sys
 import torch
-from dkd_tune.checkpoint import save_checkpoint
+from dkd_tune.core.checkpoint_file import save_checkpoint
 
 real_save = torch.save
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from dkd_tune.config import Distribution
-from dkd_tune.search import search_algorithm
-from dkd_tune.study import RAY_TRIAL_ID_ATTR
+from dkd_tune.config.schema import Distribution
+from dkd_tune.search.study import RAY_TRIAL_ID_ATTR
+from dkd_tune.search.tuner import search_algorithm
 from tests.test_search_spaces import demo_part, searched_space
 
 

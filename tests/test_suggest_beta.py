@@ -13,12 +13,12 @@ import pytest
 import torch
 import yaml
 
-from dkd_tune.auto_beta import CalibrationPoint, fit_calibration, save_calibration
 from dkd_tune.cli import main
 from dkd_tune.data import load_train_test, parse_data_spec
 from dkd_tune.data.synthetic import make_synthetic
 from dkd_tune.models import load_teacher
-from dkd_tune.teacher import measure_logit_gap
+from dkd_tune.teacher.auto_beta import CalibrationPoint, fit_calibration, save_calibration
+from dkd_tune.teacher.gap import measure_logit_gap
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -154,7 +154,7 @@ def test_a_family_without_a_calibration_is_exit_2_and_one_line(trained, tmp_path
 
 def test_suggest_beta_works_on_the_demos_data_with_the_shipped_calibration(tmp_path, capsys):
     """The demo's dataset and a resnet8 of the demo's kind: beta, window and the calibration's provenance."""
-    from dkd_tune.config import load_search_space
+    from dkd_tune.config.loading import load_search_space
     from dkd_tune.models import create_model
 
     demo = load_search_space(ROOT / "search_spaces" / "demo.yaml", [f"data.root={tmp_path / 'data'}"])

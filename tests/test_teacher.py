@@ -10,26 +10,20 @@ import pytest
 import torch
 from torch import nn
 
-from dkd_tune import teacher as teacher_module
-from dkd_tune.auto_beta import default_calibration_or_none
+from dkd_tune.core.errors import UserInputError
+from dkd_tune.core.recipes import resolve_recipe
 from dkd_tune.data import EvalLoader, ImageDataset, build_train_loader, load_train_test, parse_data_spec
 from dkd_tune.data.synthetic import make_synthetic
-from dkd_tune.errors import UserInputError
+from dkd_tune.engine.checkpoints import LAST_CHECKPOINT
+from dkd_tune.engine.loop import LiveTeacher, fit
+from dkd_tune.engine.run_setup import RunIdentity
 from dkd_tune.models import create_model, load_teacher
-from dkd_tune.recipes import resolve_recipe
-from dkd_tune.teacher import (
-    LogitGapStats,
-    PermutedNonTarget,
-    TeacherArtifacts,
-    TeacherLogitCache,
-    augmentation_views,
-    dataset_fingerprint,
-    measure_logit_gap,
-    permute_non_target,
-    prepare_teacher,
-    teacher_training_dir,
-)
-from dkd_tune.train import LAST_CHECKPOINT, LiveTeacher, RunIdentity, fit
+from dkd_tune.teacher import preparation as teacher_module
+from dkd_tune.teacher.auto_beta import default_calibration_or_none
+from dkd_tune.teacher.gap import LogitGapStats, measure_logit_gap
+from dkd_tune.teacher.logit_cache import TeacherLogitCache, augmentation_views, dataset_fingerprint
+from dkd_tune.teacher.non_target_control import PermutedNonTarget, permute_non_target
+from dkd_tune.teacher.preparation import TeacherArtifacts, prepare_teacher, teacher_training_dir
 from dkd_tune.trial import teacher_logit_source
 
 # One torch thread: small models, and results that do not depend on the machine's core count.

@@ -12,11 +12,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from dkd_tune.core.errors import UserInputError
+from dkd_tune.core.recipes import resolve_recipe
 from dkd_tune.data import EvalLoader, build_train_loader, load_train_test, make_synthetic, parse_data_spec
-from dkd_tune.errors import UserInputError
+from dkd_tune.engine.acceleration import Acceleration
+from dkd_tune.engine.loop import LiveTeacher, fit, training_objective
+from dkd_tune.engine.run_setup import RunIdentity
 from dkd_tune.models import create_model
-from dkd_tune.recipes import resolve_recipe
-from dkd_tune.train import Acceleration, LiveTeacher, RunIdentity, fit, training_objective
 
 CLASSES = 10
 IDENTITY = RunIdentity(arch="resnet8", num_classes=CLASSES, dataset="synthetic", input_size=16)
@@ -284,8 +286,8 @@ def test_trial_recipe_types_sampled_values():
 
 def test_prepare_run_seeds_the_student_and_records_normalisation(datasets, tmp_path):
     from dkd_tune.data import InMemoryData
-    from dkd_tune.models.checkpoints import read_model_checkpoint
-    from dkd_tune.train import prepare_run
+    from dkd_tune.engine.run_setup import prepare_run
+    from dkd_tune.models.weights_file import read_model_checkpoint
 
     train_set, test_set = datasets
     recipe = short_recipe(epochs=1)
@@ -305,7 +307,8 @@ def test_prepare_run_seeds_the_student_and_records_normalisation(datasets, tmp_p
 
 def test_a_validation_split_is_evaluated_every_epoch_beside_the_test_split(datasets):
     from dkd_tune.data import InMemoryData
-    from dkd_tune.train import evaluate, prepare_run
+    from dkd_tune.engine.loop import evaluate
+    from dkd_tune.engine.run_setup import prepare_run
 
     train_set, test_set = datasets
     # The first test images stand in for a held-out split: the report must evaluate them as well.

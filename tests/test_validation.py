@@ -22,11 +22,11 @@ from analysis.beta_ground_truth import (
 )
 from analysis.results import typed_results
 from analysis.tables import markdown_table
-from analysis.validation import check_validation_space, grid_space
-from dkd_tune.auto_beta import read_calibration
-from dkd_tune.config import load_search_space
-from dkd_tune.errors import UserInputError
-from dkd_tune.tracking import TAG_KIND, TAG_PARENT
+from dkd_tune.commands.validate import check_validation_space, grid_space
+from dkd_tune.config.loading import load_search_space
+from dkd_tune.core.errors import UserInputError
+from dkd_tune.teacher.auto_beta import read_calibration
+from dkd_tune.tracking.mlflow_store import TAG_KIND, TAG_PARENT
 from tests.test_search_e2e import cli, tiny_space
 
 BETAS = np.array([0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0])

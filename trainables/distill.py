@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -11,8 +9,10 @@ from typing import Any
 
 from ray import tune
 
-from dkd_tune.train import BEST_CHECKPOINT, LAST_CHECKPOINT, EpochReport
+from dkd_tune.engine.checkpoints import BEST_CHECKPOINT
+from dkd_tune.engine.loop import EpochReport
 from dkd_tune.trial import SharedDataset, TrialPlan, run_trial
+from trainables.checkpoint_files import link_or_copy, restore_checkpoint_files
 
 
 def distillation_trainable(
@@ -59,18 +59,6 @@ def restore_from_tune(workdir: Path) -> Path | None:
     return restore_checkpoint_files(tune.get_checkpoint(), workdir)
 
 
-def restore_checkpoint_files(checkpoint: Any, workdir: Path) -> Path | None:
-    """Copy a Ray checkpoint's last.pt/best.pt into `workdir`; returns last.pt, or None without one."""
-    if checkpoint is None:
-        return None
-    with checkpoint.as_directory() as directory:
-        for name in (LAST_CHECKPOINT, BEST_CHECKPOINT):
-            if (Path(directory) / name).exists():
-                shutil.copy2(Path(directory) / name, workdir / name)
-    last = workdir / LAST_CHECKPOINT
-    return last if last.exists() else None
-
-
 def report_to_tune(report: EpochReport) -> None:
     """Forward an epoch to Ray: metrics, the status word, and the checkpoint files (hard-linked, not copied)."""
     metrics = {**report.metrics, "status": report.status}
@@ -82,10 +70,3 @@ def report_to_tune(report: EpochReport) -> None:
             if source.exists():
                 link_or_copy(source, Path(staging) / source.name)
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(staging))
-
-
-def link_or_copy(source: Path, target: Path) -> None:
-    try:
-        os.link(source, target)
-    except OSError:  # another filesystem: fall back to a copy
-        shutil.copy2(source, target)

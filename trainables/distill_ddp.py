@@ -19,9 +19,9 @@ import ray.train.torch
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from dkd_tune.train import EpochReport
+from dkd_tune.engine.loop import EpochReport
 from dkd_tune.trial import SharedDataset, TrialPlan, run_trial
-from trainables.distill import link_or_copy, restore_checkpoint_files
+from trainables.checkpoint_files import link_or_copy, restore_checkpoint_files
 
 
 def make_ddp_trial(

@@ -7,11 +7,11 @@ from dkd_tune.data.imagenet import imagenet_loaders
 from dkd_tune.data.label_noise import symmetric_label_noise
 from dkd_tune.data.sources import ImageFolderData, InMemoryData
 from dkd_tune.data.spec import DataSpec, parse_data_spec
+from dkd_tune.data.splits import dataset_num_classes, dataset_problem, load_splits, load_train_test
 from dkd_tune.data.stl10 import load_stl10
 from dkd_tune.data.synthetic import make_synthetic
 from dkd_tune.data.tiny_imagenet import load_tiny_imagenet
 from dkd_tune.data.train_loader import build_train_loader
-from dkd_tune.data.train_test import dataset_num_classes, dataset_problem, load_splits, load_train_test
 from dkd_tune.data.views import normalize, render_views
 from dkd_tune.data.worker_loader import WorkerAugmentLoader
 

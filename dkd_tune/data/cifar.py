@@ -14,9 +14,9 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from dkd_tune.core.errors import UserInputError
+from dkd_tune.core.files import atomic_write
 from dkd_tune.data.dataset import ImageDataset, channel_statistics
-from dkd_tune.errors import UserInputError
-from dkd_tune.storage import atomic_write
 
 CIFAR_FOLDER = "cifar-100-python"
 CIFAR_FILES = ("train", "test", "meta")

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
+from dkd_tune.core.errors import UserInputError
 from dkd_tune.data.dataset import IMAGENET_MEAN, IMAGENET_STD
 from dkd_tune.data.worker_loader import WorkerAugmentLoader
-from dkd_tune.errors import UserInputError
 
 IMAGENET_URL = "https://image-net.org/download-images.php"
 RESIZE_RATIO = 256 / 224  # evaluation: resize the short side to 256 for a 224 crop

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dkd_tune.errors import UserInputError
+from dkd_tune.core.errors import UserInputError
 
 DATASET_NAMES = ("cifar100", "synthetic", "imagenet")
 AUGMENTATIONS = ("standard", "autoaugment", "none")

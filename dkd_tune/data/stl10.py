@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dkd_tune.core.errors import UserInputError
 from dkd_tune.data.dataset import CIFAR100_MEAN, CIFAR100_STD, ImageDataset, resize_images
-from dkd_tune.errors import UserInputError
 
 STL10_FOLDER = "stl10_binary"
 STL10_URL = "https://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz"

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
+from dkd_tune.core.errors import UserInputError
+from dkd_tune.core.files import atomic_write_json
 from dkd_tune.data.cifar import CIFAR_FILES, CIFAR_FOLDER, CifarSplit, write_cifar100
 from dkd_tune.data.seeding import derived_seed
-from dkd_tune.errors import UserInputError
-from dkd_tune.storage import atomic_write_json
 
 FORMAT = "dkd-tune-synthetic/1"
 PARAMS_FILE = "synthetic.json"

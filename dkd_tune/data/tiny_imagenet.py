@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dkd_tune.core.errors import UserInputError
 from dkd_tune.data.dataset import CIFAR100_MEAN, CIFAR100_STD, ImageDataset, resize_images
-from dkd_tune.errors import UserInputError
 
 TINY_FOLDER = "tiny-imagenet-200"
 TINY_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"

@@ -13,11 +13,11 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from dkd_tune.core.errors import UserInputError
 from dkd_tune.data.batch import Batch
 from dkd_tune.data.dataset import ImageDataset
 from dkd_tune.data.sharding import batch_count, check_rank, epoch_order, rank_share
 from dkd_tune.data.views import normalization_constants, normalize_with
-from dkd_tune.errors import UserInputError
 
 Transform = Callable[[Any], torch.Tensor]
 

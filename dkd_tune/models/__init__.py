@@ -4,10 +4,8 @@ from dkd_tune.models.checkpoints import (
     ArchitectureMismatchError,
     CheckpointMismatchError,
     ClassCountMismatchError,
-    ModelCheckpoint,
     load_teacher,
     matching_state_dict,
-    read_model_checkpoint,
     save_model,
 )
 from dkd_tune.models.classifier import ImageClassifier
@@ -21,6 +19,7 @@ from dkd_tune.models.registry import (
     model_table,
     parameter_count,
 )
+from dkd_tune.models.weights_file import ModelCheckpoint, read_model_checkpoint
 
 __all__ = [
     "FAMILIES",

@@ -19,8 +19,9 @@ from torch import nn
 from torchvision.models import mobilenetv2 as tv_mobilenetv2
 from torchvision.models import resnet as tv_resnet
 
-from dkd_tune.errors import UserInputError
+from dkd_tune.core.errors import UserInputError
 from dkd_tune.models.classifier import ImageClassifier, global_average_pool
+from dkd_tune.models.weights_file import read_model_checkpoint
 
 TORCHVISION_WEIGHTS = "torchvision"
 PAPER_WEIGHTS_VERSION = "IMAGENET1K_V1"  # the weights the paper's ImageNet teachers are
@@ -133,9 +134,6 @@ def _load_pretrained(model: ImageClassifier, name: str, pretrained: str | os.Pat
             )
         state_dict, source = _torchvision_state_dict(name, pretrained), f"torchvision's {name} weights"
     else:
-        # Imported here: the checkpoint module imports the registry, which imports this module.
-        from dkd_tune.models.checkpoints import read_model_checkpoint
-
         state_dict, source = read_model_checkpoint(pretrained).state_dict, str(Path(pretrained).expanduser())
     head_prefix = model.classifier_key()
     head_keys = {f"{head_prefix}.weight", f"{head_prefix}.bias"}

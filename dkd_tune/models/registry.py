@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dkd_tune.errors import UserInputError
+from dkd_tune.core.errors import UserInputError
 from dkd_tune.models import (
     imagenet,
     mlp,

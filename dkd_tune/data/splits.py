@@ -1,0 +1,136 @@
+"""Turns a DataSpec into a run's datasets: read (or download, or generate), hold out a validation split, add label noise."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from dkd_tune.core.errors import UserInputError
+from dkd_tune.data.cifar import CIFAR100_URL, CIFAR_FILES, CIFAR_FOLDER, cifar100_folder, read_cifar100
+from dkd_tune.data.dataset import CIFAR100_MEAN, CIFAR100_STD, ImageDataset
+from dkd_tune.data.label_noise import symmetric_label_noise
+from dkd_tune.data.seeding import derived_seed
+from dkd_tune.data.spec import DataSpec
+from dkd_tune.data.synthetic import make_synthetic, synthetic_params
+
+SYNTHETIC_DEFAULT_CLASSES = 100  # make_synthetic's default
+
+
+def load_train_test(spec: DataSpec) -> tuple[ImageDataset, ImageDataset]:
+    """The (train, test) datasets of a cifar100 or synthetic spec; the validation split, if any, is left out of train."""
+    train, _, test = load_splits(spec)
+    return train, test
+
+
+def load_splits(spec: DataSpec) -> tuple[ImageDataset, ImageDataset | None, ImageDataset]:
+    """(train, validation or None, test) of a cifar100 or synthetic spec; label noise, if any, on train only.
+
+    The validation split is `spec.validation` images per class drawn from the training split with a
+    fixed seed (the same images for every run and teacher) and removed from it, so a model is chosen
+    on images no run trained on and the test split only reports. With noise, `train.labels` are
+    noisy, `train.clean_labels` the originals and `train.label_noise_rate` the realised rate.
+    """
+    if spec.name == "cifar100":
+        if spec.download and not (cifar100_folder(spec.root) / "meta").is_file():
+            _download_cifar100(spec)
+        how_to_get = (
+            f"set download: true in the data spec, or download {CIFAR100_URL} and extract it into {spec.root}"
+        )
+        train, test = read_cifar100(
+            spec.root, name="cifar100", how_to_get=how_to_get, mean=CIFAR100_MEAN, std=CIFAR100_STD
+        )
+    elif spec.name == "synthetic":
+        if spec.generate is not None:
+            make_synthetic(spec.root, **spec.generate)
+        how_to_get = f"run `dkd-tune make-synthetic --out {spec.root}`, or add generate: to the data spec"
+        train, test = read_cifar100(spec.root, name="synthetic", how_to_get=how_to_get)
+    else:
+        raise UserInputError(
+            f"data spec {spec.name!r}: train/test datasets are read for cifar100 and synthetic; "
+            "imagenet uses dkd_tune.data.imagenet_loaders"
+        )
+    validation = None
+    if spec.validation:
+        train, validation = _hold_out(train, spec.validation, source=str(spec.root))
+    if spec.label_noise > 0:
+        noisy, realised = symmetric_label_noise(
+            train.labels, spec.label_noise, train.num_classes, spec.noise_seed
+        )
+        train = dataclasses.replace(train, labels=noisy, clean_labels=train.labels, label_noise_rate=realised)
+    return train, validation, test
+
+
+def _hold_out(train: ImageDataset, per_class: int, source: str) -> tuple[ImageDataset, ImageDataset]:
+    """Split `per_class` images of every class off `train` (seeded, stratified); (rest, held out), both in file order."""
+    labels = train.labels.numpy()
+    counts = np.bincount(labels, minlength=train.num_classes)
+    if counts.min() <= per_class:
+        raise UserInputError(
+            f"data {source}: validation {per_class} images per class leaves no training image for class "
+            f"{int(counts.argmin())} ({int(counts.min())} images); expected fewer than {int(counts.min())}"
+        )
+    rng = np.random.default_rng(derived_seed(0, "validation-split", per_class))
+    held = np.zeros(len(labels), dtype=bool)
+    for cls in range(train.num_classes):
+        members = np.flatnonzero(labels == cls)
+        held[rng.choice(members, per_class, replace=False)] = True
+
+    def subset(mask: np.ndarray) -> ImageDataset:
+        index = torch.from_numpy(np.flatnonzero(mask))
+        coarse = None if train.coarse_labels is None else train.coarse_labels[index]
+        return dataclasses.replace(
+            train, images=train.images[index], labels=train.labels[index], coarse_labels=coarse
+        )
+
+    return subset(~held), subset(held)
+
+
+def _download_cifar100(spec: DataSpec) -> None:
+    from torchvision.datasets import CIFAR100
+
+    try:
+        spec.root.mkdir(parents=True, exist_ok=True)
+        CIFAR100(str(spec.root), train=True, download=True)
+    except (OSError, RuntimeError) as error:
+        raise UserInputError(
+            f"{spec.root / CIFAR_FOLDER}: could not download CIFAR-100 ({type(error).__name__}: {error}); "
+            f"download {CIFAR100_URL} by hand and extract it into {spec.root}"
+        ) from None
+
+
+def dataset_problem(spec: DataSpec) -> str | None:
+    """Why `spec` cannot be read right now (one line), or None; checked before a search starts."""
+    if spec.name == "imagenet":
+        missing = [split for split in ("train", "val") if not (spec.root / split).is_dir()]
+        if missing:
+            return f"{spec.root / missing[0]}: no such folder; expected ImageFolder train/ and val/ under {spec.root}"
+        return None
+    if spec.download or (spec.name == "synthetic" and spec.generate is not None):
+        return None
+    folder = cifar100_folder(spec.root)
+    for file in CIFAR_FILES:
+        if not (folder / file).is_file():
+            how_to_get = (
+                "set download: true in the data spec"
+                if spec.name == "cifar100"
+                else f"run `dkd-tune make-synthetic --out {spec.root}` or add generate: to the data spec"
+            )
+            return f"{folder / file}: missing file; expected {CIFAR_FOLDER}/{{train,test,meta}}; {how_to_get}"
+    return None
+
+
+def dataset_num_classes(spec: DataSpec) -> int:
+    """Number of classes of `spec`'s dataset, without reading its images."""
+    if spec.name == "cifar100":
+        return 100
+    if spec.name == "imagenet":
+        return sum(1 for entry in (spec.root / "train").iterdir() if entry.is_dir())
+    if spec.generate is not None:  # what the folder will hold once generated (or already holds)
+        return int(spec.generate.get("classes", SYNTHETIC_DEFAULT_CLASSES))
+    params = synthetic_params(spec.root)
+    if params is not None:
+        return int(params["classes"])
+    train, _ = read_cifar100(spec.root, name="synthetic", how_to_get="")
+    return train.num_classes

@@ -1,0 +1,377 @@
+"""`dkd-tune run` and `dkd-tune resume`: teachers prepared once, then Optuna TPE + ASHA on Ray Tune, per teacher.
+
+A search is a folder `<storage>/<name>/` holding the validated config (`search.yaml`), a small
+state file (teachers' artifacts, MLflow parent run, which parts are done), one Ray Tune
+experiment per part (the CE baseline and each teacher: TPE and ASHA compare trials of the same
+teacher only, since the best beta differs by teacher) and, at the end, `results.parquet`.
+Everything needed to finish an interrupted search is in that folder: `resume` reads it back.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dkd_tune.config.folders import (
+    CONFIG_FILE,
+    PROBES_FILE,
+    RESULTS_FILE,
+    STATE_FILE,
+    locate_search,
+    read_state,
+    resume_command,
+)
+from dkd_tune.config.loading import check_storage, load_search_space
+from dkd_tune.config.plan import BASELINE_PREFIX, rung_warnings, search_parts, trial_plan
+from dkd_tune.config.schema import Distribution, SearchSpaceFile
+from dkd_tune.config.tracking_uri import check_tracking_uri
+from dkd_tune.core.errors import UserInputError
+from dkd_tune.core.files import atomic_path, atomic_write_json, atomic_write_text
+from dkd_tune.search.interruption import (
+    SearchInterrupted,
+    as_interruption,
+    interruption_guard,
+    tune_experiment,
+)
+from dkd_tune.search.options import SearchOptions, SearchOutcome
+from dkd_tune.search.parent_run import (
+    announce_prior,
+    check_tracking_store,
+    child_runs,
+    close_interrupted_runs,
+    close_search_run,
+    search_tracking_uri,
+    start_parent_run,
+    sync_trial_runs,
+    tag_parent_with_teachers,
+)
+from dkd_tune.search.ray_runtime import start_ray
+from dkd_tune.search.teacher_tasks import collect_teachers, launch_teacher_preparation, load_data
+from dkd_tune.search.tuner import auto_beta_prior, new_tuner, trial_logger, trial_resources
+
+# ------------------------------------------------------------------------------------------------
+# Entry points
+
+
+def run_search(space: SearchSpaceFile, source: Path, options: SearchOptions) -> SearchOutcome:
+    """Start a new search from a validated file."""
+    check_storage(options.storage, "--storage")
+    check_tracking_uri(options.tracking_uri, "--tracking-uri")
+    check_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI"), "MLFLOW_TRACKING_URI")
+    storage = Path(options.storage or space.storage).expanduser().resolve()
+    name = options.name or space.name
+    experiment_dir = storage / name
+    if experiment_dir.exists():
+        if options.name:
+            raise UserInputError(
+                f"--name {name}: a search of that name already exists in {storage}; "
+                f"use 'dkd-tune resume {name}' to continue it, or another --name"
+            )
+        name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        experiment_dir = storage / name
+    data = load_data(space, options)  # an unreadable dataset fails here: nothing written, Ray not started
+    check_tracking_store(search_tracking_uri(space, options))
+    experiment_dir.mkdir(parents=True)
+    atomic_write_text(
+        experiment_dir / CONFIG_FILE,
+        yaml.safe_dump(space.model_dump(mode="json", by_alias=True, exclude_none=True), sort_keys=False),
+    )
+    state = {
+        "name": name,
+        "source": str(source),
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "tracking_uri": search_tracking_uri(space, options),
+        "teachers": {},
+        "parts_done": [],
+        "parent_run_id": None,
+        "status": "running",
+    }
+    atomic_write_json(experiment_dir / STATE_FILE, state)
+    options.log(f"dkd-tune: search '{name}' in {experiment_dir}")
+    for warning in rung_warnings(space, str(source)):
+        options.log(warning)
+    return _execute(space, experiment_dir, state, options, data)
+
+
+def resume_search(name_or_path: str, options: SearchOptions) -> SearchOutcome:
+    """Finish an interrupted search: done parts kept, unfinished trials resumed from their checkpoints."""
+    check_tracking_uri(options.tracking_uri, "--tracking-uri")
+    experiment_dir = locate_search(name_or_path, options.storage)
+    state = read_state(experiment_dir / STATE_FILE)
+    space = load_search_space(experiment_dir / CONFIG_FILE)
+    data = load_data(space, options)
+    if options.tracking_uri:
+        state["tracking_uri"] = options.tracking_uri
+    check_tracking_store(state["tracking_uri"])
+    options.log(f"dkd-tune: resuming search '{state['name']}' in {experiment_dir}")
+    return _execute(space, experiment_dir, state, options, data)
+
+
+# ------------------------------------------------------------------------------------------------
+# The search itself
+
+
+def _execute(
+    space: SearchSpaceFile, experiment_dir: Path, state: dict[str, Any], options: SearchOptions, data
+) -> SearchOutcome:
+    start_ray(options)
+    import ray
+
+    def save_state() -> None:
+        atomic_write_json(experiment_dir / STATE_FILE, state)
+
+    data_spec, shared = data
+    try:
+        with interruption_guard(options.log):
+            return _search_phases(space, experiment_dir, state, options, data_spec, shared, save_state)
+    except (SearchInterrupted, KeyboardInterrupt) as error:
+        # Whatever phase it hit, what is on disk is resumable; say so in the state and in MLflow.
+        interruption = as_interruption(error)
+        state["status"] = "interrupted"
+        save_state()
+        close_interrupted_runs(state, options)
+        interruption.resume_command = interruption.resume_command or resume_command(experiment_dir)
+        raise interruption from None
+    finally:
+        ray.shutdown()
+
+
+def _search_phases(space, experiment_dir, state, options, data_spec, shared, save_state) -> SearchOutcome:
+    import ray
+
+    from analysis.results import load_search_results, results_table, write_results
+    from dkd_tune.tracking import mlflow_store as tracking
+
+    state["status"] = "running"
+    save_state()
+    shared_ref = ray.put(shared)
+    parts = [part for part in search_parts(space) if part[0] not in state["parts_done"]]
+    # Teachers are prepared in Ray tasks while the teacher-free baselines train beside them.
+    baseline_cpus = sum(space.resources.cpu for name, teacher in parts if teacher is None)
+    pending = launch_teacher_preparation(
+        space, data_spec, shared_ref, experiment_dir, state, options, baseline_cpus
+    )
+
+    client = tracking.client_for(state["tracking_uri"])
+    if state.get("parent_run_id") is None:
+        state["parent_run_id"] = start_parent_run(
+            client, space, experiment_dir, state, data_spec, options.parent_run_id
+        )
+        save_state()
+    else:
+        client.update_run(state["parent_run_id"], status="RUNNING")
+
+    teachers: dict[str, Any] | None = None
+    for part_name, teacher in search_parts(space):
+        if teacher is not None and teachers is None:
+            teachers = collect_teachers(space, pending, data_spec, state, save_state, options)
+            try:
+                tag_parent_with_teachers(client, state["parent_run_id"], teachers)
+            except Exception as error:  # an unreachable store: tagged when the search's runs are synced
+                if not tracking.store_unreachable(error):
+                    raise
+        if part_name in state["parts_done"]:
+            options.log(f"dkd-tune: part '{part_name}' already finished, kept as is")
+            continue
+        _run_part(space, part_name, teacher, teachers or {}, shared_ref, experiment_dir, state, options)
+        state["parts_done"].append(part_name)
+        save_state()
+    if teachers is None:
+        teachers = collect_teachers(space, pending, data_spec, state, save_state, options)
+
+    options.log("dkd-tune: writing the results")
+    frame = load_search_results(experiment_dir, space=space, teachers=teachers, state=state)
+    results_path = write_results(frame, experiment_dir / RESULTS_FILE)
+    best = _best_row(frame, space)
+    tracked = sync_trial_runs(space, state, teachers, experiment_dir, frame, options)
+    if space.probe is not None and not state.get("probes_done"):
+        if tracked:  # probe runs nest under the trials' runs
+            _probe_best_trials(space, frame, client, experiment_dir, state, options)
+            state["probes_done"] = True
+        else:
+            options.log(f"dkd-tune: the probes wait for MLflow: {resume_command(experiment_dir)} runs them")
+    _write_analysis(state, experiment_dir, frame, options)
+    tracked = tracked and close_search_run(state, experiment_dir, frame, best, space, options)
+    state["tracking"] = "synced" if tracked else "pending"
+    state["status"] = "done"
+    save_state()
+    references = {
+        row["part"]: float(row["final_test_acc"])
+        for _, row in frame[frame["part"].str.startswith(BASELINE_PREFIX)].iterrows()
+        if row["status"] == "completed"
+    }
+    return SearchOutcome(
+        experiment_dir, results_path, best, results_table(frame, metric=space.metric), references
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Teachers: loaded or trained, gap measured, logit cache built, once per search
+
+
+# ------------------------------------------------------------------------------------------------
+# One part: a Ray Tune experiment over one teacher (or a baseline)
+
+
+def _run_part(space, part_name, teacher, teachers, shared_ref, experiment_dir, state, options) -> None:
+    from ray import tune
+
+    from dkd_tune.search.study import study_storage_url
+    from dkd_tune.search.tune_signals import StopOnSignal
+    from trainables import distillation_trainable
+
+    plan = trial_plan(space, teacher, teachers.get(teacher.label) if teacher else None, part_name)
+    function = options.trainable or distillation_trainable(
+        space.resources.workers,
+        use_gpu=space.resources.gpu > 0,
+        cpus_per_worker=space.resources.cpu,
+        max_failures=space.max_failures,
+        storage_dir=str(experiment_dir / part_name),
+    )
+    trainable = tune.with_resources(
+        tune.with_parameters(function, plan=plan, data=shared_ref), trial_resources(space)
+    )
+    part_dir = experiment_dir / part_name
+    logger = trial_logger(space, part_name, teacher, teachers, state)
+    searched = [name for name, d in space.space_for(teacher).items() if d.kind != "fixed"] if teacher else []
+    run_config = tune.RunConfig(
+        name=part_name,
+        storage_path=str(experiment_dir),
+        failure_config=tune.FailureConfig(max_failures=space.max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        callbacks=[logger, StopOnSignal()],
+        progress_reporter=tune.CLIReporter(
+            parameter_columns=searched,
+            metric_columns={
+                "epoch": "epoch",
+                "train_loss": "loss",
+                "test_acc": "test acc",
+                "best_test_acc": "best",
+            },
+            max_report_frequency=20,
+            sort_by_metric=True,
+        ),
+        verbose=1,
+    )
+    if part_dir.exists() and tune.Tuner.can_restore(str(part_dir)):
+        options.log(f"dkd-tune: resuming part '{part_name}' from {part_dir}")
+        tuner = tune.Tuner.restore(str(part_dir), trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        prior = None
+        if teacher is not None and space.space_for(teacher).get("beta", Distribution(fixed=0)).kind == "auto":
+            prior = auto_beta_prior(space, plan)
+            announce_prior(prior, teacher.label, state, experiment_dir, options)
+        tuner = new_tuner(
+            space,
+            part_name,
+            teacher,
+            plan,
+            trainable,
+            run_config,
+            study_storage=study_storage_url(experiment_dir),
+            prior=prior,
+        )
+        options.log(
+            f"dkd-tune: part '{part_name}': starting ({plan.loss_mode}, up to {plan.max_epochs} epochs per trial)"
+        )
+    with tune_experiment():  # a signal stops Tune gracefully, then the search (the part is not done)
+        tuner.fit()
+
+
+# ------------------------------------------------------------------------------------------------
+# MLflow parent run
+
+
+def sync_search(name_or_path: str, options: SearchOptions) -> bool:
+    """`dkd-tune sync`: fill MLflow from a finished search's folder (after the store was unreachable)."""
+    import pandas as pd
+
+    from dkd_tune.teacher.preparation import TeacherArtifacts
+    from dkd_tune.tracking import mlflow_store as tracking
+
+    check_tracking_uri(options.tracking_uri, "--tracking-uri")
+    tracking.keep_http_retries_short()
+    experiment_dir = locate_search(name_or_path, options.storage)
+    state = read_state(experiment_dir / STATE_FILE)
+    if state.get("status") != "done" or not (experiment_dir / RESULTS_FILE).is_file():
+        raise UserInputError(
+            f"search {state['name']!r} ({experiment_dir}): not finished (status {state.get('status')!r}); "
+            f"{resume_command(experiment_dir)} finishes it and fills MLflow"
+        )
+    if options.tracking_uri:
+        state["tracking_uri"] = options.tracking_uri
+    space = load_search_space(experiment_dir / CONFIG_FILE)
+    teachers = {label: TeacherArtifacts.from_dict(entry) for label, entry in state["teachers"].items()}
+    frame = pd.read_parquet(experiment_dir / RESULTS_FILE)
+    tracked = sync_trial_runs(space, state, teachers, experiment_dir, frame, options)
+    tracked = tracked and close_search_run(
+        state, experiment_dir, frame, _best_row(frame, space), space, options
+    )
+    state["tracking"] = "synced" if tracked else "pending"
+    atomic_write_json(experiment_dir / STATE_FILE, state)
+    if tracked and space.probe is not None and not state.get("probes_done"):
+        options.log(f"dkd-tune: the probes have not run yet: {resume_command(experiment_dir)} runs them")
+    return tracked
+
+
+def _probe_best_trials(space, frame, client, experiment_dir: Path, state, options) -> None:
+    """Linear probes of the best trials (Ray tasks), each logged under its trial's run; probes.parquet."""
+    from dkd_tune.search.transfer_probes import probe_best_trials
+    from dkd_tune.tracking import mlflow_store as tracking
+
+    child_run_ids = {
+        run.data.tags[tracking.TAG_TRIAL_ID]: run.info.run_id
+        for run in child_runs(client, state["parent_run_id"])
+    }
+    probes = probe_best_trials(
+        frame,
+        space.probe,
+        tracking_uri=state["tracking_uri"],
+        experiment_name=space.name,
+        child_run_ids=child_run_ids,
+        resources=space.resources,
+        log=options.log,
+    )
+    path = experiment_dir / PROBES_FILE
+    with atomic_path(path) as tmp:
+        probes.to_parquet(tmp, index=False)
+    client.log_artifact(state["parent_run_id"], str(path))
+
+
+def _best_row(frame, space: SearchSpaceFile) -> dict[str, Any] | None:
+    """The best searched trial that ran its full budget (baselines are references, not candidates)."""
+    if frame.empty:
+        return None
+    candidates = frame[(frame["status"] == "completed") & ~frame["part"].str.startswith(BASELINE_PREFIX)]
+    if candidates.empty:
+        return None
+    column = {"test_acc": "final_test_acc", "val_acc": "final_val_acc", "val_loss": "final_val_loss"}.get(
+        space.metric, space.metric
+    )
+    if column not in candidates:
+        column = "final_test_acc"
+    index = candidates[column].idxmax() if space.mode == "max" else candidates[column].idxmin()
+    return candidates.loc[index].to_dict()
+
+
+def _write_analysis(state, experiment_dir, frame, options) -> None:
+    """Tables and figures of the finished search in `analysis/` (logged to its MLflow run when it closes).
+
+    A figure that cannot be drawn must not fail a search whose trials all finished: it is reported.
+    """
+    from analysis.results import load_trial_histories
+    from analysis.search_analysis import MLFLOW_ARTIFACT_DIR, write_analysis
+
+    try:
+        write_analysis(
+            frame,
+            load_trial_histories(experiment_dir),
+            experiment_dir / MLFLOW_ARTIFACT_DIR,
+            title=f"Search {state['name']}",
+        )
+    except Exception as error:  # any plotting failure is reported, not raised
+        options.log(f"dkd-tune: warning: the analysis tables and figures were not written ({error!r})")

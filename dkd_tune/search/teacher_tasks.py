@@ -1,0 +1,174 @@
+"""A search's data and teachers, prepared once: the decoded dataset in Ray's object store, each teacher in a Ray task (train or load, gap, logit cache)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from dkd_tune.config.schema import SearchSpaceFile
+from dkd_tune.core.losses import LOSS_MODES
+from dkd_tune.search.options import SearchOptions
+
+
+def load_data(space: SearchSpaceFile, options: SearchOptions):
+    """(data spec, what the trials share) of the search, read before anything is written or started."""
+
+    data_spec = space.data_spec
+    return data_spec, shared_data(data_spec, space, options)
+
+
+def launch_teacher_preparation(space, data_spec, shared_ref, experiment_dir, state, options, baseline_cpus):
+    """Start one Ray task per teacher not prepared yet (load or train, gap, cache); returns their refs."""
+    import ray
+
+    pending = {}
+    total_cpus = int(ray.cluster_resources().get("CPU", 1))
+    for teacher in space.teachers:
+        if teacher.label in state["teachers"]:
+            continue
+        cache_dir, cache_note = cache_decision(space, data_spec, experiment_dir)
+        gpu = 1 if space.resources.gpu > 0 else 0
+        cpus = max(1, int(space.resources.cpu)) if gpu else max(1, total_cpus - int(baseline_cpus))
+        options.log(
+            f"dkd-tune: preparing teacher '{teacher.label}' ({teacher.model}); logit cache: {cache_note}"
+        )
+        task = ray.remote(prepare_teacher_task).options(num_cpus=cpus, num_gpus=gpu, max_retries=0)
+        pending[teacher.label] = task.remote(
+            teacher,
+            space.student,
+            data_spec,
+            shared_ref,
+            str(search_teachers_dir(space, experiment_dir)),
+            cache_dir,
+            cache_note,
+            cpus,
+        )
+    return pending
+
+
+def collect_teachers(space, pending, data_spec, state, save_state, options) -> dict[str, Any]:
+    """Wait for the teacher tasks; record each teacher's artifacts, gap and auto-beta in the state."""
+    import ray
+
+    from dkd_tune.teacher.preparation import TeacherArtifacts
+
+    artifacts: dict[str, TeacherArtifacts] = {}
+    for teacher in space.teachers:
+        if teacher.label not in pending:
+            artifacts[teacher.label] = TeacherArtifacts.from_dict(state["teachers"][teacher.label])
+            continue
+        prepared = ray.get(pending[teacher.label])
+        prepared = dataclasses.replace(
+            prepared,
+            predicted_beta=predict_beta(prepared, data_spec, options),
+            non_target=teacher.non_target,
+        )
+        artifacts[teacher.label] = prepared
+        state["teachers"][teacher.label] = prepared.to_dict()
+        save_state()
+        gap = prepared.gap
+        options.log(
+            f"dkd-tune: teacher '{teacher.label}': train top-1 {gap.train_acc:.2f}%, test top-1 {gap.test_acc:.2f}%, "
+            f"mean logit gap {gap.mean:.3f}"
+            + (f", auto-beta {prepared.predicted_beta:.2f}" if prepared.predicted_beta else "")
+        )
+    return artifacts
+
+
+def shared_data(data_spec, space: SearchSpaceFile, options: SearchOptions):
+    """What the trials share: the decoded dataset (read once, here), or for ImageNet its folders."""
+    from dkd_tune.data import ImageFolderData, dataset_num_classes, load_splits
+    from dkd_tune.trial import SharedDataset
+
+    if data_spec.name == "imagenet":
+        # Folder data is read by each trial's DataLoader workers, one per CPU the trial asks for.
+        return ImageFolderData(
+            data_spec.root, dataset_num_classes(data_spec), workers=max(1, int(space.resources.cpu))
+        )
+    options.log(f"dkd-tune: loading {data_spec.name} from {data_spec.root}")
+    train, validation, test = load_splits(data_spec)
+    return SharedDataset.from_datasets(train, test, validation)
+
+
+def prepare_teacher_task(teacher, student, data_spec, shared, teachers_dir, cache_dir, cache_note, cpus):
+    import torch
+
+    from dkd_tune.core.recipes import resolve_recipe
+    from dkd_tune.data import ImageFolderData
+    from dkd_tune.engine.devices import training_device
+    from dkd_tune.teacher.preparation import prepare_folder_teacher, prepare_teacher
+
+    torch.set_num_threads(cpus)
+    if isinstance(shared, ImageFolderData):
+        return prepare_folder_teacher(
+            label=teacher.label,
+            model=teacher.model,
+            checkpoint=teacher.checkpoint,
+            data=shared,
+            device=training_device(),
+        )
+    train_set, test_set = shared.datasets()
+    train_recipe = None
+    if teacher.train is not None:
+        train_recipe = resolve_recipe(
+            teacher.train.recipe, student=teacher.model, overrides=teacher.train.overrides
+        )
+    return prepare_teacher(
+        label=teacher.label,
+        model=teacher.model,
+        checkpoint=teacher.checkpoint,
+        train_recipe=train_recipe,
+        train_set=train_set,
+        test_set=test_set,
+        augment=data_spec.augment,
+        teachers_dir=Path(teachers_dir),
+        cache_dir=Path(cache_dir) if cache_dir else None,
+        cache_note=cache_note,
+        device=training_device(),
+    )
+
+
+def search_teachers_dir(space: SearchSpaceFile, experiment_dir: Path) -> Path:
+    return experiment_dir.parent / "teachers"
+
+
+def cache_decision(space: SearchSpaceFile, data_spec, experiment_dir: Path) -> tuple[str | None, str]:
+    """Where to build the exact teacher-logit cache, or None, and why (for the log)."""
+    from dkd_tune.data.train_loader import CIFAR_PADDING
+    from dkd_tune.data.views import num_views
+
+    mode = space.cache.teacher_logits
+    if mode == "off":
+        return None, "off (disabled in the file)"
+    if data_spec.augment == "autoaugment" or data_spec.name == "imagenet":
+        return (
+            None,
+            f"off (views are unbounded with {'AutoAugment' if data_spec.augment == 'autoaugment' else 'ImageNet crops'})",
+        )
+    if not LOSS_MODES[space.loss].needs_teacher:
+        return None, f"off (no teacher in {space.loss}-only trials)"
+    directory = (
+        Path(space.cache.dir).expanduser() if space.cache.dir else experiment_dir.parent / "teacher_logits"
+    )
+    views = num_views(CIFAR_PADDING, flip=True) if data_spec.augment == "standard" else 1
+    # Building costs one teacher pass per view; trials without it cost one per trial-epoch.
+    trial_epochs = space.search.num_samples * space.max_epochs()
+    if mode == "auto" and trial_epochs < views:
+        return (
+            None,
+            f"off (auto: {views} views cost more teacher passes than at most {trial_epochs} trial-epochs)",
+        )
+    return str(directory), f"on ({views} views per image, in {directory})"
+
+
+def predict_beta(prepared, data_spec, options) -> float | None:
+    from dkd_tune.teacher.auto_beta import default_calibration_or_none
+
+    calibration = default_calibration_or_none(data_spec.family)
+    if calibration is None or prepared.gap is None:
+        return None
+    suggestion = calibration.predict(prepared.gap.mean)
+    for warning in suggestion.warnings:
+        options.log(f"dkd-tune: auto-beta: {warning}")
+    return float(suggestion.beta)

@@ -1,0 +1,236 @@
+"""The Ray Tune Tuner of one part of a search: the search file's distributions for Optuna (TPE) or Tune, ASHA's rungs, resources, the MLflow callback."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dkd_tune.config.plan import BASELINE_PREFIX, trial_plan
+from dkd_tune.config.schema import Distribution, SearchSpaceFile
+
+# TPE needs a few random trials before its model is worth anything; a third of the budget, 2..10.
+MIN_STARTUP_TRIALS, MAX_STARTUP_TRIALS = 2, 10
+
+
+def trial_logger(space, part_name, teacher, teachers, state):
+    """The MLflow callback of one part: a child run per trial under the search's run."""
+    from dkd_tune.search.mlflow_trial_logger import MLflowTrialLogger
+    from dkd_tune.tracking import mlflow_store as tracking
+
+    plan = trial_plan(space, teacher, teachers.get(teacher.label) if teacher else None, part_name)
+    return MLflowTrialLogger(
+        state["tracking_uri"],
+        space.name,
+        state["parent_run_id"],
+        teacher_label=teacher.label if teacher else part_name,
+        max_epochs=plan.max_epochs,
+        fixed_params=trial_fixed_params(space, plan, teacher, teachers),
+        extra_tags={tracking.TAG_SEARCH: state["name"]},
+    )
+
+
+def new_tuner(
+    space: SearchSpaceFile,
+    part_name: str,
+    teacher,
+    plan,
+    trainable,
+    run_config,
+    *,
+    study_storage=None,
+    prior=None,
+):
+    """The Ray Tune Tuner of one part: its searcher, ASHA and budget (a baseline runs once, unpruned).
+
+    `study_storage` is the Optuna storage URL where the part's study persists (in memory if None).
+    """
+    from ray import tune
+    from ray.tune.search import Searcher
+
+    from dkd_tune.search.study import study_name
+
+    is_baseline = part_name.startswith(BASELINE_PREFIX)
+    searched = {} if is_baseline else space.space_for(teacher)
+    if prior is None and "beta" in searched and searched["beta"].kind == "auto":
+        prior = auto_beta_prior(space, plan)  # `beta: auto`; the caller may pass the prior it announced
+    if prior is not None:
+        searched = {**searched, "beta": Distribution(loguniform=prior.beta_range)}
+    searcher, param_space, num_samples = search_algorithm(
+        space,
+        searched,
+        max_epochs=plan.max_epochs,
+        study=(study_storage, study_name(space.name, part_name)) if study_storage else None,
+        first_points=first_points(prior, searched, plan.base_recipe) if prior is not None else None,
+    )
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            metric=space.metric,
+            mode=space.mode,
+            search_alg=searcher,
+            scheduler=None if is_baseline else asha_scheduler(space, plan.max_epochs),
+            num_samples=num_samples,
+            max_concurrent_trials=space.search.max_concurrent_trials
+            if isinstance(searcher, Searcher)
+            else None,
+            reuse_actors=True,  # a new trial reuses a finished trial's process: no Python + torch start-up
+            trial_name_creator=TrialName(part_name),
+            trial_dirname_creator=TrialName(part_name),
+        ),
+        run_config=run_config,
+    )
+
+
+class TrialName:
+    """Trial names and folders `<part>-<trial id>` (picklable, so a restored Tuner keeps them)."""
+
+    def __init__(self, part_name: str):
+        self.part_name = part_name
+
+    def __call__(self, trial) -> str:
+        return f"{self.part_name}-{trial.trial_id}"
+
+
+def trial_resources(space: SearchSpaceFile) -> dict[str, float]:
+    if space.resources.workers > 1:
+        # The trial itself only coordinates; its DDP workers ask Ray Train for CPUs and GPUs. A trial
+        # must reserve something, and any CPU share would leave too little for the workers' whole CPUs.
+        return {"cpu": 0, "memory": 1}
+    return {"cpu": space.resources.cpu, "gpu": space.resources.gpu}
+
+
+def trial_fixed_params(space, plan, teacher, teachers) -> dict[str, Any]:
+    params: dict[str, Any] = dict(plan.base_recipe.to_dict())
+    params.update(
+        loss=plan.loss_mode,
+        student=space.student,
+        teacher=teacher.label if teacher else "none",
+        teacher_model=teacher.model if teacher else "none",
+        dataset=plan.dataset_name,
+        augment=plan.augment,
+        max_epochs=plan.max_epochs,
+    )
+    if teacher is not None and teacher.label in teachers and teachers[teacher.label].gap is not None:
+        params["teacher_gap"] = round(teachers[teacher.label].gap.mean, 4)
+    return params
+
+
+def auto_beta_prior(space: SearchSpaceFile, plan):
+    """`beta: auto`: the teacher's measured gap read through its dataset family's shipped calibration."""
+    from dkd_tune.teacher.auto_beta import beta_prior, default_calibration
+
+    family = space.data_spec.family
+    if plan.teacher is None or plan.teacher.gap is None:
+        raise ValueError("beta: auto needs the teacher's measured gap (prepare the teacher first)")
+    gap = plan.teacher.gap
+    return beta_prior(default_calibration(family), gap.mean, teacher_acc=gap.test_acc)
+
+
+def first_points(prior, searched: dict[str, Distribution], base) -> list[dict[str, Any]]:
+    """Optuna's first trials for `beta: auto`: each of the prior's betas, the other searched values at the recipe's."""
+    others = {}
+    for name, distribution in searched.items():
+        if name == "beta" or distribution.kind == "fixed":
+            continue
+        value = getattr(base, name, None)
+        bounds = distribution.extremes()
+        if distribution.kind in ("choice", "grid"):
+            others[name] = value if value in bounds else bounds[0]
+        else:
+            inside = value is not None and bounds[0] <= value <= bounds[1]
+            others[name] = value if inside else bounds[0]
+    return [{"beta": beta, **others} for beta in prior.first_betas()]
+
+
+def search_algorithm(
+    space: SearchSpaceFile,
+    searched: dict[str, Distribution],
+    *,
+    max_epochs: int | None = None,
+    study: tuple[str, str] | None = None,
+    first_points: list[dict[str, Any]] | None = None,
+):
+    """(search algorithm, Tuner param_space, num_samples) for one part.
+
+    `study` is (Optuna storage URL, study name): where the part's TPE study persists (in memory if None).
+    `first_points` are Optuna's first trials (`beta: auto`'s prior), TPE's own suggestions after them.
+    """
+    from ray.tune.search import BasicVariantGenerator
+
+    variable = {name: d for name, d in searched.items() if d.kind != "fixed"}
+    if any(d.kind == "auto" for d in variable.values()):
+        raise ValueError(
+            "beta: auto is resolved to a range and first trials (new_tuner) before the searcher is built"
+        )
+    settings = space.search
+    # BasicVariantGenerator limits concurrency itself (TuneConfig's limit only applies to Searchers).
+    concurrency = settings.max_concurrent_trials or 0
+    if not variable:
+        return BasicVariantGenerator(random_state=settings.seed, max_concurrent=concurrency), {}, 1
+    if settings.algorithm == "optuna":
+        import optuna
+
+        from dkd_tune.search.study import TruthfulOptunaSearch
+
+        startup = max(MIN_STARTUP_TRIALS, min(MAX_STARTUP_TRIALS, settings.num_samples // 3))
+        sampler = optuna.samplers.TPESampler(seed=settings.seed, n_startup_trials=startup, multivariate=True)
+        distributions = {name: optuna_distribution(d) for name, d in variable.items()}
+        storage, name = study if study is not None else (None, None)
+        searcher = TruthfulOptunaSearch(
+            space=distributions,
+            metric=space.metric,
+            mode=space.mode,
+            sampler=sampler,
+            max_epochs=max_epochs or space.max_epochs(),
+            storage=optuna.storages.RDBStorage(storage) if storage else None,
+            study_name=name,
+            points_to_evaluate=first_points,
+        )
+        return searcher, {}, settings.num_samples
+    param_space = {name: tune_distribution(d, settings.algorithm) for name, d in variable.items()}
+    return (
+        BasicVariantGenerator(random_state=settings.seed, max_concurrent=concurrency),
+        param_space,
+        settings.num_samples,
+    )
+
+
+def optuna_distribution(distribution: Distribution):
+    import optuna
+
+    if distribution.kind == "uniform":
+        return optuna.distributions.FloatDistribution(*distribution.uniform)
+    if distribution.kind == "loguniform":
+        return optuna.distributions.FloatDistribution(*distribution.loguniform, log=True)
+    if distribution.kind == "int":
+        return optuna.distributions.IntDistribution(*distribution.int_range)
+    return optuna.distributions.CategoricalDistribution(distribution.choice)
+
+
+def tune_distribution(distribution: Distribution, algorithm: str):
+    from ray import tune
+
+    kind = distribution.kind
+    if kind == "grid" or (algorithm == "grid" and kind == "choice"):
+        return tune.grid_search(list(distribution.grid or distribution.choice))
+    if kind == "uniform":
+        return tune.uniform(*distribution.uniform)
+    if kind == "loguniform":
+        return tune.loguniform(*distribution.loguniform)
+    if kind == "int":
+        low, high = distribution.int_range
+        return tune.randint(low, high + 1)
+    return tune.choice(list(distribution.choice))
+
+
+def asha_scheduler(space: SearchSpaceFile, max_epochs: int):
+    if space.scheduler.type == "none":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(
+        time_attr="epoch",
+        max_t=max_epochs,
+        grace_period=space.scheduler.grace_period,
+        reduction_factor=space.scheduler.reduction_factor,
+    )

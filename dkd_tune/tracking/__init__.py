@@ -1,0 +1,1 @@
+"""Floor 5, tracking: MLflow naming, tags and client calls, and run statuses; no Ray."""
