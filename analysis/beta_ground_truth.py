@@ -269,19 +269,29 @@ def verdict(differences: dict[str, tuple[float, float, float]], key: str, other:
     )
 
 
-def relation_verdict(slope: tuple[float, float, float], gaps: np.ndarray) -> str:
-    """One plain sentence on the gap-beta relation: found only when the slope's interval excludes 0."""
+def relation_verdict(slope: tuple[float, float, float], gaps: np.ndarray, betas: np.ndarray) -> str:
+    """One plain sentence on the gap-beta relation, judged by how far the best beta moves across the
+    teachers' gaps against the grid's step (the smallest move a pick can make):
+
+    found when the 95% interval excludes 0 and reaches past one grid step; absent when the whole
+    interval stays within one grid step either way; undecided otherwise.
+    """
     estimate, low, high = slope
     if not (math.isfinite(low) and math.isfinite(high)):
         return "No interval could be computed for the gap-beta relation."
     span = float(np.max(gaps) - np.min(gaps))
+    step = float(np.min(np.diff(np.log2(np.sort(betas)))))
+    move, move_low, move_high = estimate * span, low * span, high * span
     text = (
-        f"the best beta's peak moves {estimate:+.2f} octaves per unit of gap ({estimate * span:+.1f} octaves "
-        f"across the teachers' gaps), 95% interval {low:+.2f} to {high:+.2f}"
+        f"across the teachers' gaps ({np.min(gaps):.2f} to {np.max(gaps):.2f}) the best beta's peak moves "
+        f"{move:+.1f} octaves (95% interval {move_low:+.1f} to {move_high:+.1f}; {estimate:+.2f} octaves per "
+        f"unit of gap), against a grid step of {step:g} octave{'s' if step != 1 else ''}"
     )
-    if low > 0 or high < 0:
-        return f"A gap-beta relation is found: {text}, which excludes 0."
-    return f"No gap-beta relation is found: {text}, which includes 0."
+    if -step < move_low and move_high < step:
+        return f"No gap-beta relation of practical size: {text}; the whole interval stays within one step."
+    if (move_low > 0 or move_high < 0) and max(abs(move_low), abs(move_high)) >= step:
+        return f"A gap-beta relation is found: {text}; the interval excludes 0."
+    return f"The evidence does not decide on a gap-beta relation: {text}."
 
 
 def ranking_agreement(short: BetaGrid, long: BetaGrid) -> pd.DataFrame:

@@ -175,7 +175,7 @@ def report_markdown(
     ]
     if "autobeta-search" in comparison.differences:
         lines.append(verdict(comparison.differences, "autobeta-search", "the replayed search"))
-    lines.append(relation_verdict(comparison.slope, grid.gaps))
+    lines.append(relation_verdict(comparison.slope, grid.gaps, grid.betas))
     lines += [
         "",
         f"Intervals: 95% percentile bootstrap over teachers and seeds ({comparison.resamples} resamples), both "

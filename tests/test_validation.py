@@ -68,7 +68,9 @@ def test_a_gap_that_moves_the_peak_makes_auto_beta_beat_the_constant():
     # The relation itself: the slope planted (0.8 octaves per gap unit) is recovered, interval above 0.
     slope, low, high = comparison.slope
     assert 0 < low <= 0.8 <= high and abs(slope - 0.8) < 0.2
-    assert relation_verdict(comparison.slope, grid.gaps).startswith("A gap-beta relation is found")
+    assert relation_verdict(comparison.slope, grid.gaps, grid.betas).startswith(
+        "A gap-beta relation is found"
+    )
     # Held out, auto-beta lands within one grid step of each teacher's oracle beta.
     steps = np.abs(np.log2(comparison.table["autobeta_beta"]) - np.log2(comparison.table["oracle_beta"]))
     assert steps.max() <= 1.0
@@ -80,10 +82,11 @@ def test_a_gap_that_does_not_matter_gives_an_interval_that_holds_zero():
     _mean, low, high = comparison.differences["autobeta-constant"]
     assert low <= 0 <= high
     assert "does not beat" in verdict(comparison.differences, "autobeta-constant", "the constant")
-    # The negative control's question: no relation, the slope's interval holds 0.
+    # The negative control's question: no relation of practical size, the slope's interval holds 0
+    # and keeps the best beta within one grid step across the gaps.
     _slope, low, high = comparison.slope
     assert low <= 0 <= high
-    assert relation_verdict(comparison.slope, grid.gaps).startswith("No gap-beta relation is found")
+    assert relation_verdict(comparison.slope, grid.gaps, grid.betas).startswith("No gap-beta relation")
 
 
 def test_regret_is_paired_by_seed_and_uses_the_test_split_only_for_reporting():
@@ -227,7 +230,7 @@ def test_validate_beta_end_to_end_and_resume(validation_file, tmp_path):
     report = (folder / "validation.md").read_text()
     for heading in ("## Verdict", "## Per teacher", "## The calibration fitted on every teacher"):
         assert heading in report
-    assert "gap-beta relation is found" in report
+    assert "gap-beta relation" in report
     assert f"validate-beta {validation_file}" in report
     comparison = pd.read_parquet(folder / "comparison.parquet")
     assert set(comparison["teacher"]) == {"weak", "mid", "strong"}
@@ -304,3 +307,18 @@ def test_the_shipped_validation_files_are_validations():
     positive = load_search_space(root / "validate_synthetic.yaml")
     assert len(positive.teachers) >= 6
     assert all(len(set(positive.space_for(t)["seed"].grid)) >= 3 for t in positive.teachers)
+
+
+def test_the_relation_is_judged_against_one_grid_step_across_the_gaps():
+    gaps = np.array([1.5, 2.9, 4.2, 5.8])
+    found = relation_verdict((0.8, 0.5, 1.1), gaps, BETAS)
+    assert found.startswith("A gap-beta relation is found") and "+3.4 octaves" in found
+    # A slope whose whole interval moves the best beta by less than one step (1 octave) across the
+    # gaps is no relation of practical size, even with an interval that excludes 0.
+    small = relation_verdict((0.09, 0.07, 0.11), gaps, BETAS)
+    assert small.startswith("No gap-beta relation of practical size") and "+0.4 octaves" in small
+    assert relation_verdict((0.1, -0.3, 0.5), gaps, BETAS).startswith("The evidence does not decide")
+    assert relation_verdict((-0.5, -0.9, -0.3), gaps, BETAS).startswith("A gap-beta relation is found")
+    # The step is the grid's: on a half-octave ladder the same small slope is still below one step.
+    half_octaves = 2.0 ** np.arange(-2, 4.5, 0.5)
+    assert relation_verdict((0.09, 0.07, 0.11), gaps, half_octaves).startswith("No gap-beta relation")
