@@ -36,12 +36,15 @@ def write_tiny_cifar(root: Path, side=32) -> tuple[CifarSplit, CifarSplit]:
 def test_round_trip_in_the_official_layout(tmp_path):
     train, test = write_tiny_cifar(tmp_path)
     folder = tmp_path / "cifar-100-python"
+    # Read as most CIFAR code (torchvision included) reads the real release: str keys under latin1.
     with open(folder / "train", "rb") as file:
-        raw = pickle.load(file, encoding="bytes")
-    assert set(raw) == {b"data", b"fine_labels", b"coarse_labels", b"filenames", b"batch_label"}
-    assert raw[b"data"].dtype == np.uint8 and raw[b"data"].shape == (20, 3072)
+        raw = pickle.load(file, encoding="latin1")
+    assert set(raw) == {"data", "fine_labels", "coarse_labels", "filenames", "batch_label"}
+    assert raw["data"].dtype == np.uint8 and raw["data"].shape == (20, 3072)
     # The row layout is CIFAR's: 1024 red, then 1024 green, then 1024 blue values, each row-major.
-    assert np.array_equal(raw[b"data"][0, 1024:2048].reshape(32, 32), train.images[0, 1])
+    assert np.array_equal(raw["data"][0, 1024:2048].reshape(32, 32), train.images[0, 1])
+    with open(folder / "meta", "rb") as file:
+        assert pickle.load(file, encoding="latin1")["fine_label_names"] == [f"fine{i}" for i in range(6)]
     for root in (tmp_path, folder):  # the folder above cifar-100-python, or the folder itself
         train_set, test_set = read_cifar100(root, name="cifar100", how_to_get=HOW)
         assert torch.equal(train_set.images, torch.from_numpy(train.images))
@@ -74,7 +77,7 @@ def test_non_32_pixel_images_are_read(tmp_path):
 
 def rewrite(path: Path, mutate):
     with open(path, "rb") as file:
-        content = pickle.load(file, encoding="bytes")
+        content = pickle.load(file, encoding="latin1")
     content = mutate(content)
     with open(path, "wb") as file:
         pickle.dump(content, file)
@@ -102,17 +105,17 @@ def _drop(key):
 
 
 BAD_CASES = {
-    "missing key": ("train", _drop(b"fine_labels"), "missing key 'fine_labels'"),
+    "missing key": ("train", _drop("fine_labels"), "missing key 'fine_labels'"),
     "not a dict": ("train", lambda c: [1, 2, 3], "expected a dict"),
-    "data not an array": ("train", _set(b"data", [[0] * 3072] * 20), "expected a uint8 array"),
-    "data wrong dtype": ("train", _set(b"data", np.zeros((20, 3072), np.float32)), "float32"),
-    "data wrong shape": ("train", _set(b"data", np.zeros((20, 3000), np.uint8)), "(N, 3*S*S)"),
-    "label count": ("test", _set(b"fine_labels", [0] * 7), "must be 8 integers"),
-    "label out of range": ("train", _set(b"fine_labels", [0] * 19 + [6]), "outside [0, 6)"),
-    "negative coarse label": ("train", _set(b"coarse_labels", [-1] + [0] * 19), "holds label -1"),
-    "filenames count": ("train", _set(b"filenames", [b"a"]), "one per image"),
-    "meta names": ("meta", _set(b"fine_label_names", []), "non-empty list of names"),
-    "pickled code": ("train", _set(b"data", Evil()), "refusing to construct builtins.print"),
+    "data not an array": ("train", _set("data", [[0] * 3072] * 20), "expected a uint8 array"),
+    "data wrong dtype": ("train", _set("data", np.zeros((20, 3072), np.float32)), "float32"),
+    "data wrong shape": ("train", _set("data", np.zeros((20, 3000), np.uint8)), "(N, 3*S*S)"),
+    "label count": ("test", _set("fine_labels", [0] * 7), "must be 8 integers"),
+    "label out of range": ("train", _set("fine_labels", [0] * 19 + [6]), "outside [0, 6)"),
+    "negative coarse label": ("train", _set("coarse_labels", [-1] + [0] * 19), "holds label -1"),
+    "filenames count": ("train", _set("filenames", ["a"]), "one per image"),
+    "meta names": ("meta", _set("fine_label_names", []), "non-empty list of names"),
+    "pickled code": ("train", _set("data", Evil()), "refusing to construct builtins.print"),
 }
 
 
@@ -291,3 +294,34 @@ def test_a_length_past_the_platform_s_limit_is_one_line(tmp_path, opcode):
     assert (
         "\n" not in str(error.value) and str(path) in str(error.value) and "OverflowError" in str(error.value)
     )
+
+
+def test_torchvisions_reader_opens_the_files_as_it_opens_the_release(tmp_path, monkeypatch):
+    """torchvision's CIFAR100 reads our files with its own code; only its MD5 check of the official
+    release's bytes is skipped (generated files cannot match those)."""
+    from torchvision.datasets import CIFAR100
+    from torchvision.datasets import cifar as torchvision_cifar
+
+    monkeypatch.setattr(torchvision_cifar, "check_integrity", lambda *args, **kwargs: True)
+    train, _ = write_tiny_cifar(tmp_path)
+    dataset = CIFAR100(str(tmp_path), train=True, download=False)
+    assert len(dataset) == 20 and dataset.classes == [f"fine{i}" for i in range(6)]
+    assert dataset.targets == [int(v) for v in train.fine_labels]
+    assert np.array_equal(dataset.data[0], train.images[0].transpose(1, 2, 0))
+
+
+def test_files_with_bytes_keys_still_read(tmp_path):
+    """The real release read with encoding="bytes" has bytes keys and names: the reader takes both."""
+    train, _ = write_tiny_cifar(tmp_path)
+    folder = tmp_path / "cifar-100-python"
+    for name in ("train", "test", "meta"):
+        rewrite(
+            folder / name,
+            lambda content: {
+                key.encode(): [v.encode() for v in value] if key.endswith("names") else value
+                for key, value in content.items()
+            },
+        )
+    train_set, _ = read_cifar100(tmp_path, name="cifar100", how_to_get=HOW)
+    assert torch.equal(train_set.images, torch.from_numpy(train.images))
+    assert train_set.class_names == [f"fine{i}" for i in range(6)]

@@ -100,28 +100,33 @@ def write_cifar100(
     fine_label_names: Sequence[str],
     coarse_label_names: Sequence[str],
 ) -> Path:
-    """Write `root/cifar-100-python/{train,test,meta}` exactly as the official release lays them out."""
+    """Write `root/cifar-100-python/{train,test,meta}` as the official release lays them out.
+
+    Keys and names are `str`, as the release reads under `pickle.load(f, encoding="latin1")`, the
+    way torchvision and most CIFAR code read it (the release is a Python 2 pickle; written from
+    Python 3, bytes keys would read back as bytes there).
+    """
     folder = Path(root).expanduser() / CIFAR_FOLDER
     folder.mkdir(parents=True, exist_ok=True)
     for file, split in (("train", train), ("test", test)):
         content = {
-            b"filenames": [name.encode() for name in split.filenames],
-            b"batch_label": f"{file} batch 1 of 1".encode(),
-            b"fine_labels": [int(v) for v in split.fine_labels],
-            b"coarse_labels": [int(v) for v in split.coarse_labels],
-            b"data": np.ascontiguousarray(split.images, dtype=np.uint8).reshape(len(split.images), -1),
+            "filenames": list(split.filenames),
+            "batch_label": f"{file} batch 1 of 1",
+            "fine_labels": [int(v) for v in split.fine_labels],
+            "coarse_labels": [int(v) for v in split.coarse_labels],
+            "data": np.ascontiguousarray(split.images, dtype=np.uint8).reshape(len(split.images), -1),
         }
         _write_pickle(folder / file, content)
     meta = {
-        b"fine_label_names": [n.encode() for n in fine_label_names],
-        b"coarse_label_names": [n.encode() for n in coarse_label_names],
+        "fine_label_names": list(fine_label_names),
+        "coarse_label_names": list(coarse_label_names),
     }
     _write_pickle(folder / "meta", meta)
     return folder
 
 
 def _write_pickle(path: Path, content: dict) -> None:
-    atomic_write(path, lambda file: pickle.dump(content, file, protocol=4))
+    atomic_write(path, lambda file: pickle.dump(content, file, protocol=2))  # the release's protocol
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):

@@ -25,7 +25,7 @@ from dkd_tune.core.files import atomic_write_json
 from dkd_tune.data.cifar import CIFAR_FILES, CIFAR_FOLDER, CifarSplit, write_cifar100
 from dkd_tune.data.seeding import derived_seed
 
-FORMAT = "dkd-tune-synthetic/1"
+FORMAT = "dkd-tune-synthetic/2"  # 2: str keys in the pickles (1 wrote bytes keys; rewritten on first use)
 PARAMS_FILE = "synthetic.json"
 RENDER_CHUNK = 2048  # samples rendered at once; fixed so the output does not depend on memory
 MIX_PROBABILITY = 0.35
