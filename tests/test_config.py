@@ -158,3 +158,21 @@ def test_yaml_is_loaded_safely(tmp_path, valid):
     text = yaml.safe_dump(valid) + "evil: !!python/object/apply:os.system ['echo pwned']\n"
     with pytest.raises(UserInputError, match="YAML syntax error"):
         load_search_space(write(tmp_path, text))
+
+
+def test_the_data_short_form_takes_the_same_overrides_as_the_mapping(tmp_path, valid):
+    """`data: cifar100:PATH` with `--set data.download=true`: the form the missing-data message suggests."""
+    valid["data"] = f"cifar100:{tmp_path / 'nothing_here'}"
+    valid["teachers"] = [
+        {"model": "resnet8", "train": {}}
+    ]  # CIFAR-100 has 100 classes, the fixture's checkpoint 10
+    path = write(tmp_path, valid)
+    with pytest.raises(UserInputError, match=r"--set data\.download=true") as error:
+        load_search_space(path)
+    assert "\n" not in str(error.value)
+    space = load_search_space(path, ["data.download=true", "data.augment=none"])
+    assert space.data_spec.name == "cifar100" and space.data_spec.download is True
+    assert space.data_spec.augment == "none" and space.data_spec.root == tmp_path / "nothing_here"
+    # A string that is no short form gets no keys: one line.
+    with pytest.raises(UserInputError, match="data is not a mapping"):
+        apply_set_override({"data": "not-a-spec"}, "data.download=true")

@@ -12,18 +12,22 @@ from dkd_tune.core.errors import UserInputError
 from dkd_tune.core.recipes import (
     RECIPE_FIELDS,
 )
+from dkd_tune.data.spec import short_form_mapping
 
 
 def apply_set_override(raw: dict[str, Any], assignment: str) -> None:
     """Apply `--set a.b.c=value` (value parsed as YAML) to the raw mapping.
 
     A bare recipe field (`--set epochs=10`) means `overrides.epochs`; list items are indexed by
-    number (`--set teachers.0.checkpoint=t.pth`).
+    number (`--set teachers.0.checkpoint=t.pth`); a `data: NAME:PATH` short form takes keys below
+    `data` (`--set data.download=true`) as the mapping it stands for.
     """
     key, value = parse_assignment(assignment, example="search.num_samples=16")
     parts = key.split(".")
     if len(parts) == 1 and parts[0] in RECIPE_FIELDS and parts[0] not in SearchSpaceFile.model_fields:
         parts = ["overrides", parts[0]]
+    if len(parts) > 1 and parts[0] == "data" and isinstance(raw.get("data"), str):
+        raw["data"] = short_form_mapping(raw["data"])
     node: Any = raw
     for depth, part in enumerate(parts[:-1]):
         if isinstance(node, list):

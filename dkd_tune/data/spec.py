@@ -45,6 +45,14 @@ class DataSpec:
         return FAMILY[self.name]
 
 
+def short_form_mapping(value: str) -> dict[str, Any] | str:
+    """`NAME:PATH` as the mapping it stands for ({name, root}); anything else unchanged (parsing reports it)."""
+    name, separator, root = value.partition(":")
+    if not separator or not name.strip() or not root.strip():
+        return value
+    return {"name": name.strip(), "root": root.strip()}
+
+
 def parse_data_spec(value: str | Mapping[str, Any] | DataSpec, source: str = "--data") -> DataSpec:
     """Parse "NAME:PATH" (e.g. "cifar100:~/data") or a mapping with `name`, `root` and options.
 
@@ -53,13 +61,13 @@ def parse_data_spec(value: str | Mapping[str, Any] | DataSpec, source: str = "--
     if isinstance(value, DataSpec):
         return value
     if isinstance(value, str):
-        name, sep, root = value.partition(":")
-        if not sep or not name.strip() or not root.strip():
+        mapping = short_form_mapping(value)
+        if isinstance(mapping, str):
             raise UserInputError(
                 f"{source}: {value!r} is not a data spec; expected NAME:PATH with NAME one of "
                 f"{', '.join(DATASET_NAMES)}, e.g. 'cifar100:~/data'"
             )
-        fields: dict[str, Any] = {"name": name.strip(), "root": root.strip()}
+        fields: dict[str, Any] = mapping
     elif isinstance(value, Mapping):
         unknown = sorted(str(key) for key in value if key not in SPEC_KEYS)
         if unknown:

@@ -36,7 +36,8 @@ def load_splits(spec: DataSpec) -> tuple[ImageDataset, ImageDataset | None, Imag
         if spec.download and not (cifar100_folder(spec.root) / "meta").is_file():
             _download_cifar100(spec)
         how_to_get = (
-            f"set download: true in the data spec, or download {CIFAR100_URL} and extract it into {spec.root}"
+            "set download: true in the data spec (or pass --set data.download=true), or download "
+            f"{CIFAR100_URL} and extract it into {spec.root}"
         )
         train, test = read_cifar100(
             spec.root, name="cifar100", how_to_get=how_to_get, mean=CIFAR100_MEAN, std=CIFAR100_STD
@@ -113,7 +114,7 @@ def dataset_problem(spec: DataSpec) -> str | None:
     for file in CIFAR_FILES:
         if not (folder / file).is_file():
             how_to_get = (
-                "set download: true in the data spec"
+                "set download: true in the data spec (or pass --set data.download=true)"
                 if spec.name == "cifar100"
                 else f"run `dkd-tune make-synthetic --out {spec.root}` or add generate: to the data spec"
             )
