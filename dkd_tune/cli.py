@@ -437,21 +437,31 @@ def validate_beta_command(
 
 
 @cli.command("schema")
-@click.option(
-    "--format", "output_format", type=click.Choice(["yaml", "json"]), default="yaml", show_default=True
-)
-def schema_command(output_format: str) -> None:
-    """Print the search-space file schema (every key, its type, default and meaning)."""
-    import json
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON Schema of a search file instead.")
+def schema_command(as_json: bool) -> None:
+    """Every key of a search file, recipe fields included: its type, default and meaning."""
+    if as_json:
+        import json
 
-    import yaml
+        from dkd_tune.config.schema import SearchSpaceFile
 
-    from dkd_tune.config.schema import SearchSpaceFile
+        click.echo(json.dumps(SearchSpaceFile.model_json_schema(by_alias=True), indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
 
-    schema = SearchSpaceFile.model_json_schema(by_alias=True)
-    click.echo(
-        json.dumps(schema, indent=2) if output_format == "json" else yaml.safe_dump(schema, sort_keys=False)
+    from dkd_tune.config.schema_table import schema_rows
+
+    table = Table(
+        title="Search file keys (<name>: a name you choose; []: each list item)", title_justify="left"
     )
+    table.add_column("key", no_wrap=True)
+    table.add_column("type", max_width=30, overflow="fold")
+    table.add_column("default", max_width=22, overflow="fold")
+    table.add_column("meaning", ratio=1, overflow="fold")
+    for row in schema_rows():
+        table.add_row(row.key, row.type, row.default, row.meaning)
+    Console(width=max(Console().width, 140), soft_wrap=False).print(table)
 
 
 # ------------------------------------------------------------------------------------------------

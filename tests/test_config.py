@@ -176,3 +176,58 @@ def test_the_data_short_form_takes_the_same_overrides_as_the_mapping(tmp_path, v
     # A string that is no short form gets no keys: one line.
     with pytest.raises(UserInputError, match="data is not a mapping"):
         apply_set_override({"data": "not-a-spec"}, "data.download=true")
+
+
+def test_a_recipe_field_at_the_top_level_is_suggested_as_one(tmp_path, valid):
+    path = write(tmp_path, valid)
+    with pytest.raises(UserInputError, match=r"did you mean 'epochs'\? \(a recipe field") as error:
+        load_search_space(path, ["epoch=120"])
+    assert "--set epochs=VALUE" in str(error.value)
+    with pytest.raises(UserInputError, match=r"did you mean 'search'\?$"):
+        load_search_space(path, ["serch.num_samples=3"])
+
+
+def test_the_schema_table_lists_every_key_and_every_recipe_field():
+    from pydantic import BaseModel
+
+    from dkd_tune.config.schema import SearchSpaceFile
+    from dkd_tune.config.schema_table import schema_rows
+    from dkd_tune.core.recipes import RECIPE_FIELD_MEANINGS, RECIPE_FIELDS
+
+    rows = {row.key: row for row in schema_rows()}
+    assert set(RECIPE_FIELD_MEANINGS) == set(RECIPE_FIELDS)
+    for name in RECIPE_FIELDS:
+        assert f"overrides.{name}" in rows and rows[f"overrides.{name}"].meaning
+    assert rows["overrides.beta"].type == "float" and rows["overrides.epochs"].default == "240 (cifar100)"
+    # Every field of every model the file holds is a row, with a meaning.
+    for name in SearchSpaceFile.model_fields:
+        assert name in rows and rows[name].meaning, name
+    assert {
+        "teachers[].model",
+        "space.<name>.loguniform",
+        "scheduler.grace_period",
+        "data.validation",
+    } <= set(rows)
+    nested = [row for row in rows.values() if not row.meaning]
+    assert nested == [], [row.key for row in nested]
+    assert all(not isinstance(row.default, BaseModel) for row in rows.values())
+    assert rows["loss"].type == "ce | kd | dkd | tckd | nckd"
+
+
+def test_the_schema_command_prints_the_table_and_json_on_request():
+    import json
+    import subprocess
+    import sys
+
+    table = subprocess.run(
+        [sys.executable, "-m", "dkd_tune", "schema"], capture_output=True, text=True, check=True
+    ).stdout
+    for key in ("overrides.temperature", "overrides.warmup_epochs", "teachers[].checkpoint", "metric"):
+        assert key in table
+    assert len(table.splitlines()) < 250
+    schema = json.loads(
+        subprocess.run(
+            [sys.executable, "-m", "dkd_tune", "schema", "--json"], capture_output=True, text=True, check=True
+        ).stdout
+    )
+    assert "teachers" in schema["properties"]

@@ -16,7 +16,7 @@ from dkd_tune.config.schema import (
     SearchSpaceFile,
 )
 from dkd_tune.config.tracking_uri import check_tracking_uri
-from dkd_tune.core.errors import UserInputError, did_you_mean
+from dkd_tune.core.errors import UserInputError, closest_match, did_you_mean
 from dkd_tune.core.losses import LOSS_MODE_NAMES, LOSS_MODES
 from dkd_tune.core.recipes import (
     INTEGER_FIELDS,
@@ -87,7 +87,16 @@ def describe_validation_error(error: ValidationError, model: type[BaseModel]) ->
     value = first.get("input")
     if first["type"] == "extra_forbidden":
         allowed = _allowed_keys(model, loc[:-1])
-        return f"{key}: unknown key{did_you_mean(str(loc[-1]), allowed)}"
+        unknown = str(loc[-1])
+        if len(loc) == 1 and model is SearchSpaceFile:
+            # A recipe field at the top level is the likeliest slip (`--set epoch=120`, `epochs:`).
+            field = closest_match(unknown, [*allowed, *RECIPE_FIELDS])
+            if field in RECIPE_FIELDS and field not in allowed:
+                return (
+                    f"{key}: unknown key {unknown!r}; did you mean {field!r}? (a recipe field: under "
+                    f"overrides: in the file, or --set {field}=VALUE)"
+                )
+        return f"{key}: unknown key{did_you_mean(unknown, allowed)}"
     if first["type"] == "missing":
         return f"{key}: required key is missing"
     message = first["msg"].removeprefix("Value error, ")

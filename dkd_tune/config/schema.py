@@ -109,7 +109,7 @@ class DataMapping(StrictModel):
     label_noise: float = Field(
         0.0, ge=0.0, lt=1.0, description="Symmetric label-noise rate on the training set."
     )
-    noise_seed: int = 0
+    noise_seed: int = Field(0, description="Seed of the label noise (which labels are flipped, and to what).")
     generate: dict[str, Any] | None = Field(
         None, description="synthetic only: generator parameters (make-synthetic)."
     )
@@ -216,7 +216,7 @@ class SearchSpaceFile(StrictModel):
     name: str = Field(
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Experiment name (Ray and MLflow)."
     )
-    description: str = ""
+    description: str = Field("", description="Free text, logged with the search.")
     data: str | DataMapping = Field(description="Dataset: 'cifar100:~/data' or a mapping.")
     student: str = Field(description="Student model name, e.g. ShuffleV1.")
     teachers: list[TeacherConfig] = Field(
@@ -239,19 +239,23 @@ class SearchSpaceFile(StrictModel):
         default_factory=list,
         description="Reference trials run at full budget beside the search (ce: student alone).",
     )
-    search: SearchAlgorithm = Field(default_factory=SearchAlgorithm)
-    scheduler: Scheduler = Field(default_factory=Scheduler)
-    resources: Resources = Field(default_factory=Resources)
+    search: SearchAlgorithm = Field(default_factory=SearchAlgorithm, description="How trials are chosen.")
+    scheduler: Scheduler = Field(default_factory=Scheduler, description="How trials are stopped early.")
+    resources: Resources = Field(default_factory=Resources, description="What each trial gets.")
     metric: Literal[METRICS] = Field("test_acc", description="Metric the search optimises.")  # type: ignore[valid-type]
-    mode: Literal["max", "min"] = "max"
+    mode: Literal["max", "min"] = Field("max", description="Whether the metric is maximised or minimised.")
     storage: str = Field(
         "./dkd_runs", description="Ray results and checkpoints (a path, or a URI on clusters)."
     )
     tracking_uri: str | None = Field(
         None, description="MLflow tracking URI (default: MLFLOW_TRACKING_URI or ./mlflow.db)."
     )
-    cache: TeacherLogitCacheConfig = Field(default_factory=TeacherLogitCacheConfig)
-    probe: ProbeConfig | None = None
+    cache: TeacherLogitCacheConfig = Field(
+        default_factory=TeacherLogitCacheConfig, description="The teacher-logit cache."
+    )
+    probe: ProbeConfig | None = Field(
+        None, description="Linear probes of the best students after the search."
+    )
     max_failures: int = Field(1, ge=0, description="Retries of a crashed trial from its last checkpoint.")
     compile: bool | None = Field(
         None, description="torch.compile the student (default: on for CUDA, off on CPU)."

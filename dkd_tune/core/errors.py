@@ -15,8 +15,15 @@ class UserInputError(Exception):
         super().__init__(" ".join(str(message).split()))
 
 
-def did_you_mean(key: str, allowed: list[str] | tuple[str, ...]) -> str:
+def closest_match(key: str, allowed: list[str] | tuple[str, ...]) -> str | None:
+    """The allowed name closest to a misspelt `key`, if any is close."""
     close = difflib.get_close_matches(key, list(allowed), n=1, cutoff=0.5)
+    return close[0] if close else None
+
+
+def did_you_mean(key: str, allowed: list[str] | tuple[str, ...]) -> str:
+    """` 'key'; did you mean 'x'?` (or the allowed names when none is close), to end an error line."""
+    close = closest_match(key, allowed)
     if close:
-        return f" {key!r}; did you mean {close[0]!r}?"
+        return f" {key!r}; did you mean {close!r}?"
     return f" {key!r}; expected one of {', '.join(allowed)}" if allowed else f" {key!r}"

@@ -72,6 +72,23 @@ class Recipe:
 
 
 RECIPE_FIELDS = tuple(field.name for field in dataclasses.fields(Recipe) if field.name != "name")
+# What each field means, for `dkd-tune schema` and error messages.
+RECIPE_FIELD_MEANINGS = {
+    "epochs": "training epochs of a trial (the budget ASHA's rungs count in)",
+    "batch_size": "global batch size (split across a trial's DDP workers)",
+    "lr": "initial SGD learning rate",
+    "lr_milestones": "epochs at whose start the learning rate is multiplied by lr_decay",
+    "lr_decay": "factor applied to the learning rate at each milestone",
+    "weight_decay": "SGD weight decay",
+    "momentum": "SGD momentum",
+    "ce_weight": "weight of the cross-entropy term",
+    "kd_weight": "weight of the KD term (loss: kd)",
+    "alpha": "weight of TCKD, DKD's target-class term",
+    "beta": "weight of NCKD, DKD's non-target-class term (what auto-beta predicts)",
+    "temperature": "temperature T that softens both networks' logits in the distillation terms",
+    "warmup_epochs": "epochs over which the distillation term's weight rises linearly to 1",
+    "seed": "seed of the student's initial weights, the data order and the augmentation",
+}
 INTEGER_FIELDS = frozenset(field.name for field in dataclasses.fields(Recipe) if field.type == "int")
 OVERRIDABLE_FIELDS = RECIPE_FIELDS
 
