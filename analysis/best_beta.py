@@ -56,6 +56,11 @@ def calibrate_from_results(
     """Fit a calibration from results Parquet files (or frames), write it atomically to `out`, return it."""
     results = list(results)
     points, files_family, labels = _points_and_family(results)
+    if len(points) < 2:
+        raise UserInputError(
+            f"only {len(points)} (search, teacher) pair(s) have completed DKD trials in {', '.join(labels)}; "
+            "a beta fit needs at least 2 teachers"
+        )
     if family is not None and family != files_family:
         raise UserInputError(
             f"--family {family} was given but the results are of family {files_family!r} "
@@ -120,13 +125,6 @@ def _points_and_family(results: list[ResultsSource]) -> tuple[list[CalibrationPo
                     f"of {len(group)} completed DKD trials"
                 ),
             )
-        )
-    if len(points) < 2:
-        others = len(dkd) - len(finished)
-        raise UserInputError(
-            f"only {len(points)} (search, teacher) pair(s) have completed DKD trials in {', '.join(labels)} "
-            f"({others} other DKD trials were stopped, errored, diverged or have no accuracy); "
-            "a beta fit needs at least 2 teachers"
         )
     points.sort(key=lambda point: (point.mean_logit_gap, point.teacher))
     return points, family, labels

@@ -157,8 +157,10 @@ def plot_best_beta_vs_gap(
     predictions: Sequence[PredictionMark] = (),
     points_label: str = "searched best beta",
     title: str = "Best beta found by the search vs the teacher's gap",
+    note: str | None = None,
 ) -> Path:
-    """Best beta per teacher against its gap, the auto-beta curve and its window, and predictions."""
+    """Best beta per teacher against its gap, the auto-beta curve and its window, and predictions;
+    `note` says on the figure what it cannot show."""
     figure, axis = plt.subplots(figsize=(7.0, 4.6))
     gaps = [point.mean_logit_gap for point in points] + [mark.gap for mark in predictions]
     if calibration is not None:
@@ -200,6 +202,8 @@ def plot_best_beta_vs_gap(
     axis.set_ylabel("beta")
     axis.set_title(title, fontsize=10)
     axis.grid(alpha=0.3, which="both")
+    if note:
+        axis.text(0.02, 0.02, note, transform=axis.transAxes, fontsize=8, color="dimgray", va="bottom")
     _dedupe_legend(axis)
     return _save(figure, path)
 

@@ -81,7 +81,11 @@ def write_analysis(
         plot_learning_curves(histories, frame, out_dir / LEARNING_CURVES_FIGURE),
         plot_accuracy_vs_beta(frame, out_dir / ACCURACY_VS_BETA_FIGURE, metric=metric),
         plot_best_beta_vs_gap(
-            points, out_dir / BETA_VS_GAP_FIGURE, calibration=calibration, calibration_label=calibration_label
+            points,
+            out_dir / BETA_VS_GAP_FIGURE,
+            calibration=calibration,
+            calibration_label=calibration_label,
+            note=_beta_figure_note(points, calibration),
         ),
     ]
     return AnalysisOutputs(
@@ -178,6 +182,17 @@ def _beta_curve(frame: pd.DataFrame):
         )
         return fitted, "fit to these teachers (in-sample)", points, notes
     return None, None, points, notes
+
+
+def _beta_figure_note(points, calibration) -> str | None:
+    """What the figure cannot show, said on the figure itself."""
+    if not points:
+        return "no teacher has a completed DKD trial yet: no best beta to draw"
+    if len(points) == 1 and calibration is None:
+        return "one teacher: a curve needs the best betas of 2 or more teachers, or a shipped calibration"
+    if len(points) == 1:
+        return "one teacher: its best beta against the shipped calibration (not fitted to this search)"
+    return None
 
 
 def _write_histories(histories: pd.DataFrame, path: Path) -> Path:

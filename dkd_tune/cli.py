@@ -316,6 +316,11 @@ def _print_outcome(outcome) -> None:
     else:
         click.echo("no trial completed its full budget")
     click.echo(f"results: {outcome.results_path}")
+    from analysis.search_analysis import MLFLOW_ARTIFACT_DIR
+
+    analysis_dir = outcome.experiment_dir / MLFLOW_ARTIFACT_DIR
+    if analysis_dir.is_dir():
+        click.echo(f"analysis (tables.md and figures): {analysis_dir}")
     click.echo("compare the trials: dkd-tune ui  (MLflow UI on http://127.0.0.1:5000)")
 
 

@@ -6,6 +6,7 @@ import json
 import struct
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -161,3 +162,28 @@ def _png_or_file_ok(path: Path) -> bool:
     header = path.read_bytes()[:24]
     width, height = struct.unpack(">II", header[16:24])
     return header[:8] == b"\x89PNG\r\n\x1a\n" and width > 100 and height > 100
+
+
+def test_a_one_teacher_search_draws_its_point_and_says_why_there_is_no_curve(search, tmp_path, monkeypatch):
+    from analysis import plots
+    from analysis.search_analysis import write_analysis
+
+    frame = pd.read_parquet(search / "results.parquet")
+    one = frame[frame["teacher"] == "strong"]
+    drawn = {}
+
+    def keep(figure, path):
+        drawn[Path(path).name] = figure
+        return Path(path)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    # A family without a shipped calibration: the point alone, and the reason on the figure.
+    monkeypatch.setattr("dkd_tune.teacher.auto_beta.default_calibration_or_none", lambda family: None)
+    outputs = write_analysis(one, load_trial_histories(search), tmp_path / "analysis", title="one teacher")
+    axis = drawn["best_beta_vs_gap.png"].axes[0]
+    best = one[(one["loss"] == "dkd") & (one["status"] == "completed")].sort_values("final_test_acc").iloc[-1]
+    points = [line.get_xydata()[0] for line in axis.lines if len(line.get_xydata()) == 1]
+    assert any(np.allclose(point, (best["teacher_gap"], best["beta"])) for point in points)
+    notes = [text.get_text() for text in axis.texts]
+    assert any("one teacher: a curve needs the best betas of 2 or more teachers" in note for note in notes)
+    assert outputs.figures

@@ -104,8 +104,8 @@ def test_run_end_to_end_through_the_cli(tmp_path):
     result = cli("run", str(space), cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "best trial:" in result.stdout
-
     experiment = tmp_path / "runs" / "e2e"
+    assert f"analysis (tables.md and figures): {experiment / 'analysis'}" in result.stdout
     state = json.loads((experiment / "state.json").read_text())
     assert state["status"] == "done" and state["parts_done"] == ["baseline-ce", "teacher"]
     frame = pd.read_parquet(experiment / "results.parquet")
