@@ -441,6 +441,24 @@ def validate_beta_command(
     )
 
 
+@cli.command("download-teachers")
+@click.option(
+    "--to",
+    "destination",
+    default="~/checkpoints",
+    show_default=True,
+    help="Folder to unpack cifar_teachers/ into (where search_spaces/cifar_*.yaml look).",
+)
+@click.option(
+    "--url", default=None, help="Another copy of cifar_teachers.tar (default: mdistiller's release)."
+)
+def download_teachers_command(destination: str, url: str | None) -> None:
+    """Download the paper's CIFAR-100 teachers (mdistiller's cifar_teachers.tar), check and unpack them."""
+    from dkd_tune.commands.download_teachers import CIFAR_TEACHERS_URL, download_teachers
+
+    download_teachers(destination, url=url or CIFAR_TEACHERS_URL, log=click.echo)
+
+
 @cli.command("schema")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON Schema of a search file instead.")
 def schema_command(as_json: bool) -> None:

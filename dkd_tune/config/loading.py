@@ -164,7 +164,12 @@ def check_search_space(space: SearchSpaceFile, path: Path) -> None:
         if teacher.model not in models:
             fail(f"{key}.model", f"unknown model {teacher.model!r}{did_you_mean(teacher.model, models)}")
         if teacher.checkpoint is not None and not resolve_path(teacher.checkpoint).is_file():
-            fail(f"{key}.checkpoint", f"file {str(resolve_path(teacher.checkpoint))!r} not found")
+            missing = resolve_path(teacher.checkpoint)
+            hint = ""
+            if "cifar_teachers" in missing.parts:
+                release = Path(*missing.parts[: missing.parts.index("cifar_teachers")])
+                hint = f"; the paper's CIFAR-100 teachers: dkd-tune download-teachers --to {release}"
+            fail(f"{key}.checkpoint", f"file {str(missing)!r} not found{hint}")
         if teacher.train is not None:
             try:
                 resolve_recipe(teacher.train.recipe, overrides=teacher.train.overrides, source=f"{key}.train")
