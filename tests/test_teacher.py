@@ -234,6 +234,9 @@ def test_prepare_teacher_from_a_checkpoint_builds_the_logit_cache(small_data, tm
     cache = TeacherLogitCache.open(artifacts.cache_path, verify=True)
     assert (cache.num_samples, cache.num_views, cache.num_classes) == (len(train_set), 162, 4)
     assert any("logit cache on (test)" in line for line in lines)
+    # The counts the log names are the ones the progress bar counts: training and test images.
+    counted = f"on {len(train_set)} training images (and its top-1 on {len(test_set)} test images)"
+    assert any(counted in line for line in lines)
     assert TeacherArtifacts.from_dict(json.loads(json.dumps(artifacts.to_dict()))) == artifacts
 
     # A trial takes the cache for a loader with finite views, the live teacher otherwise.

@@ -73,7 +73,8 @@ def measure_logit_gap(
     teacher = teacher.to(device).eval()
     total = _image_count(train) + (_image_count(test) if test is not None else 0)
     try:
-        with Progress("teacher logit gap", total, unit="img", enabled=progress) as bar:
+        label = "teacher logit gap (train) and top-1 (test)" if test is not None else "teacher logit gap"
+        with Progress(label, total, unit="img", enabled=progress) as bar:
             gaps, train_correct = _gap_pass(teacher, train, device, batch_size, bar)
             test_acc = math.nan
             if test is not None:

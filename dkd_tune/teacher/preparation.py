@@ -133,7 +133,10 @@ def prepare_teacher(
     else:
         raise UserInputError(f"teacher {label!r}: give a checkpoint or a train: recipe")
     teacher = load_teacher(model, weights, num_classes=train_set.num_classes, device=device)
-    log(f"dkd-tune: teacher '{label}': measuring the logit gap on {len(train_set)} training images")
+    log(
+        f"dkd-tune: teacher '{label}': measuring the logit gap on {len(train_set)} training images "
+        f"(and its top-1 on {len(test_set)} test images)"
+    )
     gap = measure_logit_gap(teacher, train_set, test_set, device=device)
     cache_path = None
     if cache_dir is not None:
