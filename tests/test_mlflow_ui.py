@@ -55,6 +55,26 @@ def test_run_ui_execs_the_argument_list_itself_not_a_shell(exec_calls, monkeypat
     assert env[mlflow_ui.JOB_EXECUTION_VARIABLE] == "false"
 
 
+def test_run_ui_prints_each_experiments_model_training_link(exec_calls, tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from dkd_tune.tracking.mlflow_store import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND, experiment_id
+
+    store_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=store_uri)
+    identifier = experiment_id(client, "demo")
+    assert client.get_experiment(identifier).tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING_KIND
+    mlflow_ui.run_ui(store_uri, port=5123)
+    printed = capsys.readouterr().out
+    assert (
+        f"demo: http://127.0.0.1:5123/#/experiments/{identifier}/runs?workflowType=machine_learning"
+        in printed
+    )
+    # A store that does not exist yet is left for the server to create.
+    mlflow_ui.run_ui(f"sqlite:///{tmp_path / 'none.db'}", port=5123)
+    assert not (tmp_path / "none.db").exists()
+
+
 def test_user_setting_for_server_jobs_is_kept():
     environ = {"PATH": "/usr/bin", mlflow_ui.JOB_EXECUTION_VARIABLE: "true"}
     assert mlflow_ui.ui_environment(environ) == environ

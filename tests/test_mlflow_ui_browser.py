@@ -116,9 +116,15 @@ def table_row(page, label: str) -> list[str]:
 
 @pytest.mark.slow
 def test_mlflow_ui_compares_trials_beta_and_test_acc(chromium, mlflow_ui, tmp_path):
+    from mlflow.tracking import MlflowClient
     from playwright.sync_api import expect, sync_playwright
 
+    from dkd_tune.commands.mlflow_ui import experiment_url
+    from dkd_tune.tracking.mlflow_store import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND
+
     experiment_id, search_name, trials = run_tiny_search(tmp_path, mlflow_ui.url)
+    experiment = MlflowClient(tracking_uri=mlflow_ui.url).get_experiment(experiment_id)
+    assert experiment.tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING_KIND
     expect.set_options(timeout=UI_TIMEOUT_MS)
 
     with sync_playwright() as playwright:
@@ -127,8 +133,9 @@ def test_mlflow_ui_compares_trials_beta_and_test_acc(chromium, mlflow_ui, tmp_pa
             page = browser.new_page(viewport=VIEWPORT)
             page.set_default_timeout(UI_TIMEOUT_MS)
 
-            # The experiment's runs: the search is one row; its trials are nested under it.
-            page.goto(f"{mlflow_ui.url}/#/experiments/{experiment_id}/runs")
+            # The link `dkd-tune ui` prints for the experiment: MLflow 3 opens on GenAI traces unless
+            # told the "Model training" view; there the search is one row, its trials nested under it.
+            page.goto(experiment_url(mlflow_ui.url, experiment_id))
             runs = page.get_by_role("grid")
             search_row = runs.get_by_role("row").filter(
                 has=page.get_by_role("link", name=search_name, exact=True)

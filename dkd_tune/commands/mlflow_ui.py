@@ -17,6 +17,8 @@ UI_WORKERS = 1
 # MLflow's server also starts a job runner and seven task-queue processes (about 1 GB) for its
 # GenAI evaluation jobs, which comparing trials never uses; a user who wants them sets it to true.
 JOB_EXECUTION_VARIABLE = "MLFLOW_SERVER_ENABLE_JOB_EXECUTION"
+# MLflow 3's UI shows GenAI traces unless told the "Model training" view, which lists runs.
+WORKFLOW_PARAMETER = "workflowType=machine_learning"
 
 
 def resolve_store_uri(tracking_uri: str | None = None) -> str:
@@ -61,9 +63,30 @@ def ui_command(store_uri: str, host: str = DEFAULT_HOST, port: int = DEFAULT_POR
     ]
 
 
+def _experiments(store_uri: str) -> list[tuple[str, str]]:
+    """(name, id) of the store's experiments (not MLflow's "Default"); none when it cannot be read.
+
+    A SQLite store that does not exist yet is not created here: the server makes it.
+    """
+    if store_uri.startswith("sqlite:///") and not os.path.exists(store_uri.removeprefix("sqlite:///")):
+        return []
+    try:
+        from mlflow.tracking import MlflowClient
+
+        experiments = MlflowClient(tracking_uri=store_uri).search_experiments(max_results=20)
+    except Exception:  # the UI still starts; the links are a convenience
+        return []
+    return [(e.name, e.experiment_id) for e in experiments if e.name != "Default"]
+
+
 def ui_environment(environ: Mapping[str, str]) -> dict[str, str]:
     """`environ` for the server, with MLflow's server jobs off unless the user set the variable."""
     return {JOB_EXECUTION_VARIABLE: "false", **environ}
+
+
+def experiment_url(base: str, experiment_id: str) -> str:
+    """Where an experiment's runs are, in MLflow 3's "Model training" view (its UI opens on GenAI traces)."""
+    return f"{base}/#/experiments/{experiment_id}/runs?{WORKFLOW_PARAMETER}"
 
 
 def run_ui(tracking_uri: str | None = None, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> None:
@@ -71,7 +94,10 @@ def run_ui(tracking_uri: str | None = None, host: str = DEFAULT_HOST, port: int 
     store_uri = resolve_store_uri(tracking_uri)
     command = ui_command(store_uri, host, port)
     shown_host = f"[{host}]" if ":" in host else host
-    print(f"MLflow UI for {store_uri} at http://{shown_host}:{port} (Ctrl-C stops it)", flush=True)
+    base = f"http://{shown_host}:{port}"
+    print(f"MLflow UI for {store_uri} at {base} (Ctrl-C stops it)", flush=True)
+    for name, identifier in _experiments(store_uri):
+        print(f"  {name}: {experiment_url(base, identifier)}", flush=True)
     sys.stderr.flush()
     # exec, not a child process: the terminal's Ctrl-C reaches the server directly, and no idle
     # dkd-tune process is left between the user and it.

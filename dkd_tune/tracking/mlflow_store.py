@@ -99,15 +99,25 @@ def client_for(uri: str | None) -> MlflowClient:
     return MlflowClient(tracking_uri=resolve_tracking_uri(uri))
 
 
+# MLflow 3 tells model-training experiments from GenAI ones by this tag; its UI opens the former on
+# their runs (where the UI's own "Model training" / "GenAI" switch does not decide instead).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+
+
 def experiment_id(client: MlflowClient, name: str) -> str:
     """The id of experiment `name`, created if needed (artifacts beside a SQLite store, not in the cwd)."""
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         if experiment.lifecycle_stage == "deleted":
             client.restore_experiment(experiment.experiment_id)
+        if EXPERIMENT_KIND_TAG not in experiment.tags:
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
         return experiment.experiment_id
     return client.create_experiment(
-        name, artifact_location=default_artifact_location(client.tracking_uri, name)
+        name,
+        artifact_location=default_artifact_location(client.tracking_uri, name),
+        tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND},
     )
 
 
