@@ -201,6 +201,27 @@ def make_synthetic_command(
 # Searches
 
 
+def _verbosity_options(function):
+    """-v / -q: how much a search prints (see dkd_tune.search.verbosity)."""
+    function = click.option(
+        "-q", "--quiet", is_flag=True, help="Print only errors and the final summary (for scripts)."
+    )(function)
+    return click.option(
+        "-v", "--verbose", is_flag=True, help="Also print Ray Tune's status tables and the libraries' logs."
+    )(function)
+
+
+def _search_options(verbose: bool, quiet: bool, **settings):
+    from dkd_tune.search.options import SearchOptions
+    from dkd_tune.search.verbosity import NORMAL, QUIET, VERBOSE
+
+    if verbose and quiet:
+        raise UserInputError("-v/--verbose and -q/--quiet: give one of them, not both")
+    verbosity = VERBOSE if verbose else QUIET if quiet else NORMAL
+    log = print if verbosity > QUIET else (lambda line: None)
+    return SearchOptions(verbosity=verbosity, log=log, **settings)
+
+
 @cli.command("run")
 @click.argument("space_file", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--name", help="Search name (default: the file's name; a timestamp is added if it exists).")
@@ -221,8 +242,19 @@ def make_synthetic_command(
     "--resume", "resume_existing", is_flag=True, help="Continue the search of this --name if it exists."
 )
 @click.option("--dashboard", is_flag=True, help="Start Ray's dashboard (on 127.0.0.1).")
+@_verbosity_options
 def run_command(
-    space_file, name, num_samples, set_values, address, storage, tracking_uri, resume_existing, dashboard
+    space_file,
+    name,
+    num_samples,
+    set_values,
+    address,
+    storage,
+    tracking_uri,
+    resume_existing,
+    dashboard,
+    verbose,
+    quiet,
 ) -> None:
     """Run an ASHA-pruned Optuna search described by a search-space YAML file."""
     from dkd_tune.config.loading import load_search_space
@@ -231,10 +263,15 @@ def run_command(
     space = load_search_space(space_file, overrides)  # every check happens here, before Ray is imported
     from dkd_tune.config.folders import locate_search
     from dkd_tune.search.driver import resume_search, run_search
-    from dkd_tune.search.options import SearchOptions
 
-    options = SearchOptions(
-        name=name, address=address, storage=storage, tracking_uri=tracking_uri, dashboard=dashboard
+    options = _search_options(
+        verbose,
+        quiet,
+        name=name,
+        address=address,
+        storage=storage,
+        tracking_uri=tracking_uri,
+        dashboard=dashboard,
     )
     if resume_existing:
         try:
@@ -252,16 +289,13 @@ def run_command(
 @click.option("--storage", help="Storage the search was run with (default: ./dkd_runs).")
 @click.option("--address", help="Ray cluster to join: 'auto' or HOST:PORT.")
 @click.option("--tracking-uri", help="MLflow tracking URI (default: the one the search started with).")
-def resume_command(name_or_path, storage, address, tracking_uri) -> None:
+@_verbosity_options
+def resume_command(name_or_path, storage, address, tracking_uri, verbose, quiet) -> None:
     """Continue an interrupted search: finished trials kept, unfinished ones resumed from checkpoints."""
     from dkd_tune.search.driver import resume_search
-    from dkd_tune.search.options import SearchOptions
 
-    _print_outcome(
-        resume_search(
-            name_or_path, SearchOptions(storage=storage, address=address, tracking_uri=tracking_uri)
-        )
-    )
+    options = _search_options(verbose, quiet, storage=storage, address=address, tracking_uri=tracking_uri)
+    _print_outcome(resume_search(name_or_path, options))
 
 
 @cli.command("sync")

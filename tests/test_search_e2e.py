@@ -98,12 +98,29 @@ def write_probe_data(root: Path) -> Path:
     return root
 
 
+def test_quiet_prints_the_summary_only_and_verbose_shows_ray_tunes_tables(tmp_path):
+    space = tiny_space(tmp_path, baselines=[], search={"algorithm": "optuna", "seed": 0, "num_samples": 2})
+    quiet = cli("run", str(space), "--name", "quiet", "-q", cwd=tmp_path)
+    assert quiet.returncode == 0, quiet.stdout[-3000:] + quiet.stderr[-3000:]
+    assert "best trial:" in quiet.stdout
+    assert not [line for line in quiet.stdout.splitlines() if line.startswith("dkd-tune: ")]
+    verbose = cli("run", str(space), "--name", "verbose", "--verbose", cwd=tmp_path)
+    assert verbose.returncode == 0, verbose.stdout[-3000:] + verbose.stderr[-3000:]
+    assert "== Status ==" in verbose.stdout and "trial 1/2" not in verbose.stdout
+    both = cli("run", str(space), "-q", "-v", cwd=tmp_path)
+    assert both.returncode == 2 and "give one of them" in both.stderr
+
+
 def test_run_end_to_end_through_the_cli(tmp_path):
     probe_root = write_probe_data(tmp_path / "probe_data")
     space = tiny_space(tmp_path, probe={"datasets": ["stl10"], "top_k": 2, "data_root": str(probe_root)})
     result = cli("run", str(space), cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "best trial:" in result.stdout
+    # The default output: a line per trial, no Ray status tables, none of the libraries' start-up lines.
+    assert "dkd-tune: teacher: trial 1/6 (" in result.stdout and "== Status ==" not in result.stdout
+    for chatter in ("Creating initial MLflow database tables", "A new study created", "Token authentication"):
+        assert chatter not in result.stdout + result.stderr, chatter
     experiment = tmp_path / "runs" / "e2e"
     assert f"analysis (tables.md and figures): {experiment / 'analysis'}" in result.stdout
     state = json.loads((experiment / "state.json").read_text())

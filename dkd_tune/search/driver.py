@@ -51,7 +51,8 @@ from dkd_tune.search.parent_run import (
 )
 from dkd_tune.search.ray_runtime import start_ray
 from dkd_tune.search.teacher_tasks import collect_teachers, launch_teacher_preparation, load_data
-from dkd_tune.search.tuner import auto_beta_prior, new_tuner, trial_logger, trial_resources
+from dkd_tune.search.tuner import auto_beta_prior, expected_trials, new_tuner, trial_logger, trial_resources
+from dkd_tune.search.verbosity import quiet_libraries
 
 # ------------------------------------------------------------------------------------------------
 # Entry points
@@ -59,6 +60,7 @@ from dkd_tune.search.tuner import auto_beta_prior, new_tuner, trial_logger, tria
 
 def run_search(space: SearchSpaceFile, source: Path, options: SearchOptions) -> SearchOutcome:
     """Start a new search from a validated file."""
+    quiet_libraries(options.verbosity)
     check_storage(options.storage, "--storage")
     check_tracking_uri(options.tracking_uri, "--tracking-uri")
     check_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI"), "MLFLOW_TRACKING_URI")
@@ -99,6 +101,7 @@ def run_search(space: SearchSpaceFile, source: Path, options: SearchOptions) -> 
 
 def resume_search(name_or_path: str, options: SearchOptions) -> SearchOutcome:
     """Finish an interrupted search: done parts kept, unfinished trials resumed from their checkpoints."""
+    quiet_libraries(options.verbosity)
     check_tracking_uri(options.tracking_uri, "--tracking-uri")
     experiment_dir = locate_search(name_or_path, options.storage)
     state = read_state(experiment_dir / STATE_FILE)
@@ -220,8 +223,10 @@ def _search_phases(space, experiment_dir, state, options, data_spec, shared, sav
 def _run_part(space, part_name, teacher, teachers, shared_ref, experiment_dir, state, options) -> None:
     from ray import tune
 
+    from dkd_tune.search.progress_view import TrialProgress
     from dkd_tune.search.study import study_storage_url
     from dkd_tune.search.tune_signals import StopOnSignal
+    from dkd_tune.search.verbosity import NORMAL, VERBOSE
     from trainables import distillation_trainable
 
     plan = trial_plan(space, teacher, teachers.get(teacher.label) if teacher else None, part_name)
@@ -238,12 +243,25 @@ def _run_part(space, part_name, teacher, teachers, shared_ref, experiment_dir, s
     part_dir = experiment_dir / part_name
     logger = trial_logger(space, part_name, teacher, teachers, state)
     searched = [name for name, d in space.space_for(teacher).items() if d.kind != "fixed"] if teacher else []
+    callbacks = [logger, StopOnSignal()]
+    if options.verbosity == NORMAL:
+        callbacks.append(
+            TrialProgress(
+                part_name,
+                metric=space.metric,
+                mode=space.mode,
+                max_epochs=plan.max_epochs,
+                expected_trials=expected_trials(space, teacher),
+                searched=searched,
+            )
+        )
+    verbose = options.verbosity >= VERBOSE
     run_config = tune.RunConfig(
         name=part_name,
         storage_path=str(experiment_dir),
         failure_config=tune.FailureConfig(max_failures=space.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-        callbacks=[logger, StopOnSignal()],
+        callbacks=callbacks,
         progress_reporter=tune.CLIReporter(
             parameter_columns=searched,
             metric_columns={
@@ -254,8 +272,10 @@ def _run_part(space, part_name, teacher, teachers, shared_ref, experiment_dir, s
             },
             max_report_frequency=20,
             sort_by_metric=True,
-        ),
-        verbose=1,
+        )
+        if verbose
+        else None,
+        verbose=1 if verbose else 0,
     )
     if part_dir.exists() and tune.Tuner.can_restore(str(part_dir)):
         options.log(f"dkd-tune: resuming part '{part_name}' from {part_dir}")

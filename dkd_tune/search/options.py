@@ -18,6 +18,8 @@ class SearchOptions:
     tracking_uri: str | None = None
     dashboard: bool = False
     log: Callable[[str], None] = print
+    # 0 (-q): the summary only; 1: a line per finished trial; 2 (-v): Ray Tune's tables and the libraries' logs.
+    verbosity: int = 1
     # A function trainable `(config, plan, data)` to run instead of dkd-tune's own: for custom training
     # code, and for the tests that inject faults or measure the search machinery with a fast trainable.
     trainable: Callable[..., None] | None = None

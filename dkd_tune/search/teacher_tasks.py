@@ -9,6 +9,7 @@ from typing import Any
 from dkd_tune.config.schema import SearchSpaceFile
 from dkd_tune.core.losses import LOSS_MODES
 from dkd_tune.search.options import SearchOptions
+from dkd_tune.search.verbosity import NORMAL, QUIET, VERBOSE
 
 
 def load_data(space: SearchSpaceFile, options: SearchOptions):
@@ -43,6 +44,7 @@ def launch_teacher_preparation(space, data_spec, shared_ref, experiment_dir, sta
             cache_dir,
             cache_note,
             cpus,
+            options.verbosity,
         )
     return pending
 
@@ -91,7 +93,9 @@ def shared_data(data_spec, space: SearchSpaceFile, options: SearchOptions):
     return SharedDataset.from_datasets(train, test, validation)
 
 
-def prepare_teacher_task(teacher, student, data_spec, shared, teachers_dir, cache_dir, cache_note, cpus):
+def prepare_teacher_task(
+    teacher, student, data_spec, shared, teachers_dir, cache_dir, cache_note, cpus, verbosity=NORMAL
+):
     import torch
 
     from dkd_tune.core.recipes import resolve_recipe
@@ -107,6 +111,7 @@ def prepare_teacher_task(teacher, student, data_spec, shared, teachers_dir, cach
             checkpoint=teacher.checkpoint,
             data=shared,
             device=training_device(),
+            log=print if verbosity > QUIET else _silent,
         )
     train_set, test_set = shared.datasets()
     train_recipe = None
@@ -126,7 +131,13 @@ def prepare_teacher_task(teacher, student, data_spec, shared, teachers_dir, cach
         cache_dir=Path(cache_dir) if cache_dir else None,
         cache_note=cache_note,
         device=training_device(),
+        log=print if verbosity > QUIET else _silent,
+        progress=verbosity >= VERBOSE,
     )
+
+
+def _silent(line: str) -> None:
+    """The log of a teacher prepared under -q."""
 
 
 def search_teachers_dir(space: SearchSpaceFile, experiment_dir: Path) -> Path:

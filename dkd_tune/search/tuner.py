@@ -195,6 +195,22 @@ def search_algorithm(
     )
 
 
+def expected_trials(space: SearchSpaceFile, teacher) -> int:
+    """How many trials one part runs: 1 with nothing searched, else num_samples, times the grid's size
+    where Tune expands grid dimensions (every grid point is repeated num_samples times)."""
+    variable = [d for d in (space.space_for(teacher) if teacher else {}).values() if d.kind != "fixed"]
+    if not variable:
+        return 1
+    grid_points = 1
+    if space.search.algorithm != "optuna":
+        for distribution in variable:
+            if distribution.kind == "grid" or (
+                space.search.algorithm == "grid" and distribution.kind == "choice"
+            ):
+                grid_points *= len(distribution.grid or distribution.choice)
+    return grid_points * space.search.num_samples
+
+
 def optuna_distribution(distribution: Distribution):
     import optuna
 

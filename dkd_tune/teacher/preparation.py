@@ -116,6 +116,7 @@ def prepare_teacher(
     cache_note: str,
     device: torch.device,
     log: Log = print,
+    progress: bool = True,
 ) -> TeacherArtifacts:
     """Load (or train once) a search's teacher, measure its logit gap and build its logit cache.
 
@@ -137,7 +138,7 @@ def prepare_teacher(
         f"dkd-tune: teacher '{label}': measuring the logit gap on {len(train_set)} training images "
         f"(and its top-1 on {len(test_set)} test images)"
     )
-    gap = measure_logit_gap(teacher, train_set, test_set, device=device)
+    gap = measure_logit_gap(teacher, train_set, test_set, device=device, progress=progress)
     cache_path = None
     if cache_dir is not None:
         views = augmentation_views(augment)
@@ -146,7 +147,14 @@ def prepare_teacher(
         else:
             padding, flip = views
             cache = TeacherLogitCache.build(
-                teacher, train_set, cache_dir, padding=padding, flip=flip, device=device, log=log
+                teacher,
+                train_set,
+                cache_dir,
+                padding=padding,
+                flip=flip,
+                device=device,
+                log=log,
+                progress=progress,
             )
             cache_path = cache.path
     log(f"dkd-tune: teacher '{label}': logit cache {cache_note}" + (f": {cache_path}" if cache_path else ""))
