@@ -183,6 +183,13 @@ def test_mlflow_ui_compares_trials_beta_and_test_acc(chromium, mlflow_ui, tmp_pa
                     for x, y in placed
                 ), f"test_acc {shown} of {name} not in its column of the test_acc row (found at {placed})"
 
+            # The parallel-coordinates plot starts on test_acc (logged first) and the searched params.
+            plot = page.locator("text=Parallel Coordinates Plot").first
+            expect(plot).to_be_visible()
+            metrics_box = page.get_by_text("Metrics:", exact=True).locator("xpath=following::*[1]")
+            expect(metrics_box).to_contain_text("test_acc")
+            expect(metrics_box).not_to_contain_text("epoch")
+
             # A picture for the README: the parallel-coordinates plot and the parameters that differ.
             page.set_viewport_size(SCREENSHOT_VIEWPORT)
             click_if_shown(page.get_by_role("button", name="Close", exact=True))

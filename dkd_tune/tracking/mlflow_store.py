@@ -229,12 +229,17 @@ _RAY_BOOKKEEPING = frozenset(
 )  # fmt: skip
 
 
+# Logged first: MLflow's compare view preselects a run's first metric for its parallel-coordinates plot.
+LEADING_METRICS = ("test_acc", "val_acc")
+
+
 def epoch_metrics(result: Mapping[str, Any]) -> tuple[int, dict[str, float], int]:
     """A trial's result as MLflow takes it: (step = epoch, its finite metrics, timestamp in ms)."""
     step = int(result.get("epoch", result.get("training_iteration", 0)))
     timestamp_ms = int(1000 * float(result.get("timestamp", 0) or 0)) or now_ms()
     metrics = numeric_metrics({k: v for k, v in result.items() if k not in _RAY_BOOKKEEPING})
-    return step, metrics, timestamp_ms
+    leading = {key: metrics[key] for key in LEADING_METRICS if key in metrics}
+    return step, {**leading, **metrics}, timestamp_ms
 
 
 def logged_epochs_match(client: MlflowClient, run_id: str, history: list[Mapping[str, Any]]) -> bool:
