@@ -33,7 +33,7 @@ class TrialProgress(Callback):
         self.searched = list(searched)
         self.started = time.monotonic()
         self.epochs_done = 0
-        self.ended: list[Any] = []
+        self.ended = 0  # trials of this process that ended
         self.best: tuple[float, str] | None = None
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
@@ -46,7 +46,7 @@ class TrialProgress(Callback):
         self._ended(trials, trial, failed=True)
 
     def _ended(self, trials: list, trial: Any, *, failed: bool) -> None:
-        self.ended.append(trial)
+        self.ended += 1
         result = trial.last_result or {}
         epoch = int(result.get("epoch", 0) or 0)
         value = result.get(self.metric)
@@ -69,7 +69,7 @@ class TrialProgress(Callback):
         best = f"best {self.metric} {self.best[0]:.2f} ({self.best[1]})" if self.best else "no full trial yet"
         # Printed, not handed to a logger object: Tune pickles its callbacks with the experiment state.
         print(
-            f"dkd-tune: {self.part}: trial {len(self.ended)}/{total} ({params}) {how}; {running} running; "
+            f"dkd-tune: {self.part}: trial {self.ended}/{total} ({params}) {how}; {running} running; "
             f"{best}; {_duration(time.monotonic() - self.started)} elapsed{self._left(total)}",
             flush=True,
         )
@@ -81,7 +81,7 @@ class TrialProgress(Callback):
         return ", ".join(shown) or "fixed settings"
 
     def _left(self, total: int) -> str:
-        remaining = max(total - len(self.ended), 0) * self.max_epochs
+        remaining = max(total - self.ended, 0) * self.max_epochs
         if self.epochs_done == 0 or remaining == 0:
             return ""
         per_epoch = (time.monotonic() - self.started) / self.epochs_done
