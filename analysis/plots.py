@@ -141,8 +141,11 @@ def plot_accuracy_vs_beta(
     axis.set_xscale("log")
     _plain_log_ticks(axis.xaxis)
     axis.set_xlabel("beta (NCKD weight)")
-    axis.set_ylabel(f"{metric} (%)")
-    axis.set_title("Top-1 vs beta, trials that ran the full budget (ringed: best per teacher)", fontsize=10)
+    axis.set_ylabel(f"{metric} (COCO AP)" if metric.endswith("_ap") else f"{metric} (%)")
+    axis.set_title(
+        f"{'AP' if metric.endswith('_ap') else 'Top-1'} vs beta, trials that ran the full budget (ringed: best per teacher)",
+        fontsize=10,
+    )
     axis.grid(alpha=0.3, which="both")
     _dedupe_legend(axis)
     return _save(figure, path)

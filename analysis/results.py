@@ -26,6 +26,7 @@ RESULT_COLUMNS: dict[str, str] = {
     "teacher": "string",
     "teacher_model": "string",
     "teacher_gap": "float64",
+    "teacher_gap_background": "float64",  # detection teachers: the gap over background proposals
     "predicted_beta": "float64",
     "dataset": "string",
     "dataset_family": "string",
@@ -49,6 +50,11 @@ RESULT_COLUMNS: dict[str, str] = {
     "final_test_acc": "float64",
     "best_test_acc": "float64",
     "final_test_acc_top5": "float64",
+    "final_test_ap": "float64",
+    "best_test_ap": "float64",
+    "final_test_ap50": "float64",
+    "final_test_ap75": "float64",
+    "final_val_ap": "float64",
     "final_val_acc": "float64",
     "final_val_loss": "float64",
     "final_train_acc": "float64",
@@ -114,6 +120,9 @@ def load_search_results(
             "teacher_model": teacher.model if teacher else "none",
             "teacher_gap": artifacts.gap.mean
             if artifacts is not None and artifacts.gap is not None
+            else None,
+            "teacher_gap_background": artifacts.gap.background_mean
+            if artifacts is not None and artifacts.gap is not None and artifacts.gap.background_samples
             else None,
             "predicted_beta": getattr(artifacts, "predicted_beta", None) if artifacts is not None else None,
             "dataset": data_spec.name,
@@ -213,6 +222,14 @@ def trial_row(trial: Mapping[str, Any], part_dir: Path, max_epochs: int) -> dict
         if history
         else None,
         "final_test_acc_top5": last.get("test_acc_top5"),
+        # Detection trials (COCO AP, %); NaN for classifiers.
+        "final_test_ap": last.get("test_ap"),
+        "best_test_ap": max((r.get("test_ap", float("-inf")) for r in history), default=None)
+        if history and "test_ap" in last
+        else None,
+        "final_test_ap50": last.get("test_ap50"),
+        "final_test_ap75": last.get("test_ap75"),
+        "final_val_ap": last.get("val_ap"),
         "final_val_acc": last.get("val_acc"),
         "final_val_loss": last.get("val_loss"),
         "final_train_acc": last.get("train_acc"),
@@ -270,11 +287,16 @@ def write_results(frame: pd.DataFrame, path: str | Path) -> Path:
 
 
 def results_table(frame: pd.DataFrame, metric: str = "test_acc", limit: int = 20) -> str:
-    """A Markdown table of the best trials per teacher (final test top-1), for the terminal and reports."""
+    """A Markdown table of the best trials per teacher (final test top-1, or AP), for the terminal and reports."""
     from analysis.tables import markdown_table
 
     if frame.empty:
         return "(no trials)"
+    if frame["final_test_ap"].notna().any():  # detection
+        columns = ["teacher", "trial_id", "status", "stop_epoch", "beta", "temperature", "final_test_ap",
+                   "final_test_ap50", "final_val_ap"]  # fmt: skip
+        shown = frame.sort_values(["teacher", "final_test_ap"], ascending=[True, False]).head(limit)[columns]
+        return markdown_table(shown)
     columns = [
         "teacher",
         "trial_id",

@@ -53,7 +53,13 @@ def write_analysis(
     title: str,
     metric: str = "final_test_acc",
 ) -> AnalysisOutputs:
-    """Write the results and histories Parquet, the tables (Markdown) and the three figures into `out_dir`."""
+    """Write the results and histories Parquet, the tables (Markdown) and the three figures into `out_dir`.
+
+    `metric` is the results' column the tables and figures rank by; a detection search's is
+    `final_test_ap` (COCO AP) and is taken when the frame has it.
+    """
+    if metric == "final_test_acc" and "final_test_ap" in frame and frame["final_test_ap"].notna().any():
+        metric = "final_test_ap"
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results_path = write_results(frame, out_dir / RESULTS_FILE)
@@ -69,7 +75,7 @@ def write_analysis(
         "",
         summary_text,
         "",
-        "## Top-1 by beta and teacher (as Table A.1)",
+        f"## {'AP' if metric.endswith('_ap') else 'Top-1'} by beta and teacher (as Table A.1)",
         "",
         pivot.markdown(),
         "",
@@ -78,7 +84,9 @@ def write_analysis(
     tables_path = out_dir / TABLES_FILE
     atomic_write_text(tables_path, "\n".join(tables).rstrip() + "\n")
     figures = [
-        plot_learning_curves(histories, frame, out_dir / LEARNING_CURVES_FIGURE),
+        plot_learning_curves(
+            histories, frame, out_dir / LEARNING_CURVES_FIGURE, metric=metric.removeprefix("final_")
+        ),
         plot_accuracy_vs_beta(frame, out_dir / ACCURACY_VS_BETA_FIGURE, metric=metric),
         plot_best_beta_vs_gap(
             points,

@@ -114,19 +114,28 @@ def suggest_beta_command(
 
 @cli.command("models")
 @click.option(
-    "--family", type=click.Choice(["cifar", "imagenet"]), help="Only the CIFAR or the ImageNet networks."
+    "--family",
+    type=click.Choice(["cifar", "imagenet", "detection"]),
+    help="Only the CIFAR or the ImageNet networks, or the detectors.",
 )
 def models_command(family: str | None) -> None:
     """List the model zoo: name, family, parameters (millions, at the family's default class count), input size."""
+    from dkd_tune.models.detection import detector_table
     from dkd_tune.models.registry import model_table
 
-    rows = model_table(family)
-    width = max(len(info.name) for info, _ in rows)
-    click.echo(f"{'name':<{width}}  family    params (M)  classes  input")
+    rows = model_table(family) if family != "detection" else []
+    detectors = detector_table() if family in (None, "detection") else []
+    width = max(len(name) for name in [info.name for info, _ in rows] + [info.name for info, _ in detectors])
+    click.echo(f"{'name':<{width}}  family     params (M)  classes  input")
     for info, parameters in rows:
         click.echo(
-            f"{info.name:<{width}}  {info.family:<8}  {parameters / 1e6:>10.3f}  {info.default_num_classes:>7}  "
+            f"{info.name:<{width}}  {info.family:<9}  {parameters / 1e6:>10.3f}  {info.default_num_classes:>7}  "
             f"{info.input_size}x{info.input_size}"
+        )
+    for info, parameters in detectors:  # Faster R-CNN-FPN, at COCO's 80 categories + background
+        click.echo(
+            f"{info.name:<{width}}  {'detection':<9}  {parameters / 1e6:>10.3f}  {81:>7}  "
+            f"{info.image_size}, FPN on {info.backbone}"
         )
 
 
@@ -316,6 +325,10 @@ def sync_command(name_or_path, storage, tracking_uri) -> None:
     click.echo(f"dkd-tune: MLflow is in line with search {name_or_path!r}")
 
 
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and value == value and abs(value) != float("inf")
+
+
 def _print_outcome(outcome) -> None:
     click.echo("")
     click.echo(outcome.table)
@@ -330,11 +343,14 @@ def _print_outcome(outcome) -> None:
         click.echo(
             f"best trial: {best['trial_id']} (teacher {best['teacher']}, loss {best['loss']}): {hyper}"
         )
+        # Classifiers are scored by top-1 (%), detectors by COCO AP.
+        detection = _finite(best.get("final_test_ap"))
+        score, unit, split = ("AP", "", "ap") if detection else ("top-1", "%", "acc")
         chosen_on = ""
-        if best.get("final_val_acc") is not None and best["final_val_acc"] == best["final_val_acc"]:
-            chosen_on = f"final validation top-1 {best['final_val_acc']:.2f}% (chosen on it), "
+        if _finite(best.get(f"final_val_{split}")):
+            chosen_on = f"final validation {score} {best[f'final_val_{split}']:.2f}{unit} (chosen on it), "
         click.echo(
-            f"  {chosen_on}final test top-1 {best['final_test_acc']:.2f}%, checkpoint {best.get('checkpoint_path')}"
+            f"  {chosen_on}final test {score} {best[f'final_test_{split}']:.2f}{unit}, checkpoint {best.get('checkpoint_path')}"
         )
         predicted = best.get("predicted_beta")
         if isinstance(predicted, float) and predicted == predicted and "beta" in best:
@@ -343,9 +359,9 @@ def _print_outcome(outcome) -> None:
                 f"(the search's best: {best['beta']:.3g}; dkd-tune suggest-beta explains it)"
             )
         for part, accuracy in outcome.references.items():
-            gain = best["final_test_acc"] - accuracy
+            gain = best[f"final_test_{split}"] - accuracy
             click.echo(
-                f"  reference {part}: final test top-1 {accuracy:.2f}% (best trial {gain:+.2f} points)"
+                f"  reference {part}: final test {score} {accuracy:.2f}{unit} (best trial {gain:+.2f} points)"
             )
     else:
         click.echo("no trial completed its full budget")

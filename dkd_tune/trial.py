@@ -21,11 +21,14 @@ import torch
 
 from dkd_tune.core.losses import LOSS_MODES
 from dkd_tune.core.recipes import Recipe, recipe_with
-from dkd_tune.data import ImageDataset, ImageFolderData, InMemoryData
+from dkd_tune.data import CocoData, ImageDataset, ImageFolderData, InMemoryData
+from dkd_tune.engine.detection_loop import fit_detector
+from dkd_tune.engine.detection_setup import prepare_detection_run
 from dkd_tune.engine.devices import training_device
 from dkd_tune.engine.loop import FitResult, LiveTeacher, Reporter, fit
 from dkd_tune.engine.run_setup import prepare_run
 from dkd_tune.models import load_teacher
+from dkd_tune.models.detection import load_detector
 from dkd_tune.teacher.logit_cache import CorruptCacheError, TeacherLogitCache
 from dkd_tune.teacher.non_target_control import PermutedNonTarget
 from dkd_tune.teacher.preparation import TeacherArtifacts
@@ -117,7 +120,7 @@ def trial_recipe(base: Recipe, hyperparameters: dict[str, Any]) -> Recipe:
 
 def run_trial(
     plan: TrialPlan,
-    data: SharedDataset | ImageFolderData,
+    data: SharedDataset | ImageFolderData | CocoData,
     hyperparameters: dict[str, Any],
     *,
     reporter: Reporter | None,
@@ -133,6 +136,12 @@ def run_trial(
     device = device or training_device()
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(plan.cpus_per_trial)))
+    if isinstance(data, CocoData):
+        return run_detection_trial(
+            plan, data, recipe, loss_mode,
+            reporter=reporter, checkpoint_dir=checkpoint_dir, resume_from=resume_from,
+            device=device, rank=rank, world_size=world_size,
+        )  # fmt: skip
     source = (
         InMemoryData(*data.datasets(), plan.augment, val=data.validation())
         if isinstance(data, SharedDataset)
@@ -164,6 +173,33 @@ def run_trial(
         resume_from=resume_from,
         stop_after_epochs=plan.max_epochs,
     )
+
+
+def run_detection_trial(
+    plan: TrialPlan,
+    data: CocoData,
+    recipe: Recipe,
+    loss_mode: str,
+    *,
+    reporter: Reporter | None,
+    checkpoint_dir: Path,
+    resume_from: Path | None,
+    device: torch.device,
+    rank: int,
+    world_size: int,
+) -> FitResult:
+    """A detection trial: the student detector and its COCO loaders; the teacher detector runs live on its proposals."""
+    run = prepare_detection_run(plan.student, data, recipe, rank=rank, world_size=world_size)
+    teacher = None
+    if LOSS_MODES[loss_mode].needs_teacher:
+        if plan.teacher is None:
+            raise ValueError("a distillation trial needs teacher artifacts")
+        teacher = load_detector(plan.teacher.model, plan.teacher.checkpoint, categories=data.category_names)
+    return fit_detector(
+        run.model, run.train_loader, run.evaluations, recipe,
+        identity=run.identity, loss_mode=loss_mode, teacher=teacher, device=device, reporter=reporter,
+        checkpoint_dir=checkpoint_dir, resume_from=resume_from, stop_after_epochs=plan.max_epochs,
+    )  # fmt: skip
 
 
 def teacher_logit_source(artifacts: TeacherArtifacts | None, train_loader: Any, device: torch.device):

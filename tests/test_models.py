@@ -16,6 +16,7 @@ from dkd_tune.models import (
     model_info,
     parameter_count,
 )
+from dkd_tune.models.detection import DETECTOR_NAMES, create_detector
 
 # Millions of parameters at 100 classes, as the CRD/mdistiller code reports them.
 CIFAR_PARAMS_M = {
@@ -232,7 +233,8 @@ def test_cli_lists_every_model_with_its_parameter_count():
         [sys.executable, "-m", "dkd_tune", "models"], capture_output=True, text=True, check=True
     )
     rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()[1:]}
-    assert list(rows) == list(CIFAR_PARAMS_M) + list(IMAGENET_PARAMS_M)
+    assert list(rows) == list(CIFAR_PARAMS_M) + list(IMAGENET_PARAMS_M) + list(DETECTOR_NAMES)
+    assert all(rows[name][1] == "detection" for name in DETECTOR_NAMES)
     for name, expected in {**CIFAR_PARAMS_M, **IMAGENET_PARAMS_M}.items():
         assert rows[name][2] == f"{expected:.3f}"
     imagenet_only = subprocess.run(
@@ -242,3 +244,16 @@ def test_cli_lists_every_model_with_its_parameter_count():
         check=True,
     ).stdout
     assert [line.split()[0] for line in imagenet_only.splitlines()[1:]] == list(IMAGENET_PARAMS_M)
+
+
+def test_detectors_are_torchvisions_faster_rcnn_with_the_papers_backbones():
+    from torchvision.models.detection import FasterRCNN, fasterrcnn_resnet50_fpn
+
+    for name in DETECTOR_NAMES:
+        assert isinstance(create_detector(name, 7), FasterRCNN)
+    # frcnn_r50_fpn is torchvision's own ResNet-50 Faster R-CNN-FPN, parameter for parameter.
+    ours = create_detector("frcnn_r50_fpn", 91).state_dict()
+    theirs = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91).state_dict()
+    assert {k: v.shape for k, v in ours.items() if "num_batches" not in k} == {
+        k: v.shape for k, v in theirs.items() if "num_batches" not in k
+    }

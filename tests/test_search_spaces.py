@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from dkd_tune.config.plan import search_parts, trial_plan
 from dkd_tune.core.errors import UserInputError
 from dkd_tune.data import dataset_num_classes, parse_data_spec
 from dkd_tune.models import create_model
+from dkd_tune.models.detection import create_detector, is_detector
 from dkd_tune.search.tuner import new_tuner
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,6 +35,13 @@ def placeholder_inputs(path: Path, tmp_path: Path) -> list[str]:
     if name == "imagenet":
         for split in ("train", "val"):
             (root / split / "n01440764").mkdir(parents=True)
+    elif name == "coco":
+        (root / "annotations").mkdir(parents=True)
+        categories = [{"id": i, "name": f"category{i}"} for i in range(1, 81)]
+        for split in ("train2017", "val2017"):
+            (root / split).mkdir()
+            instances = {"images": [], "annotations": [], "categories": categories}
+            (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(instances))
     elif name == "cifar100":
         (root / "cifar-100-python").mkdir(parents=True)
         for file in ("train", "test", "meta"):
@@ -45,7 +54,12 @@ def placeholder_inputs(path: Path, tmp_path: Path) -> list[str]:
         if "checkpoint" in teacher:
             # Teacher files are read and checked before a search starts: give each a real model.
             checkpoint = tmp_path / f"teacher{index}.pth"
-            model = create_model(teacher["model"], num_classes=dataset_num_classes(spec))
+            num_classes = dataset_num_classes(spec)
+            model = (
+                create_detector(teacher["model"], num_classes)
+                if is_detector(teacher["model"])
+                else create_model(teacher["model"], num_classes=num_classes)
+            )
             torch.save(model.state_dict(), checkpoint)
             overrides.append(f"teachers.{index}.checkpoint={checkpoint}")
     return overrides
@@ -86,6 +100,7 @@ def test_the_paper_pairs_and_ablations_are_all_shipped():
     stems = {p.stem for p in SHIPPED}
     assert {f"cifar_{pair}" for pair in PAPER_PAIRS} <= stems
     assert {"demo", "cifar_shufflenet", "imagenet_res34_res18", "imagenet_res50_mv1"} <= stems
+    assert {"detection_demo", "coco_frcnn_r101_r18", "coco_frcnn_r101_r50", "coco_frcnn_r50_mv2"} <= stems
     assert {
         "ablation_loss_modes",
         "ablation_tckd_temperature",

@@ -11,6 +11,8 @@ from pydantic import BaseModel, ValidationError
 
 from dkd_tune.config.overrides import apply_set_override
 from dkd_tune.config.schema import (
+    DETECTION_METRICS,
+    METRICS,
     DataMapping,
     Distribution,
     SearchSpaceFile,
@@ -147,11 +149,16 @@ def _model_in_annotation(annotation: Any) -> Any:
 def check_search_space(space: SearchSpaceFile, path: Path) -> None:
     """Cross-field and file-system checks; raises one UserInputError line naming the key."""
     from dkd_tune.models import list_models
+    from dkd_tune.models.detection import DETECTOR_NAMES
 
     def fail(key: str, message: str) -> None:
         raise UserInputError(f"{path}: {key}: {message}")
 
-    models = list_models()
+    try:
+        data = space.data_spec
+    except UserInputError as error:
+        raise UserInputError(f"{path}: {error}") from None
+    models = list(DETECTOR_NAMES) if data.is_detection else list_models()
     if space.student not in models:
         fail("student", f"unknown model {space.student!r}{did_you_mean(space.student, models)}")
     if LOSS_MODES[space.loss].needs_teacher and not space.teachers:
@@ -175,11 +182,8 @@ def check_search_space(space: SearchSpaceFile, path: Path) -> None:
                 resolve_recipe(teacher.train.recipe, overrides=teacher.train.overrides, source=f"{key}.train")
             except UserInputError as error:
                 raise UserInputError(f"{path}: {error}") from None
-    try:
-        data = space.data_spec
-    except UserInputError as error:
-        raise UserInputError(f"{path}: {error}") from None
     check_data_present(data, path)
+    check_metric_fits_task(space, data, fail)
     if space.metric.startswith("val_") and not data.validation:
         fail(
             "metric",
@@ -228,13 +232,38 @@ def check_search_space(space: SearchSpaceFile, path: Path) -> None:
         fail("probe.data_root", f"folder {str(resolve_path(space.probe.data_root))!r} not found")
 
 
+def check_metric_fits_task(space: SearchSpaceFile, data: Any, fail) -> None:
+    """Detectors are scored by COCO AP, classifiers by accuracy and loss: the metric must be one of the task's."""
+    if data.is_detection and space.metric not in DETECTION_METRICS:
+        fail(
+            "metric",
+            f"{space.metric!r} is a classifier's metric; detection searches use {', '.join(DETECTION_METRICS)}",
+        )
+    if not data.is_detection and space.metric not in METRICS:
+        fail(
+            "metric",
+            f"{space.metric!r} is a detector's metric (COCO AP); expected one of {', '.join(METRICS)}",
+        )
+
+
 def check_teacher_checkpoints(space: SearchSpaceFile, data: Any, path: Path) -> None:
-    """Each teacher file is readable, intact and holds its model with the dataset's class count."""
+    """Each teacher file is readable, intact and holds its model with the dataset's class count (categories for detectors)."""
     from dkd_tune.data import dataset_num_classes
     from dkd_tune.models import matching_state_dict
 
     given = [(index, t) for index, t in enumerate(space.teachers) if t.checkpoint is not None]
     if not given:
+        return
+    if data.is_detection:
+        from dkd_tune.data.splits import coco_category_names
+        from dkd_tune.models.detection import matching_detector_state_dict
+
+        categories = coco_category_names(data)
+        for index, teacher in given:
+            try:
+                matching_detector_state_dict(teacher.model, resolve_path(teacher.checkpoint), categories)
+            except UserInputError as error:
+                raise UserInputError(f"{path}: teachers[{index}].checkpoint: {error}") from None
         return
     try:
         num_classes = dataset_num_classes(data)

@@ -25,6 +25,14 @@ from dkd_tune.data.spec import AUGMENTATIONS, DATASET_NAMES, DataSpec, parse_dat
 METRICS = (
     "test_acc", "best_test_acc", "test_acc_top5", "test_loss", "train_loss", "train_acc", "val_acc", "val_loss",
 )  # fmt: skip
+DETECTION_METRICS = (
+    "test_ap",
+    "best_test_ap",
+    "test_ap50",
+    "test_ap75",
+    "val_ap",
+    "train_loss",
+)  # COCO AP, %
 
 
 class StrictModel(BaseModel):
@@ -111,12 +119,15 @@ class DataMapping(StrictModel):
     )
     noise_seed: int = Field(0, description="Seed of the label noise (which labels are flipped, and to what).")
     generate: dict[str, Any] | None = Field(
-        None, description="synthetic only: generator parameters (make-synthetic)."
+        None,
+        description="synthetic and synthetic-coco only: generator parameters (make-synthetic; "
+        "synthetic-coco: train_images, val_images, image_size, seed).",
     )
     validation: int = Field(
         0,
         ge=0,
-        description="Images per class held out of the training split as a validation split (val_acc); 0: none.",
+        description="Images per class (detection: images in all) held out of the training split as a "
+        "validation split (val_acc, val_ap); 0: none.",
     )
 
 
@@ -242,7 +253,9 @@ class SearchSpaceFile(StrictModel):
     search: SearchAlgorithm = Field(default_factory=SearchAlgorithm, description="How trials are chosen.")
     scheduler: Scheduler = Field(default_factory=Scheduler, description="How trials are stopped early.")
     resources: Resources = Field(default_factory=Resources, description="What each trial gets.")
-    metric: Literal[METRICS] = Field("test_acc", description="Metric the search optimises.")  # type: ignore[valid-type]
+    metric: Literal[tuple(dict.fromkeys(METRICS + DETECTION_METRICS))] = Field(  # type: ignore[misc]
+        "test_acc", description="Metric the search optimises (detection: test_ap, val_ap, ...: COCO AP in %)."
+    )
     mode: Literal["max", "min"] = Field("max", description="Whether the metric is maximised or minimised.")
     storage: str = Field(
         "./dkd_runs", description="Ray results and checkpoints (a path, or a URI on clusters)."

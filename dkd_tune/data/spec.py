@@ -10,11 +10,19 @@ from typing import Any
 
 from dkd_tune.core.errors import UserInputError
 
-DATASET_NAMES = ("cifar100", "synthetic", "imagenet")
+DATASET_NAMES = ("cifar100", "synthetic", "imagenet", "coco", "synthetic-coco")
 AUGMENTATIONS = ("standard", "autoaugment", "none")
 GENERATE_KEYS = ("classes", "superclasses", "train_per_class", "test_per_class", "image_size", "seed")
+DETECTION_GENERATE_KEYS = ("train_images", "val_images", "image_size", "seed")  # synthetic-coco
 SPEC_KEYS = ("name", "root", "download", "augment", "label_noise", "noise_seed", "generate", "validation")
-FAMILY = {"cifar100": "cifar", "synthetic": "synthetic", "imagenet": "imagenet"}
+FAMILY = {
+    "cifar100": "cifar",
+    "synthetic": "synthetic",
+    "imagenet": "imagenet",
+    "coco": "coco",
+    "synthetic-coco": "coco",
+}
+DETECTION_FAMILY = "coco"  # COCO-format detection data: Faster R-CNN students and teachers
 
 
 @dataclass(frozen=True)
@@ -28,7 +36,7 @@ class DataSpec:
     label_noise: float = 0.0
     noise_seed: int = 0
     generate: dict | None = None
-    validation: int = 0  # images per class held out of the training split for selection (0: none)
+    validation: int = 0  # images (per class; detection: in all) held out of the training split (0: none)
 
     def __hash__(self) -> int:
         generate = None if self.generate is None else tuple(sorted(self.generate.items()))
@@ -43,6 +51,10 @@ class DataSpec:
     def family(self) -> str:
         """Which auto-beta calibration applies: "cifar", "imagenet" or "synthetic"."""
         return FAMILY[self.name]
+
+    @property
+    def is_detection(self) -> bool:
+        return self.family == DETECTION_FAMILY
 
 
 def short_form_mapping(value: str) -> dict[str, Any] | str:
@@ -102,6 +114,11 @@ def _validated(fields: dict[str, Any], source: str) -> DataSpec:
     augment = fields.get("augment", "standard")
     if augment not in AUGMENTATIONS:
         raise UserInputError(f"{source}: augment {augment!r} is not one of {', '.join(AUGMENTATIONS)}")
+    if FAMILY[name] == DETECTION_FAMILY and augment == "autoaugment":
+        raise UserInputError(
+            f"{source}: augment 'autoaugment' is not available for detection data; expected standard "
+            "(horizontal flips) or none"
+        )
     if name == "imagenet" and augment != "standard":
         raise UserInputError(
             f"{source}: augment {augment!r} is not available for imagenet, which uses its standard "
@@ -115,9 +132,9 @@ def _validated(fields: dict[str, Any], source: str) -> DataSpec:
         or not 0.0 <= label_noise < 1.0
     ):
         raise UserInputError(f"{source}: label_noise {label_noise!r} must be a number in [0, 1)")
-    if label_noise and name == "imagenet":
+    if label_noise and name not in ("cifar100", "synthetic"):
         raise UserInputError(
-            f"{source}: label_noise is available for cifar100 and synthetic data, not imagenet"
+            f"{source}: label_noise is available for cifar100 and synthetic data, not {name}"
         )
     noise_seed = fields.get("noise_seed", 0)
     if isinstance(noise_seed, bool) or not isinstance(noise_seed, int) or noise_seed < 0:
@@ -133,7 +150,7 @@ def _validated(fields: dict[str, Any], source: str) -> DataSpec:
         )
     if validation and name == "imagenet":
         raise UserInputError(
-            f"{source}: validation is available for cifar100 and synthetic data, not imagenet"
+            f"{source}: validation is available for cifar100, synthetic and COCO-format data, not imagenet"
         )
     return DataSpec(
         name=name,
@@ -148,17 +165,18 @@ def _validated(fields: dict[str, Any], source: str) -> DataSpec:
 
 
 def _validated_generate(generate: Any, name: str, source: str) -> dict:
-    if name != "synthetic":
-        raise UserInputError(f"{source}: generate is available for synthetic data only, not {name!r}")
+    if name not in ("synthetic", "synthetic-coco"):
+        raise UserInputError(
+            f"{source}: generate is available for synthetic and synthetic-coco data only, not {name!r}"
+        )
+    keys = GENERATE_KEYS if name == "synthetic" else DETECTION_GENERATE_KEYS
     if not isinstance(generate, Mapping):
         raise UserInputError(
-            f"{source}: generate must be a mapping of make-synthetic parameters ({', '.join(GENERATE_KEYS)})"
+            f"{source}: generate must be a mapping of generator parameters ({', '.join(keys)})"
         )
     for key, item in generate.items():
-        if key not in GENERATE_KEYS:
-            raise UserInputError(
-                f"{source}: unknown key generate.{key}; allowed keys: {', '.join(GENERATE_KEYS)}"
-            )
+        if key not in keys:
+            raise UserInputError(f"{source}: unknown key generate.{key}; allowed keys: {', '.join(keys)}")
         if isinstance(item, bool) or not isinstance(item, int):
             raise UserInputError(f"{source}: generate.{key} {item!r} must be an integer")
     return dict(generate)

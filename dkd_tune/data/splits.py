@@ -9,11 +9,13 @@ import torch
 
 from dkd_tune.core.errors import UserInputError
 from dkd_tune.data.cifar import CIFAR100_URL, CIFAR_FILES, CIFAR_FOLDER, cifar100_folder, read_cifar100
+from dkd_tune.data.coco import CocoData, load_coco
 from dkd_tune.data.dataset import CIFAR100_MEAN, CIFAR100_STD, ImageDataset
 from dkd_tune.data.label_noise import symmetric_label_noise
 from dkd_tune.data.seeding import derived_seed
 from dkd_tune.data.spec import DataSpec
 from dkd_tune.data.synthetic import make_synthetic, synthetic_params
+from dkd_tune.data.synthetic_coco import make_synthetic_coco
 
 SYNTHETIC_DEFAULT_CLASSES = 100  # make_synthetic's default
 
@@ -88,6 +90,32 @@ def _hold_out(train: ImageDataset, per_class: int, source: str) -> tuple[ImageDa
     return subset(~held), subset(held)
 
 
+def load_coco_data(spec: DataSpec, workers: int = 0) -> CocoData:
+    """A COCO-format spec's checked folder (generated first for synthetic-coco with generate:)."""
+    if spec.name == "synthetic-coco" and spec.generate is not None:
+        make_synthetic_coco(spec.root, **spec.generate)
+    return load_coco(
+        spec.root, name=spec.name, validation=spec.validation, augment=spec.augment, workers=workers
+    )
+
+
+def coco_category_names(spec: DataSpec) -> tuple[str, ...]:
+    """A COCO-format spec's category names in label order (by id), read from its training annotations only."""
+    import json
+
+    from dkd_tune.data.synthetic_coco import categories
+
+    if spec.name == "synthetic-coco" and spec.generate is not None:
+        listed = categories()
+    else:
+        path = spec.root / "annotations" / "instances_train2017.json"
+        try:
+            listed = json.loads(path.read_text())["categories"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise UserInputError(f"{path}: not a readable COCO annotation file ({error})") from None
+    return tuple(str(c["name"]) for c in sorted(listed, key=lambda c: int(c["id"])))
+
+
 def _download_cifar100(spec: DataSpec) -> None:
     from torchvision.datasets import CIFAR100
 
@@ -103,6 +131,21 @@ def _download_cifar100(spec: DataSpec) -> None:
 
 def dataset_problem(spec: DataSpec) -> str | None:
     """Why `spec` cannot be read right now (one line), or None; checked before a search starts."""
+    if spec.is_detection:
+        if spec.name == "synthetic-coco" and spec.generate is not None:
+            return None
+        for name in ("instances_train2017.json", "instances_val2017.json"):
+            if not (spec.root / "annotations" / name).is_file():
+                how_to_get = (
+                    "add generate: to the data spec"
+                    if spec.name == "synthetic-coco"
+                    else "download train2017, val2017 and annotations_trainval2017 from cocodataset.org into it"
+                )
+                return (
+                    f"{spec.root / 'annotations' / name}: annotation file not found; a COCO folder holds "
+                    f"annotations/instances_{{train,val}}2017.json, train2017/ and val2017/; {how_to_get}"
+                )
+        return None
     if spec.name == "imagenet":
         missing = [split for split in ("train", "val") if not (spec.root / split).is_dir()]
         if missing:
@@ -123,7 +166,9 @@ def dataset_problem(spec: DataSpec) -> str | None:
 
 
 def dataset_num_classes(spec: DataSpec) -> int:
-    """Number of classes of `spec`'s dataset, without reading its images."""
+    """Number of classes of `spec`'s dataset, without reading its images (detection: categories + background)."""
+    if spec.is_detection:
+        return len(coco_category_names(spec)) + 1
     if spec.name == "cifar100":
         return 100
     if spec.name == "imagenet":

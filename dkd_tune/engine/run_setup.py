@@ -22,6 +22,7 @@ class RunIdentity:
     input_size: int = 32
     mean: tuple[float, ...] = ()  # the input normalisation it was trained with (used by the probe)
     std: tuple[float, ...] = ()
+    categories: tuple[str, ...] = ()  # a detector's category names, label 1 first (0 is the background)
 
 
 @dataclass

@@ -35,6 +35,7 @@ class ModelCheckpoint:
     path: Path
     mean: tuple[float, ...] | None = None  # input normalisation the network was trained with, when recorded
     std: tuple[float, ...] | None = None
+    categories: tuple[str, ...] | None = None  # a detector's category names, in label order
 
 
 def read_model_checkpoint(path: str | os.PathLike) -> ModelCheckpoint:
@@ -54,7 +55,8 @@ def read_model_checkpoint(path: str | os.PathLike) -> ModelCheckpoint:
                 f"{path}: a dkd-tune checkpoint of kind {kind!r}; expected a model or training checkpoint"
             )
         metadata = {
-            key: payload.get(key) for key in ("arch", "num_classes", "dataset", "input_size", "mean", "std")
+            key: payload.get(key)
+            for key in ("arch", "num_classes", "dataset", "input_size", "mean", "std", "categories")
         }
         metadata.update(recipe=payload.get("recipe"), metrics=payload.get("metrics"))
         source_format = "dkd-tune"
@@ -90,4 +92,5 @@ def read_model_checkpoint(path: str | os.PathLike) -> ModelCheckpoint:
         path=path,
         mean=tuple(metadata["mean"]) if metadata.get("mean") else None,
         std=tuple(metadata["std"]) if metadata.get("std") else None,
+        categories=tuple(metadata["categories"]) if metadata.get("categories") else None,
     )

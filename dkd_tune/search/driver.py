@@ -202,8 +202,9 @@ def _search_phases(space, experiment_dir, state, options, data_spec, shared, sav
     state["tracking"] = "synced" if tracked else "pending"
     state["status"] = "done"
     save_state()
+    headline = "final_test_ap" if space.data_spec.is_detection else "final_test_acc"
     references = {
-        row["part"]: float(row["final_test_acc"])
+        row["part"]: float(row[headline])
         for _, row in frame[frame["part"].str.startswith(BASELINE_PREFIX)].iterrows()
         if row["status"] == "completed"
     }
@@ -369,9 +370,14 @@ def _best_row(frame, space: SearchSpaceFile) -> dict[str, Any] | None:
     candidates = frame[(frame["status"] == "completed") & ~frame["part"].str.startswith(BASELINE_PREFIX)]
     if candidates.empty:
         return None
-    column = {"test_acc": "final_test_acc", "val_acc": "final_val_acc", "val_loss": "final_val_loss"}.get(
-        space.metric, space.metric
-    )
+    column = {
+        "test_acc": "final_test_acc",
+        "val_acc": "final_val_acc",
+        "val_loss": "final_val_loss",
+        "test_ap": "final_test_ap",
+        "val_ap": "final_val_ap",
+        "best_test_ap": "best_test_ap",
+    }.get(space.metric, space.metric)
     if column not in candidates:
         column = "final_test_acc"
     index = candidates[column].idxmax() if space.mode == "max" else candidates[column].idxmin()

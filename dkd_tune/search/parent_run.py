@@ -89,6 +89,8 @@ def tag_parent_with_teachers(client, run_id: str, teachers: dict[str, Any]) -> N
     for label, artifact in teachers.items():
         if artifact.gap is not None:
             tags[f"teacher_gap.{label}"] = f"{artifact.gap.mean:.4f}"
+            if artifact.gap.background_samples:  # a detector: the gap over background proposals too
+                tags[f"teacher_gap_background.{label}"] = f"{artifact.gap.background_mean:.4f}"
         if artifact.predicted_beta is not None:
             tags[f"predicted_beta.{label}"] = f"{artifact.predicted_beta:.3f}"
     if len(teachers) == 1:

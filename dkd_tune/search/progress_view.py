@@ -53,6 +53,8 @@ class TrialProgress(Callback):
         params = self._params(trial)
         if failed:
             how = f"failed at epoch {epoch}"
+        elif result.get("status") == "diverged":
+            how = f"diverged at epoch {epoch} (its loss was not finite; recorded, the search goes on)"
         elif epoch >= self.max_epochs:
             how = f"finished {epoch} epochs, {self.metric} {value:.2f}" if _finite(value) else "finished"
         else:

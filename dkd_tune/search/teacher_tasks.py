@@ -70,9 +70,11 @@ def collect_teachers(space, pending, data_spec, state, save_state, options) -> d
         state["teachers"][teacher.label] = prepared.to_dict()
         save_state()
         gap = prepared.gap
+        on = "R-CNN head on object proposals, " if gap.background_samples else ""
         options.log(
-            f"dkd-tune: teacher '{teacher.label}': train top-1 {gap.train_acc:.2f}%, test top-1 {gap.test_acc:.2f}%, "
+            f"dkd-tune: teacher '{teacher.label}': {on}train top-1 {gap.train_acc:.2f}%, test top-1 {gap.test_acc:.2f}%, "
             f"mean logit gap {gap.mean:.3f}"
+            + (f" (objects; background {gap.background_mean:.3f})" if gap.background_samples else "")
             + (f", auto-beta {prepared.predicted_beta:.2f}" if prepared.predicted_beta else "")
         )
     return artifacts
@@ -80,9 +82,14 @@ def collect_teachers(space, pending, data_spec, state, save_state, options) -> d
 
 def shared_data(data_spec, space: SearchSpaceFile, options: SearchOptions):
     """What the trials share: the decoded dataset (read once, here), or for ImageNet its folders."""
-    from dkd_tune.data import ImageFolderData, dataset_num_classes, load_splits
+    from dkd_tune.data import ImageFolderData, dataset_num_classes, load_coco_data, load_splits
     from dkd_tune.trial import SharedDataset
 
+    if data_spec.is_detection:
+        # Images are decoded by each trial's loader: in its own threads on a CPU, by workers beside a GPU.
+        workers = max(1, int(space.resources.cpu)) if space.resources.gpu > 0 else 0
+        options.log(f"dkd-tune: checking {data_spec.name} in {data_spec.root}")
+        return load_coco_data(data_spec, workers=workers)
     if data_spec.name == "imagenet":
         # Folder data is read by each trial's DataLoader workers, one per CPU the trial asks for.
         return ImageFolderData(
@@ -99,11 +106,28 @@ def prepare_teacher_task(
     import torch
 
     from dkd_tune.core.recipes import resolve_recipe
-    from dkd_tune.data import ImageFolderData
+    from dkd_tune.data import CocoData, ImageFolderData
     from dkd_tune.engine.devices import training_device
+    from dkd_tune.teacher.detector_preparation import prepare_detection_teacher
     from dkd_tune.teacher.preparation import prepare_folder_teacher, prepare_teacher
 
     torch.set_num_threads(cpus)
+    train_recipe = None
+    if teacher.train is not None:
+        train_recipe = resolve_recipe(
+            teacher.train.recipe, student=teacher.model, overrides=teacher.train.overrides
+        )
+    if isinstance(shared, CocoData):
+        return prepare_detection_teacher(
+            label=teacher.label,
+            model=teacher.model,
+            checkpoint=teacher.checkpoint,
+            train_recipe=train_recipe,
+            data=shared,
+            teachers_dir=Path(teachers_dir),
+            device=training_device(),
+            log=print if verbosity > QUIET else _silent,
+        )
     if isinstance(shared, ImageFolderData):
         return prepare_folder_teacher(
             label=teacher.label,
@@ -114,11 +138,6 @@ def prepare_teacher_task(
             log=print if verbosity > QUIET else _silent,
         )
     train_set, test_set = shared.datasets()
-    train_recipe = None
-    if teacher.train is not None:
-        train_recipe = resolve_recipe(
-            teacher.train.recipe, student=teacher.model, overrides=teacher.train.overrides
-        )
     return prepare_teacher(
         label=teacher.label,
         model=teacher.model,
@@ -150,6 +169,10 @@ def cache_decision(space: SearchSpaceFile, data_spec, experiment_dir: Path) -> t
     from dkd_tune.data.views import num_views
 
     mode = space.cache.teacher_logits
+    if data_spec.is_detection:
+        from dkd_tune.teacher.detector_preparation import NO_CACHE
+
+        return None, NO_CACHE
     if mode == "off":
         return None, "off (disabled in the file)"
     if data_spec.augment == "autoaugment" or data_spec.name == "imagenet":

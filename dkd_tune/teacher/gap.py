@@ -25,10 +25,20 @@ class LogitGapStats:
     train_acc: float
     test_acc: float  # NaN when no test set was measured
     num_samples: int
+    # A detector's gap is over the R-CNN head's proposals: the fields above are its foreground
+    # (object) proposals, these its background ones (label 0, a class of its own); classifiers: none.
+    background_mean: float = math.nan
+    background_samples: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON values (NaN becomes null)."""
+        background = (
+            {"background_mean": self.background_mean, "background_samples": self.background_samples}
+            if self.background_samples
+            else {}
+        )
         return {
+            **background,
             "mean": self.mean,
             "median": self.median,
             "std": self.std,
@@ -49,6 +59,8 @@ class LogitGapStats:
             train_acc=float(values["train_acc"]),
             test_acc=math.nan if test_acc is None else float(test_acc),
             num_samples=int(values["num_samples"]),
+            background_mean=float(values.get("background_mean", math.nan)),
+            background_samples=int(values.get("background_samples", 0)),
         )
 
 

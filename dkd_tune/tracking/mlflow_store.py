@@ -230,7 +230,7 @@ _RAY_BOOKKEEPING = frozenset(
 
 
 # Logged first: MLflow's compare view preselects a run's first metric for its parallel-coordinates plot.
-LEADING_METRICS = ("test_acc", "val_acc")
+LEADING_METRICS = ("test_acc", "val_acc", "test_ap", "val_ap")
 
 
 def epoch_metrics(result: Mapping[str, Any]) -> tuple[int, dict[str, float], int]:

@@ -1,0 +1,265 @@
+"""COCO-format detection data: the folder checked once, then read by torchvision's `CocoDetection` with transforms v2.
+
+A COCO folder holds `annotations/instances_train2017.json` with `train2017/` and
+`annotations/instances_val2017.json` with `val2017/` (the paper reports on val2017, which is
+this project's test split; `validation: N` holds N training images out as the split trials are
+chosen on). Category ids (COCO's run 1..90 with gaps) become contiguous labels 1..K, label 0
+being the background: the R-CNN head then has K + 1 logits, none for a category that does not
+exist, which matters for NCKD (an always-empty class would take part in every non-target
+distribution). Crowd boxes are left out of training, as torchvision's references do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dkd_tune.core.errors import UserInputError
+
+SPLIT_FILES = {"train": "train2017", "test": "val2017"}  # dkd-tune split -> COCO folder/annotation name
+SIZE_CHECKS = 50  # images whose recorded width and height are compared with the file's
+
+
+@dataclass(frozen=True)
+class CocoData:
+    """A checked COCO-format folder: what every trial and teacher reads its loaders from (small, picklable)."""
+
+    root: Path
+    name: str
+    category_ids: tuple[int, ...]
+    category_names: tuple[str, ...]
+    validation_ids: tuple[int, ...] = ()  # training images held out as the validation split
+    augment: str = "standard"  # standard: horizontal flips; none
+    workers: int = 0
+
+    @property
+    def num_classes(self) -> int:
+        """Logits of the R-CNN head: the categories and the background (label 0)."""
+        return len(self.category_ids) + 1
+
+    def annotation_file(self, split: str) -> Path:
+        return (
+            self.root / "annotations" / f"instances_{SPLIT_FILES['train' if split == 'val' else split]}.json"
+        )
+
+    def image_dir(self, split: str) -> Path:
+        return self.root / SPLIT_FILES["train" if split == "val" else split]
+
+    def ground_truth(self, split: str):
+        """The split's annotations as a pycocotools `COCO` (its load messages kept off the console)."""
+        from pycocotools.coco import COCO
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            return COCO(str(self.annotation_file(split)))
+
+    def image_ids(self, split: str, ground_truth=None) -> list[int]:
+        """The split's image ids in a fixed order; training images without a usable box are skipped."""
+        coco = ground_truth or self.ground_truth(split)
+        if split == "val":
+            return list(self.validation_ids)
+        ids = sorted(coco.getImgIds())
+        if split == "train":
+            held_out = set(self.validation_ids)
+            ids = [i for i in ids if i not in held_out and _has_box(coco, i)]
+        return ids
+
+    def dataset(self, split: str, *, train: bool, ground_truth=None) -> CocoSplit:
+        coco = ground_truth or self.ground_truth(split)
+        return CocoSplit(self, split, self.image_ids(split, coco), flip=train and self.augment == "standard")
+
+
+def _has_box(coco, image_id: int) -> bool:
+    return any(
+        not a.get("iscrowd", 0) and a["bbox"][2] > 1 and a["bbox"][3] > 1 for a in coco.imgToAnns[image_id]
+    )
+
+
+class CocoSplit(torch.utils.data.Dataset):
+    """One split through `torchvision.datasets.CocoDetection`: (image tensor in [0, 1], target dict)."""
+
+    def __init__(self, data: CocoData, split: str, image_ids: list[int], flip: bool):
+        from torchvision.datasets import CocoDetection
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.source = CocoDetection(
+                str(data.image_dir(split)),
+                str(data.annotation_file(split)),
+                transforms=CocoTargets(data.category_ids, flip),
+            )
+        self.source.ids = list(image_ids)
+
+    def __len__(self) -> int:
+        return len(self.source.ids)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        image, target = self.source[index]
+        target["image_id"] = self.source.ids[index]
+        return image, target
+
+
+class CocoTargets:
+    """CocoDetection's `transforms`: COCO annotations to torchvision detection targets, then transforms v2."""
+
+    def __init__(self, category_ids: tuple[int, ...], flip: bool):
+        from torchvision.transforms import v2
+
+        self.label_of = {category_id: label for label, category_id in enumerate(category_ids, start=1)}
+        steps = [v2.ToImage()]
+        if flip:
+            steps.append(v2.RandomHorizontalFlip())
+        steps += [v2.ToDtype(torch.float32, scale=True), v2.SanitizeBoundingBoxes()]
+        self.pipeline = v2.Compose(steps)
+
+    def __call__(self, image: Any, annotations: list[dict]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        from torchvision import tv_tensors
+
+        kept = [a for a in annotations if not a.get("iscrowd", 0)]
+        boxes = torch.tensor([a["bbox"] for a in kept], dtype=torch.float32).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]  # COCO's x, y, w, h -> x1, y1, x2, y2
+        target = {
+            "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(image.height, image.width)),
+            "labels": torch.tensor([self.label_of[a["category_id"]] for a in kept], dtype=torch.int64),
+        }
+        image, target = self.pipeline(image, target)
+        target["boxes"] = target["boxes"].as_subclass(torch.Tensor)
+        return image, target
+
+
+def collate_detections(batch: list) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    images, targets = zip(*batch, strict=True)
+    return list(images), list(targets)
+
+
+class EpochOrder(torch.utils.data.Sampler):
+    """A shuffled order that depends on the seed and the epoch alone; each DDP rank takes every world_size-th image."""
+
+    def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1, shuffle: bool = True):
+        self.size, self.seed, self.rank, self.world_size, self.shuffle = size, seed, rank, world_size, shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        order = list(range(self.size))
+        if self.shuffle:
+            random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+        return iter(order[self.rank :: self.world_size])
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.size, self.world_size))
+
+
+def detection_loader(
+    dataset: CocoSplit,
+    batch_size: int,
+    *,
+    seed: int,
+    shuffle: bool,
+    workers: int,
+    rank: int = 0,
+    world_size: int = 1,
+) -> torch.utils.data.DataLoader:
+    """Batches of (images, targets); `loader.sampler.set_epoch(e)` fixes an epoch's order and flips."""
+    sampler = EpochOrder(len(dataset), seed, rank, world_size, shuffle)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate_detections,
+        drop_last=False,
+        persistent_workers=workers > 0,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# The folder, checked once per search
+
+
+def load_coco(root: Path, *, name: str, validation: int, augment: str, workers: int = 0) -> CocoData:
+    """Check the folder (one line per problem, naming the file) and pick the validation images."""
+    root = Path(root).expanduser().resolve()  # trials read it from other working directories
+    files = {
+        split: root / "annotations" / f"instances_{folder}.json" for split, folder in SPLIT_FILES.items()
+    }
+    found: dict[str, dict] = {}
+    for split, path in files.items():
+        if not path.is_file():
+            raise UserInputError(
+                f"data: {path}: annotation file not found; a COCO folder holds annotations/instances_train2017.json "
+                "with train2017/ and annotations/instances_val2017.json with val2017/"
+            )
+        found[split] = _read_instances(path)
+        _check_images(path, found[split], root / SPLIT_FILES[split])
+    train_categories = _categories(found["train"])
+    if _categories(found["test"]) != train_categories:
+        raise UserInputError(
+            f"data: {files['test']}: its categories differ from those of {files['train']}; "
+            "both files must list the same categories"
+        )
+    ids = tuple(sorted(train_categories))
+    names = tuple(train_categories[i] for i in ids)
+    with_boxes = sorted({a["image_id"] for a in found["train"]["annotations"] if not a.get("iscrowd", 0)})
+    if validation >= len(with_boxes):
+        raise UserInputError(
+            f"data: validation = {validation}: the training split has only {len(with_boxes)} images with boxes"
+        )
+    held_out = tuple(sorted(random.Random(0).sample(with_boxes, validation))) if validation else ()
+    return CocoData(root, name, ids, names, held_out, augment, workers)
+
+
+def _read_instances(path: Path) -> dict:
+    try:
+        instances = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserInputError(f"data: {path}: not a readable COCO annotation file ({error})") from None
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(instances, dict) or not isinstance(instances.get(key), list):
+            raise UserInputError(f"data: {path}: missing the list {key!r} of a COCO instances file")
+    return instances
+
+
+def _categories(instances: dict) -> dict[int, str]:
+    return {int(c["id"]): str(c["name"]) for c in instances["categories"]}
+
+
+def _check_images(path: Path, instances: dict, image_dir: Path) -> None:
+    """Every annotated image is a file of the size the annotations say; every box names a known image and category."""
+    from PIL import Image
+
+    if not image_dir.is_dir():
+        raise UserInputError(f"data: {image_dir}: image folder not found (the images of {path.name})")
+    present = {entry.name for entry in image_dir.iterdir()}
+    images = {int(image["id"]): image for image in instances["images"]}
+    for image in instances["images"]:
+        if image["file_name"] not in present:
+            raise UserInputError(
+                f"data: {path}: image {image['id']} is {image['file_name']!r}, which is not in {image_dir}"
+            )
+    step = max(1, len(instances["images"]) // SIZE_CHECKS)
+    for image in instances["images"][::step]:
+        with Image.open(image_dir / image["file_name"]) as opened:
+            if opened.size != (image["width"], image["height"]):
+                raise UserInputError(
+                    f"data: {path}: image {image['id']} ({image['file_name']}) is {opened.size[0]}x{opened.size[1]} "
+                    f"pixels, the annotations say {image['width']}x{image['height']}"
+                )
+    categories = _categories(instances)
+    for annotation in instances["annotations"]:
+        if annotation["image_id"] not in images:
+            raise UserInputError(
+                f"data: {path}: annotation {annotation['id']} names image {annotation['image_id']}, which the file does not list"
+            )
+        if annotation["category_id"] not in categories:
+            raise UserInputError(
+                f"data: {path}: annotation {annotation['id']} names category {annotation['category_id']}, "
+                "which the file does not list"
+            )
