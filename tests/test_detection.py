@@ -353,3 +353,28 @@ def test_detection_trials_of_two_ddp_workers(tmp_path):
     frame = pd.read_parquet(tmp_path / "runs" / "detection_demo" / "results.parquet")
     assert len(frame) == 1 and frame["status"].iloc[0] == "completed" and frame["stop_epoch"].iloc[0] == 2
     assert frame["final_test_ap"].notna().all() and Path(frame["checkpoint_path"].iloc[0]).is_file()
+
+
+def test_the_coco_1x_recipe_is_a2s_detection_schedule():
+    recipe = resolve_recipe("coco-1x")
+    assert (recipe.epochs, recipe.batch_size, recipe.lr, recipe.lr_milestones) == (12, 16, 0.02, (8, 11))
+    assert (recipe.weight_decay, recipe.momentum, recipe.lr_decay) == (1e-4, 0.9, 0.1)
+    assert (recipe.alpha, recipe.beta, recipe.temperature, recipe.ce_weight) == (1.0, 0.25, 1.0, 1.0)
+    assert resolve_recipe("coco-1x", overrides={"beta": 1}).beta == 1.0
+
+
+def test_an_imagenet_backbone_that_cannot_be_downloaded_is_one_line(monkeypatch, tmp_path):
+    import urllib.error
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))  # an empty cache
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(
+        UserInputError, match=r"frcnn_r18_fpn: torchvision's ImageNet weights for its ResNet-18 backbone"
+    ):
+        create_detector("frcnn_r18_fpn", 7, pretrained_backbone=True)
+    assert (
+        create_detector("frcnn_tiny", 7, pretrained_backbone=True) is not None
+    )  # has no pretrained backbone
