@@ -71,8 +71,11 @@ class CocoData:
         return ids
 
     def dataset(self, split: str, *, train: bool, ground_truth=None) -> CocoSplit:
+        """The split's images and targets; `ground_truth` (the split's annotations, loaded) avoids reading them again."""
         coco = ground_truth or self.ground_truth(split)
-        return CocoSplit(self, split, self.image_ids(split, coco), flip=train and self.augment == "standard")
+        return CocoSplit(
+            self, split, coco, self.image_ids(split, coco), flip=train and self.augment == "standard"
+        )
 
 
 def _has_box(coco, image_id: int) -> bool:
@@ -84,15 +87,10 @@ def _has_box(coco, image_id: int) -> bool:
 class CocoSplit(torch.utils.data.Dataset):
     """One split through `torchvision.datasets.CocoDetection`: (image tensor in [0, 1], target dict)."""
 
-    def __init__(self, data: CocoData, split: str, image_ids: list[int], flip: bool):
-        from torchvision.datasets import CocoDetection
-
-        with contextlib.redirect_stdout(io.StringIO()):
-            self.source = CocoDetection(
-                str(data.image_dir(split)),
-                str(data.annotation_file(split)),
-                transforms=CocoTargets(data.category_ids, flip),
-            )
+    def __init__(self, data: CocoData, split: str, ground_truth, image_ids: list[int], flip: bool):
+        self.source = _loaded_coco_detection(
+            str(data.image_dir(split)), ground_truth, CocoTargets(data.category_ids, flip)
+        )
         self.source.ids = list(image_ids)
 
     def __len__(self) -> int:
@@ -102,6 +100,19 @@ class CocoSplit(torch.utils.data.Dataset):
         image, target = self.source[index]
         target["image_id"] = self.source.ids[index]
         return image, target
+
+
+def _loaded_coco_detection(root: str, ground_truth, transforms):
+    """torchvision's `CocoDetection` over annotations already loaded: COCO's train2017 file is 450 MB of
+    JSON, so a trial (and each of its DDP ranks) reads it once for training and validation, not per use."""
+    from torchvision.datasets import CocoDetection, VisionDataset
+
+    # CocoDetection's __init__ would read the file; everything else of it is used as it is.
+    dataset = CocoDetection.__new__(CocoDetection)
+    VisionDataset.__init__(dataset, root, transforms=transforms)
+    dataset.coco = ground_truth
+    dataset.ids = sorted(ground_truth.imgs)
+    return dataset
 
 
 class CocoTargets:

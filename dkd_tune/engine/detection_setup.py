@@ -32,8 +32,9 @@ def prepare_detection_run(
     """
     from dkd_tune.models.detection import create_detector
 
+    train_annotations = data.ground_truth("train")  # also the validation split's (held out of it)
     train_loader = detection_loader(
-        data.dataset("train", train=True),
+        data.dataset("train", train=True, ground_truth=train_annotations),
         max(1, recipe.batch_size // world_size),
         seed=recipe.seed,
         shuffle=True,
@@ -43,7 +44,7 @@ def prepare_detection_run(
     )
     evaluations = {}
     for split in ("val", "test") if data.validation_ids else ("test",):
-        ground_truth = data.ground_truth(split)
+        ground_truth = train_annotations if split == "val" else data.ground_truth(split)
         loader = detection_loader(
             data.dataset(split, train=False, ground_truth=ground_truth),
             EVAL_BATCH_SIZE,
