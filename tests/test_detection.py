@@ -223,10 +223,14 @@ def test_loss_modes_weigh_the_terms_on_the_head(coco):
     assert torch.allclose(totals["dkd"] - totals["ce"], 3.0 * parts["nckd"], atol=1e-6)
 
 
-def test_a_few_epochs_of_distillation_improve_ap_over_the_start(coco, tmp_path):
+def test_a_few_epochs_of_distillation_improve_ap_over_the_start(tmp_path_factory, tmp_path):
+    # 300 images and 4 epochs (~140 steps): measured AP50 6.2-6.8 at the end under 1 and 2 threads,
+    # from 0.0; fewer steps (3 epochs of 100 images) left it between 0.4 and 3, too close to the start.
+    root = make_synthetic_coco(tmp_path_factory.mktemp("coco300"), train_images=300, val_images=40, seed=3)
+    coco = load_coco(root, name="synthetic-coco", validation=20, augment="standard")
     torch.manual_seed(0)
     recipe = resolve_recipe(
-        "coco-1x", overrides={"epochs": 3, "lr_milestones": [], "batch_size": 8, "warmup_epochs": 0}
+        "coco-1x", overrides={"epochs": 4, "lr_milestones": [], "batch_size": 8, "warmup_epochs": 0}
     )
     teacher = create_detector("frcnn_small", coco.num_classes)
     run = prepare_detection_run("frcnn_tiny", coco, recipe)
@@ -235,12 +239,12 @@ def test_a_few_epochs_of_distillation_improve_ap_over_the_start(coco, tmp_path):
         run.model, run.train_loader, run.evaluations, recipe, identity=run.identity, loss_mode="dkd",
         teacher=teacher, checkpoint_dir=tmp_path,
     )  # fmt: skip
-    assert result.status == "completed" and result.epochs_completed == 3
+    assert result.status == "completed" and result.epochs_completed == 4
     last = result.history[-1]
     assert {"val_ap", "test_ap", "test_ap50", "train_tckd", "train_nckd", "train_loss_classifier"} <= set(
         last
     )
-    assert last["test_ap50"] > start + 1.0, (start, [h["test_ap50"] for h in result.history])
+    assert last["test_ap50"] > start + 3.0, (start, [h["test_ap50"] for h in result.history])
     assert (tmp_path / "last.pt").is_file() and (tmp_path / "best.pt").is_file()
 
 

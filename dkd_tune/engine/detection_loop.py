@@ -34,7 +34,7 @@ from dkd_tune.engine.checkpoints import (
     save_training_state,
 )
 from dkd_tune.engine.detection_eval import EvaluationSplit
-from dkd_tune.engine.loop import EpochReport, FitResult, Reporter, _checked_mode, _status
+from dkd_tune.engine.loop import EpochReport, FitResult, Reporter, checked_loss_mode, run_status
 from dkd_tune.engine.run_setup import RunIdentity
 
 # torchvision's detection references: the learning rate rises linearly from 1/1000 of its value
@@ -161,7 +161,7 @@ def fit_detector(
     `best_test_acc` hold the test AP. Under torch.distributed the student is wrapped in DDP, each
     rank takes its share of the images and only rank 0 writes checkpoints.
     """
-    mode = _checked_mode(loss_mode, teacher)
+    mode = checked_loss_mode(loss_mode, teacher)
     device = torch.device(device)
     is_main_rank = not dist.is_initialized() or dist.get_rank() == 0
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
@@ -213,7 +213,7 @@ def fit_detector(
         metrics["best_test_ap"] = max(best_test_ap, 0.0)
         history.append(metrics)
 
-        status = _status(epoch + 1, recipe.epochs, last_epoch, diverged)
+        status = run_status(epoch + 1, recipe.epochs, last_epoch, diverged)
         checkpoint = None
         if checkpoint_dir is not None and is_main_rank and not diverged:
             checkpoint = checkpoint_dir / LAST_CHECKPOINT

@@ -140,7 +140,7 @@ def fit(
     student is wrapped in DDP, metrics are summed over ranks, every rank calls the reporter with the
     same metrics and only rank 0 writes checkpoints.
     """
-    mode = _checked_mode(loss_mode, teacher)
+    mode = checked_loss_mode(loss_mode, teacher)
     device = torch.device(device)
     acceleration = acceleration or Acceleration.for_device(device)
     acceleration.apply_global_settings()
@@ -182,7 +182,7 @@ def fit(
         metrics["best_test_acc"] = max(best_test_acc, 0.0)
         history.append(metrics)
 
-        status = _status(epoch + 1, recipe.epochs, last_epoch, diverged)
+        status = run_status(epoch + 1, recipe.epochs, last_epoch, diverged)
         checkpoint = None
         if checkpoint_dir is not None and is_main_rank and not diverged:
             checkpoint = checkpoint_dir / LAST_CHECKPOINT
@@ -309,7 +309,8 @@ def _epoch_metrics(
     return metrics
 
 
-def _status(epochs_done: int, recipe_epochs: int, last_epoch: int, diverged: bool) -> str:
+def run_status(epochs_done: int, recipe_epochs: int, last_epoch: int, diverged: bool) -> str:
+    """What a run is after an epoch (the word every reporter receives); shared with the detection loop."""
     if diverged:
         return "diverged"
     if epochs_done == recipe_epochs:
@@ -319,7 +320,8 @@ def _status(epochs_done: int, recipe_epochs: int, last_epoch: int, diverged: boo
     return "running"
 
 
-def _checked_mode(loss_mode: str, teacher: Any) -> LossMode:
+def checked_loss_mode(loss_mode: str, teacher: Any) -> LossMode:
+    """The loss mode's row, refusing an unknown mode or a distillation mode without a teacher (one line)."""
     if loss_mode not in LOSS_MODES:
         raise UserInputError(
             f"loss mode {loss_mode!r} is not valid; expected one of {', '.join(LOSS_MODE_NAMES)}"
