@@ -199,9 +199,12 @@ def test_string_and_mapping_specs_are_equivalent():
         ({"name": "cifar100", "root": "x", "label_noise": 1.0}, "label_noise 1.0 must be a number in [0, 1)"),
         ({"name": "cifar100", "root": "x", "label_noise": "0.2"}, "label_noise '0.2'"),
         ({"name": "cifar100", "root": "x", "noise_seed": -1}, "noise_seed -1"),
-        ({"name": "cifar100", "root": "x", "generate": {}}, "synthetic data only"),
+        ({"name": "cifar100", "root": "x", "generate": {}}, "synthetic and synthetic-coco data only"),
         ({"name": "synthetic", "root": "x", "generate": {"colours": 3}}, "unknown key generate.colours"),
         ({"name": "synthetic", "root": "x", "generate": {"classes": "ten"}}, "generate.classes 'ten'"),
+        ({"name": "coco", "root": "x", "augment": "autoaugment"}, "not available for detection data"),
+        ({"name": "coco", "root": "x", "label_noise": 0.2}, "cifar100 and synthetic data, not coco"),
+        ({"name": "synthetic-coco", "root": "x", "generate": {"classes": 5}}, "allowed keys: train_images"),
         (42, "got int"),
     ],
 )
