@@ -129,16 +129,23 @@ def _execute(
 
     data_spec, shared = data
     try:
-        with interruption_guard(options.log):
-            return _search_phases(space, experiment_dir, state, options, data_spec, shared, save_state)
-    except (SearchInterrupted, KeyboardInterrupt) as error:
-        # Whatever phase it hit, what is on disk is resumable; say so in the state and in MLflow.
-        interruption = as_interruption(error)
-        state["status"] = "interrupted"
-        save_state()
-        close_interrupted_runs(state, options)
+        # The guard also covers the clean-up after a first signal, so a second one there is the
+        # "stop at once" the first one promised, not a bare KeyboardInterrupt.
+        with interruption_guard(options.log) as guard:
+            try:
+                return _search_phases(space, experiment_dir, state, options, data_spec, shared, save_state)
+            except BaseException as error:
+                interruption = as_interruption(error, guard)
+                if interruption is None:
+                    raise
+                # Whatever phase it hit, what is on disk is resumable; say so in the state and in MLflow.
+                state["status"] = "interrupted"
+                save_state()
+                close_interrupted_runs(state, options)
+                raise interruption from None
+    except SearchInterrupted as interruption:
         interruption.resume_command = interruption.resume_command or resume_command(experiment_dir)
-        raise interruption from None
+        raise
     finally:
         ray.shutdown()
 

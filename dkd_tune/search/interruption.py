@@ -119,12 +119,20 @@ def tune_experiment() -> Iterator[None]:
     raise_if_interrupted()
 
 
-def as_interruption(error: BaseException) -> SearchInterrupted:
-    """A plain KeyboardInterrupt (Ctrl-C before the guard was installed) as the interruption it is.
+def as_interruption(error: BaseException, guard: _Guard | None = None) -> SearchInterrupted | None:
+    """The interruption `error` is, or None when it is a failure of its own.
 
-    A signal the guard received is already a `SearchInterrupted` when it leaves the guard.
+    A plain KeyboardInterrupt (Ctrl-C before the guard was installed) is a SIGINT; once `guard`
+    received a signal, any error is that signal (raised from a handler inside a library's C code,
+    it may surface as another exception, which the guard itself converts only when it exits).
     """
-    return error if isinstance(error, SearchInterrupted) else SearchInterrupted(signal.SIGINT)
+    if isinstance(error, SearchInterrupted):
+        return error
+    if guard is not None and guard.signum is not None:
+        return SearchInterrupted(guard.signum)
+    if isinstance(error, KeyboardInterrupt):
+        return SearchInterrupted(signal.SIGINT)
+    return None
 
 
 def raise_if_interrupted() -> None:
