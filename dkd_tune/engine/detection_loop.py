@@ -25,16 +25,8 @@ from torch import nn
 
 from dkd_tune.core.losses import LOSS_MODES, LossMode
 from dkd_tune.core.recipes import Recipe
-from dkd_tune.engine.checkpoints import (
-    BEST_CHECKPOINT,
-    LAST_CHECKPOINT,
-    existing_file,
-    restore_training_state,
-    save_best_model,
-    save_training_state,
-)
 from dkd_tune.engine.detection_eval import EvaluationSplit
-from dkd_tune.engine.loop import EpochReport, FitResult, Reporter, checked_loss_mode, run_status
+from dkd_tune.engine.loop import EpochRecorder, FitResult, Reporter, checked_loss_mode
 from dkd_tune.engine.run_setup import RunIdentity
 
 # torchvision's detection references: the learning rate rises linearly from 1/1000 of its value
@@ -163,7 +155,6 @@ def fit_detector(
     """
     mode = checked_loss_mode(loss_mode, teacher)
     device = torch.device(device)
-    is_main_rank = not dist.is_initialized() or dist.get_rank() == 0
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if mode.needs_teacher:
         teacher = teacher.to(device).eval().requires_grad_(False)
@@ -174,18 +165,19 @@ def fit_detector(
     optimizer = torch.optim.SGD(
         trained, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay
     )
-    start_epoch, best_test_ap, history = 0, -math.inf, []
+    last_epoch = recipe.epochs if stop_after_epochs is None else min(recipe.epochs, stop_after_epochs)
+    record = EpochRecorder(
+        student, optimizer, identity, recipe, loss_mode, checkpoint_dir, reporter, last_epoch, "test_ap"
+    )
     if resume_from is not None:
-        start_epoch, best_test_ap, history = restore_training_state(resume_from, student, optimizer, device)
+        record.resume(resume_from, device)
     forward: nn.Module = StudentForward(student)
     if dist.is_initialized():
         forward = nn.parallel.DistributedDataParallel(
             forward, device_ids=[device.index] if device.type == "cuda" else None
         )
 
-    last_epoch = recipe.epochs if stop_after_epochs is None else min(recipe.epochs, stop_after_epochs)
-    status = "completed"
-    for epoch in range(start_epoch, last_epoch):
+    for epoch in range(record.start_epoch, last_epoch):
         lr, warmup = recipe.lr_at(epoch), recipe.warmup_factor_at(epoch)
         train_loader.sampler.set_epoch(epoch)
         torch.manual_seed(recipe.seed * 1000 + epoch)  # the epoch's flips and proposal sampling
@@ -205,35 +197,10 @@ def fit_detector(
             )
         diverged = not math.isfinite(metrics["train_loss"])
         metrics["diverged"] = float(diverged)
-        test_ap = metrics.get("test_ap", 0.0)
-        if not diverged and test_ap > best_test_ap:
-            best_test_ap = test_ap
-            if checkpoint_dir is not None and is_main_rank:
-                save_best_model(checkpoint_dir / BEST_CHECKPOINT, student, identity, recipe, metrics)
-        metrics["best_test_ap"] = max(best_test_ap, 0.0)
-        history.append(metrics)
-
-        status = run_status(epoch + 1, recipe.epochs, last_epoch, diverged)
-        checkpoint = None
-        if checkpoint_dir is not None and is_main_rank and not diverged:
-            checkpoint = checkpoint_dir / LAST_CHECKPOINT
-            save_training_state(
-                checkpoint, student, optimizer, identity, recipe, loss_mode, epoch + 1, best_test_ap, history
-            )
-        if reporter is not None:
-            reporter(EpochReport(epoch=epoch + 1, metrics=metrics, checkpoint=checkpoint, status=status))
+        record.epoch_done(epoch, metrics, diverged)
         if diverged:
             break
-
-    return FitResult(
-        status=status if history else "completed",
-        epochs_completed=history[-1]["epoch"] if history else start_epoch,
-        final_test_acc=history[-1].get("test_ap", 0.0) if history else 0.0,
-        best_test_acc=max(best_test_ap, 0.0),
-        history=history,
-        best_checkpoint=existing_file(checkpoint_dir, BEST_CHECKPOINT),
-        last_checkpoint=existing_file(checkpoint_dir, LAST_CHECKPOINT),
-    )
+    return record.result()
 
 
 def _train_epoch(

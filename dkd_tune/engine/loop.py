@@ -145,7 +145,6 @@ def fit(
     acceleration = acceleration or Acceleration.for_device(device)
     acceleration.apply_global_settings()
     teacher = _placed_teacher(teacher, device, acceleration) if mode.needs_teacher else None
-    is_main_rank = not dist.is_initialized() or dist.get_rank() == 0
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
 
     torch.manual_seed(recipe.seed)
@@ -153,14 +152,15 @@ def fit(
     optimizer = torch.optim.SGD(
         student.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay
     )
-    start_epoch, best_test_acc, history = 0, -math.inf, []
+    last_epoch = recipe.epochs if stop_after_epochs is None else min(recipe.epochs, stop_after_epochs)
+    record = EpochRecorder(
+        student, optimizer, identity, recipe, loss_mode, checkpoint_dir, reporter, last_epoch, "test_acc"
+    )
     if resume_from is not None:
-        start_epoch, best_test_acc, history = restore_training_state(resume_from, student, optimizer, device)
+        record.resume(resume_from, device)
     model = _runnable(student, device, acceleration)  # runs the batches; `student` holds the weights saved
 
-    last_epoch = recipe.epochs if stop_after_epochs is None else min(recipe.epochs, stop_after_epochs)
-    status = "completed"
-    for epoch in range(start_epoch, last_epoch):
+    for epoch in range(record.start_epoch, last_epoch):
         lr, warmup = recipe.lr_at(epoch), recipe.warmup_factor_at(epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -175,35 +175,75 @@ def fit(
             val = evaluate(model, val_loader, device, acceleration)
             metrics.update(val_acc=val["acc"], val_loss=val["loss"])
         diverged = not math.isfinite(train.sums["loss"])
-        if not diverged and test["acc"] > best_test_acc:
-            best_test_acc = test["acc"]
-            if checkpoint_dir is not None and is_main_rank:
-                save_best_model(checkpoint_dir / BEST_CHECKPOINT, student, identity, recipe, metrics)
-        metrics["best_test_acc"] = max(best_test_acc, 0.0)
-        history.append(metrics)
-
-        status = run_status(epoch + 1, recipe.epochs, last_epoch, diverged)
-        checkpoint = None
-        if checkpoint_dir is not None and is_main_rank and not diverged:
-            checkpoint = checkpoint_dir / LAST_CHECKPOINT
-            save_training_state(
-                checkpoint, student, optimizer, identity, recipe, loss_mode, epoch + 1, best_test_acc, history
-            )
-        # Every rank reports (Ray Train synchronises on it); only rank 0 has a checkpoint.
-        if reporter is not None:
-            reporter(EpochReport(epoch=epoch + 1, metrics=metrics, checkpoint=checkpoint, status=status))
+        record.epoch_done(epoch, metrics, diverged)
         if diverged:
             break
+    return record.result()
 
-    return FitResult(
-        status=status if history else "completed",
-        epochs_completed=history[-1]["epoch"] if history else start_epoch,
-        final_test_acc=history[-1]["test_acc"] if history else 0.0,
-        best_test_acc=max(best_test_acc, 0.0),
-        history=history,
-        best_checkpoint=existing_file(checkpoint_dir, BEST_CHECKPOINT),
-        last_checkpoint=existing_file(checkpoint_dir, LAST_CHECKPOINT),
-    )
+
+@dataclass
+class EpochRecorder:
+    """What a training loop (a classifier's or a detector's) does after each epoch, and its result.
+
+    It keeps the best model by `score` (`best.pt`), writes the resumable state (`last.pt`) and
+    hands the epoch to the reporter. Every rank reports (Ray Train synchronises on it); only rank 0
+    writes checkpoints.
+    """
+
+    student: nn.Module
+    optimizer: torch.optim.Optimizer
+    identity: RunIdentity
+    recipe: Recipe
+    loss_mode: str
+    checkpoint_dir: Path | None
+    reporter: Reporter | None
+    last_epoch: int  # where this call stops (the recipe's last epoch, or the caller's stop)
+    score: str  # the metric best.pt is chosen by: "test_acc", or a detector's "test_ap"
+    start_epoch: int = 0
+    best: float = -math.inf
+    history: list[dict[str, float]] = field(default_factory=list)
+    status: str = "completed"
+
+    def resume(self, path: str | Path, device: torch.device) -> None:
+        self.start_epoch, self.best, self.history = restore_training_state(
+            path, self.student, self.optimizer, device
+        )
+
+    def epoch_done(self, epoch: int, metrics: dict[str, float], diverged: bool) -> None:
+        writes = self.checkpoint_dir is not None and (not dist.is_initialized() or dist.get_rank() == 0)
+        value = metrics.get(self.score, 0.0)
+        if not diverged and value > self.best:
+            self.best = value
+            if writes:
+                save_best_model(
+                    self.checkpoint_dir / BEST_CHECKPOINT, self.student, self.identity, self.recipe, metrics
+                )
+        metrics[f"best_{self.score}"] = max(self.best, 0.0)
+        self.history.append(metrics)
+        self.status = run_status(epoch + 1, self.recipe.epochs, self.last_epoch, diverged)
+        checkpoint = None
+        if writes and not diverged:
+            checkpoint = self.checkpoint_dir / LAST_CHECKPOINT
+            save_training_state(
+                checkpoint, self.student, self.optimizer, self.identity, self.recipe, self.loss_mode,
+                epoch + 1, self.best, self.history,
+            )  # fmt: skip
+        if self.reporter is not None:
+            self.reporter(
+                EpochReport(epoch=epoch + 1, metrics=metrics, checkpoint=checkpoint, status=self.status)
+            )
+
+    def result(self) -> FitResult:
+        """`final_test_acc` and `best_test_acc` hold the score (a detector's: test AP)."""
+        return FitResult(
+            status=self.status if self.history else "completed",
+            epochs_completed=self.history[-1]["epoch"] if self.history else self.start_epoch,
+            final_test_acc=self.history[-1].get(self.score, 0.0) if self.history else 0.0,
+            best_test_acc=max(self.best, 0.0),
+            history=self.history,
+            best_checkpoint=existing_file(self.checkpoint_dir, BEST_CHECKPOINT),
+            last_checkpoint=existing_file(self.checkpoint_dir, LAST_CHECKPOINT),
+        )
 
 
 @dataclass
