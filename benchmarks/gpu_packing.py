@@ -3,7 +3,7 @@
     python benchmarks/gpu_packing.py                         # CUDA; updates docs/benchmarks.md
     python benchmarks/gpu_packing.py --device cpu --tiny     # seconds: checks that the script runs
 
-A search packs trials on a GPU by giving each a fraction of it (`resources.gpu: 0.25` puts four
+A search packs trials on a GPU by giving each a fraction of it (`resources.gpu: 0.125` puts eight
 on one GPU); each trial is its own process. This benchmark does the same without Ray: it starts
 `max(--counts)` worker processes (multiprocessing, spawn), each of which holds the same random
 CIFAR-shaped data and runs `trial.run_trial` (device-resident loader, the teacher-logit cache
