@@ -33,9 +33,14 @@ REQUIRED_COLUMNS = (
     "beta",
     "final_test_acc",
 )
+# The score a trial is chosen by, in order of preference: the validation split when the search held
+# one out (choose on validation, report on test), the test split only when it did not.
+SELECTION_SCORES = ("final_val_acc", "final_val_ap", "final_test_acc", "final_test_ap")
 SELECTION_RULE = (
-    "each point is the beta of the DKD trial with the highest final_test_acc among the trials of one "
-    "(search, teacher) that ran the full budget (status 'completed'; ASHA-stopped trials are not comparable)"
+    "each point is the beta of the DKD trial with the highest final validation score (final_val_acc, "
+    "or final_val_ap for detection; the test split's score only for a search without a validation "
+    "split, which the point's source names) among the trials of one (search, teacher) that ran the "
+    "full budget (status 'completed'; ASHA-stopped trials are not comparable)"
 )
 
 ResultsSource = pd.DataFrame | str | os.PathLike
@@ -43,7 +48,7 @@ ResultsSource = pd.DataFrame | str | os.PathLike
 
 def calibration_points_from_results(results: Iterable[ResultsSource]) -> list[CalibrationPoint]:
     """One point per (search, teacher): the best completed DKD trial's beta and that teacher's gap."""
-    points, _family, _labels = _points_and_family(list(results))
+    points, _family, _labels, _on_test = _points_and_family(list(results))
     return points
 
 
@@ -52,10 +57,13 @@ def calibrate_from_results(
     out: str | os.PathLike,
     family: str | None = None,
     name: str | None = None,
-) -> Calibration:
-    """Fit a calibration from results Parquet files (or frames), write it atomically to `out`, return it."""
+) -> tuple[Calibration, list[str]]:
+    """Fit a calibration from results Parquet files (or frames), write it atomically to `out`.
+
+    Returns the calibration and its warnings (points chosen on the test split).
+    """
     results = list(results)
-    points, files_family, labels = _points_and_family(results)
+    points, files_family, labels, chosen_on_test = _points_and_family(results)
     if len(points) < 2:
         raise UserInputError(
             f"only {len(points)} (search, teacher) pair(s) have completed DKD trials in {', '.join(labels)}; "
@@ -77,12 +85,22 @@ def calibrate_from_results(
         f"Fitted by dkd-tune {__version__} `calibrate` on {today} from {', '.join(described)}; "
         f"{SELECTION_RULE}; the gap is the teacher's mean z_t - z_max as measured by the search."
     )
+    warnings = []
+    if chosen_on_test:
+        warnings.append(
+            f"the best beta of {', '.join(chosen_on_test)} was chosen on the test split: their searches "
+            "had no validation split (data.validation), so those points fit the split they report on"
+        )
+        provenance += f" Chosen on the test split: {', '.join(chosen_on_test)}."
     calibration = fit_calibration(points, files_family, provenance, name=name or Path(out).stem)
     save_calibration(calibration, out)
-    return calibration
+    return calibration, warnings
 
 
-def _points_and_family(results: list[ResultsSource]) -> tuple[list[CalibrationPoint], str, list[str]]:
+def _points_and_family(
+    results: list[ResultsSource],
+) -> tuple[list[CalibrationPoint], str, list[str], list[str]]:
+    """The points, the family, a label per source and the points chosen on the test split."""
     if not results:
         raise UserInputError("no results given: pass the results Parquet files of finished searches")
     frames, labels = [], []
@@ -103,17 +121,20 @@ def _points_and_family(results: list[ResultsSource]) -> tuple[list[CalibrationPo
     dkd = trials[trials["loss"] == "dkd"]
     finished = dkd[
         (dkd["status"] == "completed")
-        & dkd["final_test_acc"].map(_is_finite)
+        & _has_a_selection_score(dkd)
         & dkd["beta"].map(lambda beta: _is_finite(beta) and beta > 0)
     ]
-    points = []
+    points, chosen_on_test = [], []
     groups = list(finished.groupby(["search", "teacher"], sort=True))
     repeated = finished.groupby("teacher")["search"].nunique()
     for (search, teacher), group in groups:
-        # Highest accuracy wins; a tie goes to the smaller beta so the choice does not depend on row order.
-        best = group.sort_values(["final_test_acc", "beta"], ascending=[False, True], kind="stable").iloc[0]
+        score = _group_selection_score(group)
+        # Highest score wins; a tie goes to the smaller beta so the choice does not depend on row order.
+        best = group.sort_values([score, "beta"], ascending=[False, True], kind="stable").iloc[0]
         gap = _teacher_gap(trials, search, teacher)
         label = f"{search}/{teacher}" if repeated[teacher] > 1 else str(teacher)
+        if score.startswith("final_test"):
+            chosen_on_test.append(label)
         points.append(
             CalibrationPoint(
                 teacher=label,
@@ -121,13 +142,36 @@ def _points_and_family(results: list[ResultsSource]) -> tuple[list[CalibrationPo
                 best_beta=float(best["beta"]),
                 source=(
                     f"search {search!r} in {best['_results_label']}: teacher {best['teacher_model']} on "
-                    f"{best['dataset']}, best final_test_acc {float(best['final_test_acc']):.4g} "
+                    f"{best['dataset']}, best {score} {float(best[score]):.4g} "
                     f"of {len(group)} completed DKD trials"
                 ),
             )
         )
     points.sort(key=lambda point: (point.mean_logit_gap, point.teacher))
-    return points, family, labels
+    return points, family, labels, chosen_on_test
+
+
+def _has_a_selection_score(trials: pd.DataFrame) -> pd.Series:
+    """Whether each trial has a finite value of any of SELECTION_SCORES."""
+    present = pd.Series(False, index=trials.index)
+    for name in SELECTION_SCORES:
+        if name in trials:
+            present |= trials[name].map(_is_finite).astype(bool)
+    return present
+
+
+def _group_selection_score(group: pd.DataFrame) -> str:
+    """The score every trial of one (search, teacher) is compared by: the most preferred they all have."""
+    for name in SELECTION_SCORES:
+        finite = group[name].map(_is_finite) if name in group else pd.Series(False, index=group.index)
+        if finite.all():
+            return name
+        if finite.any():  # trials of one search share its splits: mixed scores mean a file edited by hand
+            break
+    raise UserInputError(
+        f"search {group['search'].iloc[0]!r} teacher {group['teacher'].iloc[0]!r}: its completed DKD trials "
+        f"do not share one of {', '.join(SELECTION_SCORES)}; the trials of a search are scored alike"
+    )
 
 
 def _read_results_file(path: str | os.PathLike) -> pd.DataFrame:

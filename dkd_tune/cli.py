@@ -38,8 +38,10 @@ def calibrate(results: tuple[str, ...], out: str, family: str | None, name: str 
     """Fit an auto-beta calibration (teacher gap -> beta) from finished searches' results Parquet."""
     from analysis.best_beta import calibrate_from_results
 
-    calibration = calibrate_from_results(results, out, family=family, name=name)
+    calibration, warnings = calibrate_from_results(results, out, family=family, name=name)
     click.echo(calibration.report())
+    for warning in warnings:
+        click.echo(f"warning: {warning}", err=True)
     click.echo(f"wrote {out}")
 
 

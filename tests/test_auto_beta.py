@@ -390,6 +390,63 @@ def test_points_are_the_best_completed_dkd_trial_per_search_and_teacher():
     }
 
 
+def test_the_best_beta_is_chosen_on_the_validation_split_when_the_search_has_one():
+    # Validation and test disagree: the test split's favourite must not be chosen.
+    rows = [
+        {**trial("s1", "resnet56", 1.0, 75.0), "final_val_acc": 70.0},
+        {**trial("s1", "resnet56", 2.0, 71.0), "final_val_acc": 72.0},
+        {**trial("s1", "vgg13", 4.0, 74.0), "final_val_acc": 69.0},
+        {**trial("s1", "vgg13", 8.0, 73.0), "final_val_acc": 71.0},
+    ]
+    points = calibration_points_from_results([pd.DataFrame(rows)])
+    assert {point.teacher: point.best_beta for point in points} == {"resnet56": 2.0, "vgg13": 8.0}
+    assert all("best final_val_acc" in point.source for point in points)
+
+
+def test_detection_results_are_calibrated_on_validation_ap(tmp_path):
+    def detection_trial(teacher, beta, val_ap, test_ap):
+        return {
+            **trial("det", teacher, beta, float("nan"), family="coco"),
+            "final_val_acc": float("nan"),
+            "final_val_ap": val_ap,
+            "final_test_ap": test_ap,
+        }
+
+    rows = [
+        detection_trial("resnet56", 0.25, 30.0, 40.0),
+        detection_trial("resnet56", 0.5, 35.0, 33.0),
+        detection_trial("vgg13", 1.0, 38.0, 36.0),
+        detection_trial("vgg13", 2.0, 37.0, 39.0),
+    ]
+    results = write_results(tmp_path / "det.parquet", rows)
+    out = tmp_path / "coco.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "dkd_tune", "calibrate", str(results), "--out", str(out), "--family", "coco"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "warning" not in result.stderr
+    calibration = load_calibration(out, "coco")
+    assert {point.teacher: point.best_beta for point in calibration.points} == {"resnet56": 0.5, "vgg13": 1.0}
+    assert "Chosen on the test split" not in calibration.provenance
+
+
+def test_trials_of_one_search_scored_on_different_splits_are_refused(tmp_path, capsys):
+    rows = [
+        {**trial("s1", "resnet56", 1.0, 75.0), "final_val_acc": 70.0},
+        {**trial("s1", "resnet56", 2.0, 71.0), "final_val_acc": float("nan")},
+        {**trial("s1", "vgg13", 4.0, 74.0), "final_val_acc": 69.0},
+    ]
+    results = write_results(tmp_path / "mixed.parquet", rows)
+    out = tmp_path / "out.json"
+    code, _, err = run_cli(["calibrate", str(results), "--out", str(out)], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "search 's1' teacher 'resnet56'" in err and "scored alike" in err
+    assert not out.exists()
+
+
 def run_cli(args, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([*args])
@@ -416,6 +473,9 @@ def test_calibrate_command_end_to_end(tmp_path):
     assert calibration.slope > 0
     assert sorted(point.best_beta for point in calibration.points) == [2.0, 2.5, 3.0, 5.0, 8.0]
     assert str(first) in calibration.provenance and "sha256" in calibration.provenance
+    # These searches had no validation split: the choice was made on the test split, and it is said.
+    assert "warning: the best beta of" in result.stderr and "chosen on the test split" in result.stderr
+    assert "Chosen on the test split: " in calibration.provenance
     suggestion = calibration.predict(6.0)
     assert not suggestion.extrapolated and suggestion.low < suggestion.beta < suggestion.high
     assert calibration.predict(5.0).beta < suggestion.beta < calibration.predict(8.0).beta

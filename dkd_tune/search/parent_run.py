@@ -222,7 +222,11 @@ def finish_parent_run(client, run_id, experiment_dir, frame, best, space) -> Non
             client,
             run_id,
             tracking.numeric_metrics(
-                {"best_final_test_acc": best.get("final_test_acc"), "best_beta": best.get("beta")}
+                {
+                    "best_final_test_acc": best.get("final_test_acc"),
+                    "best_final_test_ap": best.get("final_test_ap"),  # detection
+                    "best_beta": best.get("beta"),
+                }
             ),
             0,
             tracking.now_ms(),
