@@ -328,6 +328,43 @@ def test_a_validation_split_is_evaluated_every_epoch_beside_the_test_split(datas
     assert without.val_loader is None
 
 
+def test_best_pt_is_chosen_on_the_validation_split_never_on_the_test_split(datasets, tmp_path):
+    from dkd_tune.core.checkpoint_file import load_checkpoint
+    from dkd_tune.data import InMemoryData
+    from dkd_tune.engine.loop import EpochRecorder
+    from dkd_tune.engine.run_setup import prepare_run
+
+    train_set, test_set = datasets
+    recipe = short_recipe(epochs=4)
+    run = prepare_run(
+        "resnet8", InMemoryData(train_set, test_set, "standard"), recipe, device=torch.device("cpu")
+    )
+    optimizer = torch.optim.SGD(run.model.parameters(), lr=0.1)
+    # The test split peaks at epoch 1, the validation split at epoch 3.
+    epochs = [{"test_acc": 60.0, "val_acc": 40.0}, {"test_acc": 50.0, "val_acc": 45.0},
+              {"test_acc": 55.0, "val_acc": 50.0}, {"test_acc": 58.0, "val_acc": 48.0}]  # fmt: skip
+
+    def chosen_epoch(folder, chosen_by, metrics, resume_after=None):
+        def recorder():
+            return EpochRecorder(run.model, optimizer, run.identity, recipe, "ce", folder, None, 4, "test_acc",
+                                 chosen_by=chosen_by)  # fmt: skip
+
+        record = recorder()
+        for epoch, values in enumerate(metrics):
+            if epoch == resume_after:  # a resumed run keeps choosing against the epochs before it
+                record = recorder()
+                record.resume(folder / "last.pt", torch.device("cpu"))
+            record.epoch_done(epoch, {"epoch": epoch + 1, **values}, diverged=False)
+        assert record.result().best_test_acc == 60.0  # reported: the best test score
+        return load_checkpoint(folder / "best.pt")["metrics"]["epoch"]
+
+    assert chosen_epoch(tmp_path / "val", "val_acc", epochs) == 3
+    assert chosen_epoch(tmp_path / "resumed", "val_acc", epochs, resume_after=3) == 3
+    # Without a validation split nothing is chosen: best.pt is the latest epoch.
+    no_val = [{"test_acc": values["test_acc"]} for values in epochs]
+    assert chosen_epoch(tmp_path / "none", None, no_val) == 4
+
+
 def _tckd_nckd_from_definitions(logits_student, logits_teacher, labels, temperature):
     """Batch-mean TCKD and NCKD written out from appendix A.1 (binary and renormalised non-target KLs)."""
     p_s = torch.softmax(logits_student.double() / temperature, dim=1)

@@ -151,7 +151,7 @@ def _train(
         log_epoch(None, result=result)
     settings.log(
         f"dkd-tune {kind}: {result.status} after {result.epochs_completed} epochs; final test top-1 {result.final_test_acc:.2f}%, "
-        f"best {result.best_test_acc:.2f}%; best checkpoint: {result.best_checkpoint}"
+        f"best {result.best_test_acc:.2f}%; kept (last epoch): {result.best_checkpoint}"
     )
     return result
 

@@ -167,8 +167,9 @@ def fit_detector(
     )
     last_epoch = recipe.epochs if stop_after_epochs is None else min(recipe.epochs, stop_after_epochs)
     record = EpochRecorder(
-        student, optimizer, identity, recipe, loss_mode, checkpoint_dir, reporter, last_epoch, "test_ap"
-    )
+        student, optimizer, identity, recipe, loss_mode, checkpoint_dir, reporter, last_epoch, "test_ap",
+        chosen_by="val_ap" if "val" in evaluations else None,
+    )  # fmt: skip
     if resume_from is not None:
         record.resume(resume_from, device)
     forward: nn.Module = StudentForward(student)

@@ -154,8 +154,9 @@ def fit(
     )
     last_epoch = recipe.epochs if stop_after_epochs is None else min(recipe.epochs, stop_after_epochs)
     record = EpochRecorder(
-        student, optimizer, identity, recipe, loss_mode, checkpoint_dir, reporter, last_epoch, "test_acc"
-    )
+        student, optimizer, identity, recipe, loss_mode, checkpoint_dir, reporter, last_epoch, "test_acc",
+        chosen_by="val_acc" if val_loader is not None else None,
+    )  # fmt: skip
     if resume_from is not None:
         record.resume(resume_from, device)
     model = _runnable(student, device, acceleration)  # runs the batches; `student` holds the weights saved
@@ -185,9 +186,11 @@ def fit(
 class EpochRecorder:
     """What a training loop (a classifier's or a detector's) does after each epoch, and its result.
 
-    It keeps the best model by `score` (`best.pt`), writes the resumable state (`last.pt`) and
-    hands the epoch to the reporter. Every rank reports (Ray Train synchronises on it); only rank 0
-    writes checkpoints.
+    It keeps the chosen model (`best.pt`): the epoch with the best validation score `chosen_by`, or
+    without a validation split the latest epoch, never one picked by its test score (the test split
+    only reports). It reports the best test `score` so far, writes the resumable state (`last.pt`)
+    and hands the epoch to the reporter. Every rank reports (Ray Train synchronises on it); only
+    rank 0 writes checkpoints.
     """
 
     student: nn.Module
@@ -198,7 +201,8 @@ class EpochRecorder:
     checkpoint_dir: Path | None
     reporter: Reporter | None
     last_epoch: int  # where this call stops (the recipe's last epoch, or the caller's stop)
-    score: str  # the metric best.pt is chosen by: "test_acc", or a detector's "test_ap"
+    score: str  # the test metric reported as best and final: "test_acc", or a detector's "test_ap"
+    chosen_by: str | None = None  # the validation metric best.pt is chosen by ("val_acc", "val_ap")
     start_epoch: int = 0
     best: float = -math.inf
     history: list[dict[str, float]] = field(default_factory=list)
@@ -214,10 +218,10 @@ class EpochRecorder:
         value = metrics.get(self.score, 0.0)
         if not diverged and value > self.best:
             self.best = value
-            if writes:
-                save_best_model(
-                    self.checkpoint_dir / BEST_CHECKPOINT, self.student, self.identity, self.recipe, metrics
-                )
+        if writes and not diverged and self._is_chosen(metrics):
+            save_best_model(
+                self.checkpoint_dir / BEST_CHECKPOINT, self.student, self.identity, self.recipe, metrics
+            )
         metrics[f"best_{self.score}"] = max(self.best, 0.0)
         self.history.append(metrics)
         self.status = run_status(epoch + 1, self.recipe.epochs, self.last_epoch, diverged)
@@ -232,6 +236,13 @@ class EpochRecorder:
             self.reporter(
                 EpochReport(epoch=epoch + 1, metrics=metrics, checkpoint=checkpoint, status=self.status)
             )
+
+    def _is_chosen(self, metrics: dict[str, float]) -> bool:
+        """Whether this epoch's model becomes best.pt: a new best validation score, or the latest epoch."""
+        if self.chosen_by is None:
+            return True
+        earlier = (report.get(self.chosen_by, -math.inf) for report in self.history)  # resumed ones too
+        return metrics.get(self.chosen_by, -math.inf) > max(earlier, default=-math.inf)
 
     def result(self) -> FitResult:
         """`final_test_acc` and `best_test_acc` hold the score (a detector's: test AP)."""
