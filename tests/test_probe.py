@@ -340,6 +340,25 @@ def test_best_trials_are_probed_inline_and_logged_under_their_trial_runs(data_ro
     assert len(client.search_runs([experiment], max_results=1000)) == runs_before + 2  # the two failed, again
 
 
+def test_the_probed_trials_are_ranked_on_the_validation_split_when_there_is_one():
+    import pandas as pd
+
+    from dkd_tune.search.transfer_probes import best_trials
+
+    frame = pd.DataFrame(
+        {
+            "trial_id": ["a", "b", "c", "d"],
+            "status": ["completed", "completed", "completed", "stopped"],
+            "final_test_acc": [70.0, 60.0, 65.0, 90.0],
+            "final_val_acc": [55.0, 62.0, 58.0, 99.0],
+            "checkpoint_path": ["a.pt", "b.pt", "c.pt", "d.pt"],
+        }
+    )
+    assert list(best_trials(frame, 2)["trial_id"]) == ["b", "c"]
+    # Without a validation split the test split is all there is.
+    assert list(best_trials(frame.assign(final_val_acc=float("nan")), 2)["trial_id"]) == ["a", "c"]
+
+
 def test_no_completed_trial_means_no_probe(data_root, student_path, tmp_path):
     from dkd_tune.search.transfer_probes import probe_best_trials
 

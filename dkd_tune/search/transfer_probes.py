@@ -355,7 +355,11 @@ def probe_best_trials(
 
 
 def best_trials(results: pd.DataFrame, top_k: int) -> pd.DataFrame:
-    """The `top_k` completed trials with a checkpoint, best final test top-1 first (ties: trial id)."""
+    """The `top_k` completed trials with a checkpoint, best first (ties: trial id).
+
+    Ranked by final validation top-1 when the search held a validation split out, else by final
+    test top-1: the probes then report on other datasets, not on the split the trials were chosen on.
+    """
     if results.empty:
         return results
     candidates = results[
@@ -363,7 +367,9 @@ def best_trials(results: pd.DataFrame, top_k: int) -> pd.DataFrame:
         & results["final_test_acc"].notna()
         & results["checkpoint_path"].notna()
     ]
-    ordered = candidates.sort_values(["final_test_acc", "trial_id"], ascending=[False, True], kind="stable")
+    validated = "final_val_acc" in candidates and candidates["final_val_acc"].notna().all()
+    score = "final_val_acc" if validated and not candidates.empty else "final_test_acc"
+    ordered = candidates.sort_values([score, "trial_id"], ascending=[False, True], kind="stable")
     return ordered.head(top_k).reset_index(drop=True)
 
 
