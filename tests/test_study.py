@@ -68,3 +68,25 @@ def test_a_trial_without_any_result_failed(tmp_path):
     searcher.on_trial_complete("silent", None)
     (trial,) = optuna.load_study(study_name="demo/resnet20", storage=url).trials
     assert trial.state == optuna.trial.TrialState.FAIL
+
+
+def test_a_search_killed_after_tell_but_before_tune_saved_its_state_resumes(tmp_path):
+    # Tune snapshots the searcher between events; a kill can come after the study was told PRUNED and
+    # before the snapshot, so the restored searcher sees the trial again (a result, then an error).
+    searcher, url = searcher_in(tmp_path, max_epochs=4)
+    searcher.suggest("pruned")
+    searcher.on_trial_result("pruned", {"test_acc": 20.0, "epoch": 1})
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    searcher.save_to_dir(str(snapshot), session_str="before-tell")
+    searcher.on_trial_complete("pruned", {"test_acc": 25.0, "epoch": 2})
+
+    (tmp_path / "restored").mkdir()
+    restored, _ = searcher_in(tmp_path / "restored", max_epochs=4)  # as a new driver builds it
+    restored.restore_from_dir(str(snapshot))
+    restored.on_trial_result("pruned", {"test_acc": 30.0, "epoch": 3})
+    restored.on_trial_complete("pruned", error=True)
+
+    (trial,) = optuna.load_study(study_name="demo/resnet20", storage=url).trials
+    assert trial.state == optuna.trial.TrialState.PRUNED  # what the study was told first stays
+    assert trial.intermediate_values == {1: 20.0, 2: 25.0}

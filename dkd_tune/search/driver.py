@@ -31,6 +31,7 @@ from dkd_tune.config.schema import Distribution, SearchSpaceFile
 from dkd_tune.config.tracking_uri import check_tracking_uri
 from dkd_tune.core.errors import UserInputError
 from dkd_tune.core.files import atomic_path, atomic_write_json, atomic_write_text
+from dkd_tune.search.checkpoint_repair import restore_missing_checkpoints
 from dkd_tune.search.interruption import (
     SearchInterrupted,
     as_interruption,
@@ -287,6 +288,10 @@ def _run_part(space, part_name, teacher, teachers, shared_ref, experiment_dir, s
     )
     if part_dir.exists() and tune.Tuner.can_restore(str(part_dir)):
         options.log(f"dkd-tune: resuming part '{part_name}' from {part_dir}")
+        for trial_id in restore_missing_checkpoints(part_dir):
+            options.log(
+                f"dkd-tune: trial {trial_id}: resumes from its newest checkpoint (the search was killed as it saved)"
+            )
         tuner = tune.Tuner.restore(str(part_dir), trainable, resume_unfinished=True, resume_errored=True)
     else:
         prior = None

@@ -46,10 +46,11 @@ class TruthfulOptunaSearch(OptunaSearch):
         if trial_id in self._completed_trials:
             return  # a late result of a finished trial: Optuna takes no report after `tell`
         trial = self._ot_trials[trial_id]
+        stored = trial.storage.get_trial(trial._trial_id)
         # The epoch, not Ray's iteration count, which restarts when a trial resumes from a checkpoint.
         step = int(result["epoch"])
         # A resumed trial replays epochs from its checkpoint; a step is reported once (Optuna warns).
-        if step not in trial.storage.get_trial(trial._trial_id).intermediate_values:
+        if not stored.state.is_finished() and step not in stored.intermediate_values:
             trial.report(float(result[self.metric]), step)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
@@ -64,5 +65,9 @@ class TruthfulOptunaSearch(OptunaSearch):
             state, value = optuna.trial.TrialState.COMPLETE, float(result[self.metric])
         else:  # stopped early by the scheduler (or diverged): ranked by its step, then its last value
             state, value = optuna.trial.TrialState.PRUNED, None
-        self._ot_study.tell(self._ot_trials[trial_id], value, state=state)
+        trial = self._ot_trials[trial_id]
+        # A search killed after `tell` but before Tune saved its state resumes with a trial the study
+        # has already finished (also in `on_trial_result`): what the study holds stays.
+        if not trial.storage.get_trial(trial._trial_id).state.is_finished():
+            self._ot_study.tell(trial, value, state=state)
         self._completed_trials.add(trial_id)
