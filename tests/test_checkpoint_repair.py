@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
+import multiprocessing
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,13 @@ from dkd_tune.search.checkpoint_repair import restore_missing_checkpoints
 
 @pytest.mark.slow
 def test_a_trial_whose_named_checkpoint_is_gone_resumes_from_its_newest(tmp_path):
+    # In a process of its own: ray.init patches builtins.print and keeps it patched after shutdown.
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        pool.submit(kill_between_checkpoint_and_state_then_resume, tmp_path).result()  # re-raises its asserts
+
+
+def kill_between_checkpoint_and_state_then_resume(tmp_path: Path) -> None:
     import ray
     from ray import tune
 
