@@ -182,8 +182,14 @@ def ui(port: int, host: str, tracking_uri: str | None) -> None:
 @click.option(
     "--seed", default=0, show_default=True, type=int, help="Seed; the same parameters give the same files."
 )
+@click.option(
+    "--rotation",
+    default=None,
+    type=click.IntRange(0, 180),
+    help="Largest rotation of a sample's shape, in degrees (default: 0.25 rad, about 14); wider is harder.",
+)
 def make_synthetic_command(
-    out_dir, classes, superclasses, train_per_class, test_per_class, image_size, seed
+    out_dir, classes, superclasses, train_per_class, test_per_class, image_size, seed, rotation
 ) -> None:
     """Generate a synthetic dataset in CIFAR-100's on-disk format (for the demo, tests and CPU-only runs).
 
@@ -201,6 +207,7 @@ def make_synthetic_command(
         test_per_class=test_per_class,
         image_size=image_size,
         seed=seed,
+        rotation=rotation,
     )
     click.echo(
         f"synthetic dataset in {written}/cifar-100-python: {classes} classes in {superclasses} superclasses, "

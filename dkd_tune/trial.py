@@ -30,7 +30,7 @@ from dkd_tune.engine.run_setup import prepare_run
 from dkd_tune.models import load_teacher
 from dkd_tune.models.detection import load_detector
 from dkd_tune.teacher.logit_cache import CorruptCacheError, TeacherLogitCache
-from dkd_tune.teacher.non_target_control import PermutedNonTarget
+from dkd_tune.teacher.logit_interventions import IntervenedTeacher
 from dkd_tune.teacher.preparation import TeacherArtifacts
 
 EVAL_BATCH_SIZE = 512
@@ -52,6 +52,7 @@ class SharedDataset:
     label_noise_rate: float = 0.0
     val_images: np.ndarray | None = None  # the validation split, when the data spec holds one out
     val_labels: np.ndarray | None = None
+    class_groups: tuple[int, ...] | None = None  # each class's superclass, where the data has them
 
     @classmethod
     def from_datasets(
@@ -70,6 +71,7 @@ class SharedDataset:
             label_noise_rate=float(getattr(train, "label_noise_rate", 0.0)),
             val_images=None if validation is None else validation.images.numpy(),
             val_labels=None if validation is None else validation.labels.numpy(),
+            class_groups=train.class_groups(),
         )
 
     def validation(self) -> ImageDataset | None:
@@ -207,12 +209,15 @@ def teacher_logit_source(artifacts: TeacherArtifacts | None, train_loader: Any, 
 
     The cache's hash is checked (once per process and file version): a damaged cache is reported
     in one line and the trial runs the live teacher instead, never the damaged logits. A teacher
-    marked `non_target: permuted` (the validation's negative control) is wrapped either way.
+    with an intervention (the validation's controls and gap experiments) is wrapped either way.
     """
     if artifacts is None:
         raise ValueError("a distillation trial needs teacher artifacts")
     source = _unwrapped_teacher_source(artifacts, train_loader, device)
-    return PermutedNonTarget(source) if artifacts.non_target == "permuted" else source
+    if artifacts.intervention.is_identity:
+        return source
+    groups = torch.tensor(artifacts.class_groups) if artifacts.class_groups is not None else None
+    return IntervenedTeacher(source, artifacts.intervention, groups)
 
 
 def _unwrapped_teacher_source(artifacts: TeacherArtifacts, train_loader: Any, device: torch.device):

@@ -46,6 +46,7 @@ CIFAR_PARAMS_M = {
     "mlp_32": 0.028,
     "mlp_256": 0.223,  # dkd-tune's own CPU benchmark students (16x16x3 pooled pixels -> 256 -> classes)
     "mlp_512x2": 0.708,
+    "cnn_8": 0.021,  # the all-CNN auto-beta family's student (five 3x3 convolutions, 8-16-32 channels)
 }
 # Millions of parameters at 1000 classes (torchvision's published counts; MobileNetV1 as in mdistiller).
 IMAGENET_PARAMS_M = {

@@ -89,7 +89,7 @@ def test_the_core_imports_torch_only():
     core = [
         "core.losses", "core.recipes", "core.errors", "core.files", "core.progress", "core.checkpoint_file",
         "models", "data", "engine.loop", "engine.run_setup", "engine.devices", "teacher.gap",
-        "teacher.logit_cache", "teacher.preparation", "teacher.auto_beta", "teacher.non_target_control",
+        "teacher.logit_cache", "teacher.preparation", "teacher.auto_beta", "teacher.logit_interventions",
         "probe", "trial", "models.detection", "data.coco", "data.synthetic_coco", "engine.detection_loop",
         "engine.detection_setup", "engine.detection_eval", "teacher.detection_gap", "teacher.detector_preparation",
     ]  # fmt: skip

@@ -22,7 +22,7 @@ from dkd_tune.teacher import preparation as teacher_module
 from dkd_tune.teacher.auto_beta import default_calibration_or_none
 from dkd_tune.teacher.gap import LogitGapStats, measure_logit_gap
 from dkd_tune.teacher.logit_cache import TeacherLogitCache, augmentation_views, dataset_fingerprint
-from dkd_tune.teacher.non_target_control import PermutedNonTarget, permute_non_target
+from dkd_tune.teacher.logit_interventions import IntervenedTeacher, LogitIntervention, permute_non_target
 from dkd_tune.teacher.preparation import TeacherArtifacts, prepare_teacher, teacher_training_dir
 from dkd_tune.trial import teacher_logit_source
 
@@ -246,10 +246,10 @@ def test_prepare_teacher_from_a_checkpoint_builds_the_logit_cache(small_data, tm
     assert isinstance(teacher_logit_source(artifacts, loader, torch.device("cpu")), LiveTeacher)
 
     # The negative control's teacher: either source, wrapped; the flag survives the state file.
-    control = dataclasses.replace(artifacts, non_target="permuted")
+    control = dataclasses.replace(artifacts, intervention=LogitIntervention(non_target="permuted"))
     assert TeacherArtifacts.from_dict(json.loads(json.dumps(control.to_dict()))) == control
     source = teacher_logit_source(control, loader, torch.device("cpu"))
-    assert isinstance(source, PermutedNonTarget) and isinstance(source.source, LiveTeacher)
+    assert isinstance(source, IntervenedTeacher) and isinstance(source.source, LiveTeacher)
     batch = next(iter(build_train_loader(train_set, "standard", 8, "cpu", seed=0)))
     plain = source.source.logits_for(batch)
     shuffled = source.logits_for(batch)

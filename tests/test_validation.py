@@ -264,7 +264,9 @@ def test_validate_beta_end_to_end_and_resume(validation_file, tmp_path):
     assert "autobeta_minus_constant_ci_low" in validation_run.data.metrics
     assert "gap_slope_ci_high" in validation_run.data.metrics
     grid_state = json.loads((folder / "validation-grid" / "state.json").read_text())
-    assert [grid_state["teachers"][name]["non_target"] for name in ("weak", "mid", "strong")] == [
+    assert [
+        grid_state["teachers"][name]["intervention"]["non_target"] for name in ("weak", "mid", "strong")
+    ] == [
         "as_is",
         "permuted",
         "as_is",

@@ -21,6 +21,7 @@ from dkd_tune.core.recipes import (
     resolve_recipe,
 )
 from dkd_tune.data.spec import AUGMENTATIONS, DATASET_NAMES, DataSpec, parse_data_spec
+from dkd_tune.teacher.logit_interventions import LogitIntervention
 
 METRICS = (
     "test_acc", "best_test_acc", "test_acc_top5", "test_loss", "train_loss", "train_acc", "val_acc", "val_loss",
@@ -152,15 +153,33 @@ class TeacherConfig(StrictModel):
     space: dict[str, Distribution] = Field(
         default_factory=dict, description="Per-teacher searched parameters."
     )
-    non_target: Literal["as_is", "permuted"] = Field(
+    non_target: Literal["as_is", "permuted", "permuted_within_superclass"] = Field(
         "as_is",
         description="permuted: a negative control; each training image's non-target logits are shuffled "
-        "(fixed per image), so accuracy and gap stay and the non-target knowledge is gone.",
+        "(fixed per image), so accuracy and gap stay and the non-target knowledge is gone; "
+        "permuted_within_superclass: shuffled only among each superclass's classes (coarse knowledge stays).",
+    )
+    target_shift: float = Field(
+        0.0,
+        description="An intervention for auto-beta's experiments: the target logit of every training image "
+        "raised by this much (the gap moves by it; the non-target distribution NCKD transfers does not).",
+    )
+    logit_scale: float = Field(
+        1.0,
+        gt=0,
+        description="An intervention: every training logit multiplied by this (gap and softness move together).",
     )
 
     @property
     def label(self) -> str:
         return self.name or self.model
+
+    @property
+    def intervention(self) -> LogitIntervention:
+        """What the search does to this teacher's training logits (identity unless the file asks)."""
+        return LogitIntervention(
+            target_shift=self.target_shift, scale=self.logit_scale, non_target=self.non_target
+        )
 
     @model_validator(mode="after")
     def checkpoint_or_train(self) -> TeacherConfig:

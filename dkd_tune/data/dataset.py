@@ -54,6 +54,19 @@ class ImageDataset:
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.images.shape[1:])  # type: ignore[return-value]
 
+    def class_groups(self) -> tuple[int, ...] | None:
+        """Each class's superclass (CIFAR-100's coarse label), or None when the data has none or a class
+        has images in two superclasses (then there is no one superclass to keep a permutation inside)."""
+        if self.coarse_labels is None:
+            return None
+        groups = []
+        for label in range(self.num_classes):
+            coarse = self.coarse_labels[self.labels == label].unique()
+            if len(coarse) != 1:
+                return None
+            groups.append(int(coarse[0]))
+        return tuple(groups)
+
 
 def channel_statistics(
     images: torch.Tensor, chunk: int = 4096

@@ -12,7 +12,15 @@ from dkd_tune.core.errors import UserInputError
 
 DATASET_NAMES = ("cifar100", "synthetic", "imagenet", "coco", "synthetic-coco")
 AUGMENTATIONS = ("standard", "autoaugment", "none")
-GENERATE_KEYS = ("classes", "superclasses", "train_per_class", "test_per_class", "image_size", "seed")
+GENERATE_KEYS = (
+    "classes",
+    "superclasses",
+    "train_per_class",
+    "test_per_class",
+    "image_size",
+    "seed",
+    "rotation",
+)
 DETECTION_GENERATE_KEYS = ("train_images", "val_images", "image_size", "seed")  # synthetic-coco
 SPEC_KEYS = ("name", "root", "download", "augment", "label_noise", "noise_seed", "generate", "validation")
 FAMILY = {

@@ -32,6 +32,7 @@ MIX_PROBABILITY = 0.35
 MIX_WEIGHT = (0.15, 0.5)
 NOISE_STD = 0.05
 SHIFT = 0.15  # largest translation of the shape, in image half-widths
+ROTATION = 0.25  # largest rotation of the shape, in radians, unless `rotation` (degrees) is given
 # In units of the shape radius: where the marker sits, its radius, the stripe frequency.
 MARKER_DISTANCE = 0.55
 MARKER_RADIUS = 0.42
@@ -48,11 +49,14 @@ def make_synthetic(
     test_per_class: int = 100,
     image_size: int = 32,
     seed: int = 0,
+    rotation: int | None = None,
 ) -> Path:
     """Write `<out_dir>/cifar-100-python/{train,test,meta}` and `<out_dir>/synthetic.json`; return out_dir.
 
     Deterministic for the parameters; if the folder already holds a complete dataset made with the
-    same parameters nothing is rewritten.
+    same parameters nothing is rewritten. `rotation` is the largest rotation of a sample's shape in
+    degrees (default: 0.25 radians, about 14): the class cues are read in the shape's frame, so a
+    wider rotation makes a network learn that frame, which a small one does worse than a deep one.
     """
     params = {
         "classes": classes,
@@ -62,13 +66,16 @@ def make_synthetic(
         "image_size": image_size,
         "seed": seed,
     }
+    if rotation is not None:  # absent from older datasets' parameters, which must still match
+        params["rotation"] = rotation
     _check_params(params)
     out_dir = Path(out_dir).expanduser()
     if synthetic_params(out_dir) == params:
         return out_dir
+    max_rotation = ROTATION if rotation is None else math.radians(rotation)
     prototypes = _Prototypes(classes, superclasses, seed)
-    train = _render_split(prototypes, train_per_class, image_size, seed, "train")
-    test = _render_split(prototypes, test_per_class, image_size, seed, "test")
+    train = _render_split(prototypes, train_per_class, image_size, seed, "train", max_rotation)
+    test = _render_split(prototypes, test_per_class, image_size, seed, "test", max_rotation)
     fine_names = [f"class_{c:03d}" for c in range(classes)]
     coarse_names = [f"superclass_{s:02d}" for s in range(superclasses)]
     (out_dir / PARAMS_FILE).unlink(missing_ok=True)
@@ -101,8 +108,11 @@ def _check_params(params: dict) -> None:
         "test_per_class": (1, 100_000),
         "image_size": (8, 256),
         "seed": (0, 2**63 - 1),
+        "rotation": (0, 180),
     }
     for key, (low, high) in bounds.items():
+        if key not in params:
+            continue
         value = params[key]
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
             raise UserInputError(
@@ -151,7 +161,9 @@ class _Prototypes:
             self.siblings.append(siblings[siblings != c])
 
 
-def _render_split(prototypes: _Prototypes, per_class: int, size: int, seed: int, split: str) -> CifarSplit:
+def _render_split(
+    prototypes: _Prototypes, per_class: int, size: int, seed: int, split: str, max_rotation: float
+) -> CifarSplit:
     rng = np.random.default_rng(derived_seed(seed, "synthetic-samples", split))
     count = prototypes.classes * per_class
     labels = rng.permutation(np.repeat(np.arange(prototypes.classes), per_class))
@@ -166,7 +178,7 @@ def _render_split(prototypes: _Prototypes, per_class: int, size: int, seed: int,
     pose = {
         "shift": rng.uniform(-SHIFT, SHIFT, (count, 2)),
         "scale": rng.uniform(0.85, 1.1, count),
-        "rotation": rng.uniform(-0.25, 0.25, count),
+        "rotation": rng.uniform(-max_rotation, max_rotation, count),
         "phase": rng.uniform(0, 2 * math.pi, count),
         "gain": rng.uniform(0.75, 1.25, (count, 3)),
         "offset": rng.uniform(-0.1, 0.1, count),

@@ -25,6 +25,7 @@ from dkd_tune.models import (
     resnet_cifar_large,
     shufflenetv1,
     shufflenetv2,
+    small_cnn,
     vgg,
     wrn,
 )
@@ -70,6 +71,7 @@ _CIFAR_BUILDERS: dict[str, Callable[..., ImageClassifier]] = {
     "mlp_32": mlp.mlp_32,
     "mlp_256": mlp.mlp_256,
     "mlp_512x2": mlp.mlp_512x2,
+    "cnn_8": small_cnn.cnn_8,
 }
 
 _IMAGENET_BUILDERS: dict[str, Callable[..., ImageClassifier]] = {

@@ -25,6 +25,8 @@ class SearchOptions:
     trainable: Callable[..., None] | None = None
     # An MLflow run to nest the search's parent run under (`dkd-tune validate-beta` runs two searches).
     parent_run_id: str | None = None
+    # Where trained teachers are kept (default: `<storage>/teachers`); validations share their storage's.
+    teachers_dir: str | None = None
 
 
 @dataclass

@@ -40,7 +40,7 @@ def launch_teacher_preparation(space, data_spec, shared_ref, experiment_dir, sta
             space.student,
             data_spec,
             shared_ref,
-            str(search_teachers_dir(space, experiment_dir)),
+            str(search_teachers_dir(experiment_dir, options)),
             cache_dir,
             cache_note,
             cpus,
@@ -61,11 +61,7 @@ def collect_teachers(space, pending, data_spec, state, save_state, options) -> d
             artifacts[teacher.label] = TeacherArtifacts.from_dict(state["teachers"][teacher.label])
             continue
         prepared = ray.get(pending[teacher.label])
-        prepared = dataclasses.replace(
-            prepared,
-            predicted_beta=predict_beta(prepared, data_spec, options),
-            non_target=teacher.non_target,
-        )
+        prepared = dataclasses.replace(prepared, predicted_beta=predict_beta(prepared, data_spec, options))
         artifacts[teacher.label] = prepared
         state["teachers"][teacher.label] = prepared.to_dict()
         save_state()
@@ -76,6 +72,11 @@ def collect_teachers(space, pending, data_spec, state, save_state, options) -> d
             f"mean logit gap {gap.mean:.3f}"
             + (f" (objects; background {gap.background_mean:.3f})" if gap.background_samples else "")
             + (f", auto-beta {prepared.predicted_beta:.2f}" if prepared.predicted_beta else "")
+            + (
+                ""
+                if prepared.intervention.is_identity
+                else f" (intervention: {prepared.intervention.describe()})"
+            )
         )
     return artifacts
 
@@ -139,6 +140,9 @@ def prepare_teacher_task(
         )
     train_set, test_set = shared.datasets()
     return prepare_teacher(
+        validation_set=shared.validation(),
+        intervention=teacher.intervention,
+        class_groups=shared.class_groups,
         label=teacher.label,
         model=teacher.model,
         checkpoint=teacher.checkpoint,
@@ -159,8 +163,10 @@ def _silent(line: str) -> None:
     """The log of a teacher prepared under -q."""
 
 
-def search_teachers_dir(space: SearchSpaceFile, experiment_dir: Path) -> Path:
-    return experiment_dir.parent / "teachers"
+def search_teachers_dir(experiment_dir: Path, options: SearchOptions) -> Path:
+    """Trained teachers live beside the searches of a storage folder, keyed by recipe and data, so any
+    search or validation there that asks for the same teacher reuses it."""
+    return Path(options.teachers_dir) if options.teachers_dir else experiment_dir.parent / "teachers"
 
 
 def cache_decision(space: SearchSpaceFile, data_spec, experiment_dir: Path) -> tuple[str | None, str]:

@@ -24,6 +24,7 @@ from dkd_tune.engine.run_setup import prepare_run
 from dkd_tune.models import load_teacher
 from dkd_tune.teacher.gap import LogitGapStats, measure_logit_gap
 from dkd_tune.teacher.logit_cache import TeacherLogitCache, augmentation_views, dataset_fingerprint
+from dkd_tune.teacher.logit_interventions import NO_INTERVENTION, LogitIntervention
 
 TEACHER_RECORD = "teacher.json"
 
@@ -56,7 +57,10 @@ class TeacherArtifacts:
     cache_path: str | None
     cache_note: str = ""
     predicted_beta: float | None = None
-    non_target: str = "as_is"  # "permuted": the negative control's teacher (see PermutedNonTarget)
+    intervention: LogitIntervention = NO_INTERVENTION  # what trials do to its training logits
+    class_groups: tuple[int, ...] | None = (
+        None  # each class's superclass, for a within-superclass permutation
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -68,7 +72,8 @@ class TeacherArtifacts:
             "cache_path": self.cache_path,
             "cache_note": self.cache_note,
             "predicted_beta": self.predicted_beta,
-            "non_target": self.non_target,
+            "intervention": self.intervention.to_dict(),
+            "class_groups": list(self.class_groups) if self.class_groups is not None else None,
         }
 
     @classmethod
@@ -84,7 +89,13 @@ class TeacherArtifacts:
             cache_path=values.get("cache_path"),
             cache_note=str(values.get("cache_note", "")),
             predicted_beta=float(beta) if beta is not None else None,
-            non_target=str(values.get("non_target", "as_is")),
+            # States written before interventions existed hold only "non_target".
+            intervention=LogitIntervention.from_dict(
+                values.get("intervention") or {"non_target": values.get("non_target", "as_is")}
+            ),
+            class_groups=tuple(int(g) for g in values["class_groups"])
+            if values.get("class_groups")
+            else None,
         )
 
 
@@ -117,6 +128,9 @@ def prepare_teacher(
     device: torch.device,
     log: Log = print,
     progress: bool = True,
+    validation_set: ImageDataset | None = None,
+    intervention: LogitIntervention = NO_INTERVENTION,
+    class_groups: tuple[int, ...] | None = None,
 ) -> TeacherArtifacts:
     """Load (or train once) a search's teacher, measure its logit gap and build its logit cache.
 
@@ -124,7 +138,14 @@ def prepare_teacher(
     `teacher_training_dir(...)/best.pt`, reused by any later search with the same recipe, data
     and augmentation, and resumed from `last.pt` when an earlier training was interrupted.
     `cache_dir` None means no cache (`cache_note` says why). `predicted_beta` is left to the caller.
+    The gap is measured through `intervention` (the logits the student will see); the cache keeps
+    the teacher's own logits, which trials pass through the intervention.
     """
+    if intervention.needs_class_groups and class_groups is None:
+        raise UserInputError(
+            f"teacher {label!r}: non_target {intervention.non_target} needs superclasses, and dataset "
+            f"{train_set.name!r} has none"
+        )
     device = torch.device(device)
     if checkpoint is not None:
         weights = Path(checkpoint).expanduser().resolve()
@@ -138,7 +159,11 @@ def prepare_teacher(
         f"dkd-tune: teacher '{label}': measuring the logit gap on {len(train_set)} training images "
         f"(and its top-1 on {len(test_set)} test images)"
     )
-    gap = measure_logit_gap(teacher, train_set, test_set, device=device, progress=progress)
+    gap = measure_logit_gap(
+        teacher, train_set, test_set, validation=validation_set, device=device, progress=progress,
+        intervention=intervention,
+        class_groups=torch.tensor(class_groups, device=device) if class_groups is not None else None,
+    )  # fmt: skip
     cache_path = None
     if cache_dir is not None:
         views = augmentation_views(augment)
@@ -166,6 +191,8 @@ def prepare_teacher(
         gap=gap,
         cache_path=cache_path,
         cache_note=cache_note,
+        intervention=intervention,
+        class_groups=class_groups if intervention.needs_class_groups else None,
     )
 
 
