@@ -6,32 +6,42 @@ alone); the *oracle* beta is the grid beta with the best mean validation accurac
 regret = mean test top-1 at the oracle's beta - mean test top-1 at the method's beta, paired by
 seed, so the test split only ever reports.
 
-Methods compared:
-- auto-beta: the response surface (`dkd_tune.teacher.beta_surface`) refitted without the teacher
-  (leave-one-teacher-out), its predicted peak snapped to the nearest grid beta;
-- constant: the same fit with the slope held at 0 (one beta for every teacher);
+Methods compared (search_spaces/validate_cnn.protocol.md):
+- auto-beta: the hierarchical model (`dkd_tune.teacher.beta_model`) fitted without the held-out
+  teacher (leave one teacher out) or without its whole architecture (leave one architecture out),
+  its feature chosen inside the fold, its pick the grid beta of least expected regret;
+- constant: the same model without a feature or an architecture effect (one beta for every teacher);
+- beta 8: mdistiller's default;
 - search: the beta each replayed ASHA-pruned Optuna search chose (given per teacher and seed).
 
-The bootstrap resamples teachers and seeds with replacement and refits both models inside
-every resample, so the interval counts the calibration's own uncertainty, not only the test noise.
+The intervals resample teachers as clusters (each with all its seeds) over the held-out regrets.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
 from dkd_tune.config.plan import BASELINE_PREFIX
 from dkd_tune.core.errors import UserInputError
-from dkd_tune.teacher.beta_surface import fit_surface, nearest_grid_index
+from dkd_tune.teacher.beta_model import (
+    FEATURES,
+    CalibratedTeacher,
+    feature_values,
+    fit_beta_model,
+    fit_teacher_curve,
+    nearest_grid_index,
+)
+from dkd_tune.teacher.gap import LogitGapStats
 
 
 @dataclass
 class BetaGrid:
-    """Final accuracies of a teacher x beta x seed grid (every cell present)."""
+    """Final accuracies of a teacher x beta x seed grid (every cell present), and what is known of each teacher."""
 
     teachers: list[str]
     gaps: np.ndarray  # (T,)
@@ -40,22 +50,40 @@ class BetaGrid:
     val: np.ndarray  # (T, B, S) final validation top-1, %
     test: np.ndarray  # (T, B, S) final test top-1, %
     teacher_test_acc: dict[str, float]
-    student_alone: dict[str, float]  # "val"/"test" means of the CE-only student, when it ran
+    student_alone: dict[str, float]  # "val"/"test" means (and "test_sd") of the CE-only student, when it ran
+    architectures: list[str] = field(default_factory=list)  # per teacher: its model name
+    features: list[dict[str, float]] = field(
+        default_factory=list
+    )  # per teacher: auto-beta's candidate features
+
+    def __post_init__(self) -> None:
+        if not self.architectures:
+            self.architectures = list(self.teachers)  # unknown: every teacher its own architecture
+        if not self.features:
+            self.features = [{"gap": float(g)} for g in self.gaps]
 
     @property
     def log2_betas(self) -> np.ndarray:
         return np.log2(self.betas)
 
-    def noise_variance(self, seeds: np.ndarray | None = None) -> float:
-        """Variance of one cell's validation mean: the mean over cells of the seed variance / seeds."""
-        val = self.val if seeds is None else self.val[:, :, seeds]
-        if val.shape[2] < 2:
-            return float("nan")
-        return float(val.var(axis=2, ddof=1).mean() / val.shape[2])
+
+def teacher_records(state_teachers: dict[str, dict], student_alone_val: float | None):
+    """(test top-1, architecture, features) per teacher label, from a search state's teacher artifacts."""
+    test_acc, architectures, features = {}, {}, {}
+    for label, artifact in state_teachers.items():
+        architectures[label] = str(artifact.get("model", label))
+        if not artifact.get("gap"):
+            continue
+        stats = LogitGapStats.from_dict(artifact["gap"])
+        if math.isfinite(stats.test_acc):
+            test_acc[label] = stats.test_acc
+        features[label] = feature_values(stats, student_alone_val)
+    return test_acc, architectures, features
 
 
-def grid_from_results(frame: pd.DataFrame, teacher_test_acc: dict[str, float] | None = None) -> BetaGrid:
-    """The grid from a grid search's results table; one line naming the first missing or failed cell."""
+def grid_from_results(frame: pd.DataFrame, state_teachers: dict[str, dict] | None = None) -> BetaGrid:
+    """The grid from a grid search's results table (and its state's teacher artifacts, for each teacher's
+    accuracy, architecture and features); one line naming the first missing or failed cell."""
     runs = frame[~frame["part"].str.startswith(BASELINE_PREFIX)]
     betas = np.array(sorted(runs["beta"].dropna().unique()), dtype=float)
     seeds = sorted(int(s) for s in runs["seed"].dropna().unique())
@@ -81,7 +109,9 @@ def grid_from_results(frame: pd.DataFrame, teacher_test_acc: dict[str, float] | 
         student_alone = {
             "val": float(baseline["final_val_acc"].mean()),
             "test": float(baseline["final_test_acc"].mean()),
+            "test_sd": float(baseline["final_test_acc"].std(ddof=1)) if len(baseline) > 1 else math.nan,
         }
+    test_acc, architectures, features = teacher_records(state_teachers or {}, student_alone.get("val"))
     return BetaGrid(
         teachers=list(teachers),
         gaps=np.array([float(_first(runs, t, "teacher_gap")) for t in teachers]),
@@ -89,8 +119,10 @@ def grid_from_results(frame: pd.DataFrame, teacher_test_acc: dict[str, float] | 
         seeds=seeds,
         val=val,
         test=test,
-        teacher_test_acc=dict(teacher_test_acc or {}),
+        teacher_test_acc=test_acc,
         student_alone=student_alone,
+        architectures=[architectures.get(t, t) for t in teachers] if architectures else [],
+        features=[features.get(t, {"gap": float(_first(runs, t, "teacher_gap"))}) for t in teachers],
     )
 
 
@@ -111,28 +143,6 @@ def oracle_picks(grid: BetaGrid, teachers: np.ndarray, seeds: np.ndarray) -> np.
     return grid.val[teachers][:, :, seeds].mean(axis=2).argmax(axis=1)
 
 
-def loo_picks(grid: BetaGrid, teachers: np.ndarray, seeds: np.ndarray, *, constant: bool) -> np.ndarray:
-    """Per teacher, the grid index the model fitted on the OTHER teachers (of the resample) predicts."""
-    cell_means = grid.val[:, :, seeds].mean(axis=2)
-    noise = grid.noise_variance(seeds) if len(seeds) > 1 else None
-    picks = np.empty(len(teachers), dtype=int)
-    for position, teacher in enumerate(teachers):
-        others = teachers[teachers != teacher]
-        if len(np.unique(others)) == 0:
-            picks[position] = -1
-            continue
-        fit = fit_surface(
-            grid.gaps[others],
-            grid.log2_betas,
-            cell_means[others],
-            noise_variance=None if noise is None or not math.isfinite(noise) else noise,
-            constant=constant,
-        )
-        peak, _ = fit.peak(float(grid.gaps[teacher]))
-        picks[position] = nearest_grid_index(peak, grid.log2_betas)
-    return picks
-
-
 def regrets(grid: BetaGrid, teachers: np.ndarray, seeds: np.ndarray, picks: np.ndarray) -> np.ndarray:
     """(len(teachers), len(seeds)): test top-1 at the oracle's beta minus at the pick, seed by seed.
 
@@ -147,151 +157,342 @@ def regrets(grid: BetaGrid, teachers: np.ndarray, seeds: np.ndarray, picks: np.n
     return at_oracle - test[rows, chosen, columns]
 
 
+# ------------------------------------------------------------------------------------------------
+# The model's teachers, its feature choice and its held-out predictions
+
+FOLD_KINDS = {
+    "teacher": "leave one teacher out (its architecture's other teachers stay in the fit)",
+    "architecture": "leave one architecture out (none of its teachers in the fit)",
+}
+PREDICTIVE_COVERAGE = 0.8  # the predictive interval whose coverage the protocol checks
+DEFAULT_BETA = 8.0  # mdistiller's DKD default for CIFAR-100
+
+
+def calibrated_teachers(grid: BetaGrid) -> list[CalibratedTeacher]:
+    """Each teacher's curve (fitted on its validation top-1 alone) with its architecture and features."""
+    teachers = []
+    for i, label in enumerate(grid.teachers):
+        curve = fit_teacher_curve(grid.log2_betas, grid.val[i], seed=i)
+        teachers.append(CalibratedTeacher(label, grid.architectures[i], grid.features[i], curve))
+    return teachers
+
+
+def candidate_features(teachers: Sequence[CalibratedTeacher]) -> list[str | None]:
+    """None (no feature) and every feature measured for all of `teachers`."""
+    return [None] + [
+        name for name in FEATURES if all(math.isfinite(t.features.get(name, math.nan)) for t in teachers)
+    ]
+
+
+def log_score(train: Sequence[CalibratedTeacher], held_out: CalibratedTeacher, feature: str | None) -> float:
+    """Log predictive density of the held-out teacher's fitted peak under the model fitted on `train`."""
+    model = fit_beta_model(train, feature)
+    predictive = model.predict(held_out.features, held_out.architecture)
+    return predictive.log_density(held_out.curve.peak, held_out.curve.peak_se**2)
+
+
+def folds(teachers: Sequence[CalibratedTeacher], kind: str) -> list[list[int]]:
+    """The held-out index sets: one per teacher, or one per architecture."""
+    if kind == "teacher":
+        return [[i] for i in range(len(teachers))]
+    if kind == "architecture":
+        architectures = sorted({t.architecture for t in teachers})
+        return [[i for i, t in enumerate(teachers) if t.architecture == a] for a in architectures]
+    raise ValueError(f"fold kind must be one of {', '.join(FOLD_KINDS)}, got {kind!r}")
+
+
+def feature_scores(teachers: Sequence[CalibratedTeacher], kind: str) -> dict[str | None, float]:
+    """Per candidate feature, the mean held-out log score over `kind` folds (higher is better)."""
+    scores: dict[str | None, list[float]] = {feature: [] for feature in candidate_features(teachers)}
+    for held in folds(teachers, kind):
+        train = [t for i, t in enumerate(teachers) if i not in held]
+        if len(train) < 2:
+            continue
+        for feature in scores:
+            scores[feature] += [log_score(train, teachers[j], feature) for j in held]
+    return {feature: float(np.mean(values)) for feature, values in scores.items() if values}
+
+
+def choose_feature(teachers: Sequence[CalibratedTeacher], kind: str = "teacher") -> str | None:
+    """The candidate with the best held-out log score on `teachers` alone (ties: the earlier candidate)."""
+    scores = feature_scores(teachers, kind)
+    return max(scores, key=lambda feature: (scores[feature], -list(scores).index(feature)))
+
+
+@dataclass(frozen=True)
+class HeldOutPrediction:
+    """What the model fitted without a teacher predicted for it, and the picks made from it."""
+
+    teacher: str
+    kind: str  # a FOLD_KINDS key
+    feature: str | None  # chosen inside the fold
+    mean: float  # predictive mean of the peak, log2(beta)
+    sd: float
+    interval: tuple[
+        float, float
+    ]  # PREDICTIVE_COVERAGE interval of the grid's oracle (the peak rounded to the grid)
+    peak_interval: tuple[float, float]  # ... of the teacher's fitted peak (measured with its own error)
+    peak: float  # the teacher's own fitted peak
+    peak_se: float
+    oracle: float  # log2 of its oracle grid beta
+    log_score: float
+    autobeta_pick: int  # grid indices
+    constant_pick: int
+
+    @property
+    def covers_oracle(self) -> bool:
+        return self.interval[0] <= self.oracle <= self.interval[1]
+
+    @property
+    def covers_peak(self) -> bool:
+        return self.peak_interval[0] <= self.peak <= self.peak_interval[1]
+
+    @property
+    def error(self) -> float:
+        """Predicted mean minus the teacher's fitted peak, octaves."""
+        return self.mean - self.peak
+
+
+def held_out_predictions(
+    grid: BetaGrid, teachers: Sequence[CalibratedTeacher], kind: str
+) -> list[HeldOutPrediction]:
+    """Auto-beta and the constant for every teacher, each fitted on its fold's training teachers only.
+
+    Auto-beta's feature is chosen inside the fold (leave-one-teacher-out log score on the training
+    teachers), so nothing of the held-out teacher takes part in the choice.
+    """
+    oracle = grid.val.mean(axis=2).argmax(axis=1)
+    # The oracle is the peak rounded to the grid: a uniform error over one step, variance step^2 / 12.
+    rounding = float(np.min(np.diff(grid.log2_betas))) ** 2 / 12
+    predictions = []
+    for held in folds(teachers, kind):
+        train = [t for i, t in enumerate(teachers) if i not in held]
+        if len(train) < 2:
+            continue
+        feature = choose_feature(train)
+        model = fit_beta_model(train, feature)
+        constant = fit_beta_model(train, None, uses_architecture=False)
+        for j in held:
+            teacher = teachers[j]
+            predictive = model.predict(teacher.features, teacher.architecture)
+            pick = predictive.pick(grid.log2_betas, model.k_left, model.k_right)
+            constant_pick = constant.predict(None).pick(grid.log2_betas, constant.k_left, constant.k_right)
+            predictions.append(
+                HeldOutPrediction(
+                    teacher=teacher.label,
+                    kind=kind,
+                    feature=feature,
+                    mean=predictive.mean,
+                    sd=predictive.sd,
+                    interval=predictive.widened(rounding).interval(PREDICTIVE_COVERAGE),
+                    peak_interval=predictive.widened(teacher.curve.peak_se**2).interval(PREDICTIVE_COVERAGE),
+                    peak=teacher.curve.peak,
+                    peak_se=teacher.curve.peak_se,
+                    oracle=float(grid.log2_betas[oracle[j]]),
+                    log_score=predictive.log_density(teacher.curve.peak, teacher.curve.peak_se**2),
+                    autobeta_pick=nearest_grid_index(pick, grid.log2_betas),
+                    constant_pick=nearest_grid_index(constant_pick, grid.log2_betas),
+                )
+            )
+    return predictions
+
+
+# ------------------------------------------------------------------------------------------------
+# Regrets of the methods, with intervals from a bootstrap over teachers as clusters
+
+
 @dataclass
 class MethodComparison:
-    """Per-teacher picks and regrets of each method, and the bootstrap intervals of the differences."""
+    """Per held-out teacher the picks and regrets of each method, their means and bootstrap intervals."""
 
+    kind: str
     table: pd.DataFrame  # one row per teacher
-    mean_regret: dict[str, float]
-    differences: dict[str, tuple[float, float, float]]  # "autobeta-constant": (mean, low, high)
+    mean_regret: dict[str, tuple[float, float, float]]  # method -> (mean, low, high)
+    differences: dict[str, tuple[float, float, float]]  # "autobeta-constant" -> (mean, low, high)
+    predictions: list[HeldOutPrediction]
     resamples: int
-    # The gap-beta relation: octaves the fitted peak moves per unit of gap, fitted on every
-    # teacher, with the 95% interval of the same bootstrap: (estimate, low, high).
-    slope: tuple[float, float, float] = (math.nan, math.nan, math.nan)
+
+    @property
+    def coverage(self) -> float:
+        """Share of held-out teachers whose oracle log2(beta) lies in the predictive interval."""
+        return float(np.mean([p.covers_oracle for p in self.predictions])) if self.predictions else math.nan
+
+    @property
+    def peak_coverage(self) -> float:
+        """Share of held-out teachers whose fitted peak lies in its predictive interval."""
+        return float(np.mean([p.covers_peak for p in self.predictions])) if self.predictions else math.nan
+
+    @property
+    def rms_error(self) -> float:
+        """Root-mean-square of (predicted mean - fitted peak), octaves."""
+        errors = [p.error for p in self.predictions]
+        return float(math.sqrt(np.mean(np.square(errors)))) if errors else math.nan
+
+
+METHODS = ("autobeta", "constant", "beta8", "search")
 
 
 def compare_methods(
     grid: BetaGrid,
+    teachers: Sequence[CalibratedTeacher],
+    kind: str,
     *,
     search_picks: np.ndarray | None = None,
     search_epochs: np.ndarray | None = None,
-    resamples: int = 1000,
+    resamples: int = 2000,
     seed: int = 0,
 ) -> MethodComparison:
-    """Leave-one-teacher-out auto-beta vs the constant (vs the replayed search) on the grid, with 95% intervals."""
-    teachers = np.arange(len(grid.teachers))
+    """Held-out auto-beta vs the constant, beta 8 and the replayed search, per teacher and on average.
+
+    Regret is paired by seed; the intervals resample teachers (clusters, each with all its seeds).
+    """
+    predictions = held_out_predictions(grid, teachers, kind)
+    index = {label: i for i, label in enumerate(grid.teachers)}
+    rows_of = np.array([index[p.teacher] for p in predictions])
     seeds = np.arange(len(grid.seeds))
-    oracle = oracle_picks(grid, teachers, seeds)
     picks = {
-        "autobeta": loo_picks(grid, teachers, seeds, constant=False),
-        "constant": loo_picks(grid, teachers, seeds, constant=True),
+        "autobeta": np.array([p.autobeta_pick for p in predictions]),
+        "constant": np.array([p.constant_pick for p in predictions]),
+        "beta8": np.full(len(predictions), int(np.argmin(np.abs(grid.betas - DEFAULT_BETA)))),
     }
     if search_picks is not None:
-        picks["search"] = np.asarray(search_picks, dtype=int)
-    regret = {name: regrets(grid, teachers, seeds, p) for name, p in picks.items()}
+        picks["search"] = np.asarray(search_picks, dtype=int)[rows_of]
+    per_teacher = {name: regrets(grid, rows_of, seeds, p).mean(axis=1) for name, p in picks.items()}
+    oracle = grid.val.mean(axis=2).argmax(axis=1)
     rows = []
-    for i, teacher in enumerate(grid.teachers):
+    for position, prediction in enumerate(predictions):
+        i = rows_of[position]
         row = {
-            "teacher": teacher,
+            "teacher": prediction.teacher,
+            "architecture": grid.architectures[i],
             "gap": grid.gaps[i],
-            "teacher_test_acc": grid.teacher_test_acc.get(teacher, np.nan),
+            "teacher_test_acc": grid.teacher_test_acc.get(prediction.teacher, np.nan),
             "oracle_beta": grid.betas[oracle[i]],
             "oracle_test_acc": grid.test[i, oracle[i]].mean(),
-            "oracle_test_sd": grid.test[i, oracle[i]].std(ddof=1) if len(seeds) > 1 else np.nan,
-            "best_test_beta": grid.betas[grid.test[i].mean(axis=1).argmax()],
+            "peak_beta": 2.0**prediction.peak,
+            "feature": prediction.feature or "none",
+            "predicted_beta": 2.0**prediction.mean,
+            "interval": f"{2.0 ** prediction.interval[0]:.2g}-{2.0 ** prediction.interval[1]:.2g}",
+            "covers_oracle": prediction.covers_oracle,
         }
-        for name in ("autobeta", "constant"):
-            row[f"{name}_beta"] = grid.betas[picks[name][i]]
-            row[f"{name}_regret"] = regret[name][i].mean()
-        if "search" in picks:
-            row["search_betas"] = " ".join(f"{grid.betas[j]:g}" for j in picks["search"][i])
-            row["search_regret"] = regret["search"][i].mean()
-            if search_epochs is not None:
-                row["search_epochs"] = float(np.mean(search_epochs[i]))
+        for name in picks:
+            chosen = picks[name][position]
+            row[f"{name}_beta"] = (
+                " ".join(f"{grid.betas[j]:g}" for j in chosen) if np.ndim(chosen) else grid.betas[chosen]
+            )
+            row[f"{name}_regret"] = per_teacher[name][position]
+        if search_epochs is not None:
+            row["search_epochs"] = float(np.mean(np.asarray(search_epochs)[i]))
         rows.append(row)
-    table = pd.DataFrame(rows)
-    mean_regret = {name: float(r.mean()) for name, r in regret.items()}
-    pairs = [("autobeta", "constant")] + ([("autobeta", "search")] if "search" in picks else [])
-    samples = {f"{a}-{b}": [] for a, b in pairs}
-    slopes = []
     rng = np.random.default_rng(seed)
-    for _ in range(resamples):
-        t = rng.choice(teachers, len(teachers), replace=True)
-        s = rng.choice(seeds, len(seeds), replace=True)
-        if len(np.unique(t)) < 3:
-            continue  # a fit needs at least 2 other teachers
-        sample_picks = {
-            "autobeta": loo_picks(grid, t, s, constant=False),
-            "constant": loo_picks(grid, t, s, constant=True),
-        }
-        if "search" in picks:
-            sample_picks["search"] = picks["search"][t][:, s]
-        mean = {name: regrets(grid, t, s, p).mean() for name, p in sample_picks.items()}
-        for a, b in pairs:
-            samples[f"{a}-{b}"].append(mean[a] - mean[b])
-        slopes.append(gap_slope(grid, t, s))
-    differences = {}
-    for a, b in pairs:
-        values = np.array(samples[f"{a}-{b}"])
-        differences[f"{a}-{b}"] = (
-            mean_regret[a] - mean_regret[b],
-            float(np.percentile(values, 2.5)) if len(values) else np.nan,
-            float(np.percentile(values, 97.5)) if len(values) else np.nan,
-        )
-    slope = (
-        gap_slope(grid, teachers, seeds),
-        float(np.percentile(slopes, 2.5)) if slopes else np.nan,
-        float(np.percentile(slopes, 97.5)) if slopes else np.nan,
-    )
-    return MethodComparison(table, mean_regret, differences, len(samples["autobeta-constant"]), slope)
+    samples = rng.integers(0, len(predictions), size=(resamples, len(predictions)))
+    mean_regret = {name: _with_interval(values, samples) for name, values in per_teacher.items()}
+    differences = {
+        f"autobeta-{other}": _with_interval(per_teacher["autobeta"] - per_teacher[other], samples)
+        for other in per_teacher
+        if other != "autobeta"
+    }
+    return MethodComparison(kind, pd.DataFrame(rows), mean_regret, differences, predictions, resamples)
 
 
-def gap_slope(grid: BetaGrid, teachers: np.ndarray, seeds: np.ndarray) -> float:
-    """The surface's slope (octaves of peak per unit of gap) fitted on `teachers` over `seeds`."""
-    noise = grid.noise_variance(seeds) if len(seeds) > 1 else math.nan
-    fit = fit_surface(
-        grid.gaps[teachers],
-        grid.log2_betas,
-        grid.val[teachers][:, :, seeds].mean(axis=2),
-        noise_variance=noise if math.isfinite(noise) else None,
-    )
-    return fit.slope
+def _with_interval(values: np.ndarray, samples: np.ndarray) -> tuple[float, float, float]:
+    """(mean, 2.5th, 97.5th percentile of the resampled means)."""
+    means = values[samples].mean(axis=1)
+    return float(values.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
-def verdict(differences: dict[str, tuple[float, float, float]], key: str, other: str) -> str:
-    """One plain sentence: auto-beta beats `other` only when the whole interval is below 0."""
-    mean, low, high = differences[key]
+def verdict(difference: tuple[float, float, float], other: str) -> str:
+    """The protocol's rule for auto-beta minus `other` (regret, points), in one sentence."""
+    mean, low, high = difference
     if not (math.isfinite(low) and math.isfinite(high)):
         return f"No interval could be computed for auto-beta vs {other}."
+    text = f"regret difference {mean:+.2f} points, 95% interval {low:+.2f} to {high:+.2f}"
     if high < 0:
-        return (
-            f"Auto-beta beats {other}: its regret is lower by {-mean:.2f} points "
-            f"(95% interval {-high:.2f} to {-low:.2f})."
-        )
+        return f"Auto-beta beats {other} ({text})."
     if low > 0:
-        return (
-            f"Auto-beta is worse than {other}: its regret is higher by {mean:.2f} points "
-            f"(95% interval {low:.2f} to {high:.2f})."
-        )
-    return (
-        f"Auto-beta does not beat {other}: the regret difference is {mean:+.2f} points and its 95% interval "
-        f"({low:+.2f} to {high:+.2f}) includes 0."
-    )
+        return f"Auto-beta is worse than {other} ({text})."
+    if mean <= 0:
+        return f"Auto-beta is no worse than {other} ({text}; the interval includes 0)."
+    return f"Auto-beta is not shown to be no worse than {other} ({text})."
 
 
-def relation_verdict(slope: tuple[float, float, float], gaps: np.ndarray, betas: np.ndarray) -> str:
-    """One plain sentence on the gap-beta relation, judged by how far the best beta moves across the
-    teachers' gaps against the grid's step (the smallest move a pick can make):
+# ------------------------------------------------------------------------------------------------
+# Interventions: does the best beta move when only the gap is moved?
 
-    found when the 95% interval excludes 0 and reaches past one grid step; absent when the whole
-    interval stays within one grid step either way; undecided otherwise.
+
+@dataclass(frozen=True)
+class InterventionSeries:
+    """The teachers made from one base teacher by varying one intervention, and where their peaks went."""
+
+    base: str  # the base teacher (its checkpoint's teachers share it)
+    kind: str  # "target_shift" or "scale"
+    teachers: tuple[str, ...]
+    values: tuple[float, ...]  # the intervention's value per teacher
+    gaps: tuple[float, ...]
+    peaks: tuple[float, ...]  # fitted peak, log2(beta)
+    movement: tuple[float, float, float]  # octaves of peak movement across the series' gaps: (est, low, high)
+
+
+def intervention_series(grid: BetaGrid, interventions: dict[str, dict], resamples: int = 1000, seed: int = 0):
+    """Per base teacher and intervention kind, the peak's movement across the gaps, with a bootstrap over seeds.
+
+    `interventions` maps each teacher to {"base": ..., "target_shift": ..., "scale": ..., "non_target": ...}.
+    A series holds the base teacher's variants that differ from it in that one intervention only.
     """
-    estimate, low, high = slope
-    if not (math.isfinite(low) and math.isfinite(high)):
-        return "No interval could be computed for the gap-beta relation."
-    span = float(np.max(gaps) - np.min(gaps))
-    step = float(np.min(np.diff(np.log2(np.sort(betas)))))
-    move, move_low, move_high = estimate * span, low * span, high * span
-    text = (
-        f"across the teachers' gaps ({np.min(gaps):.2f} to {np.max(gaps):.2f}) the best beta's peak moves "
-        f"{move:+.1f} octaves (95% interval {move_low:+.1f} to {move_high:+.1f}; {estimate:+.2f} octaves per "
-        f"unit of gap), against a grid step of {step:g} octave{'s' if step != 1 else ''}"
+    series = []
+    bases = sorted({info["base"] for info in interventions.values()})
+    rng = np.random.default_rng(seed)
+    for base in bases:
+        members = {t: info for t, info in interventions.items() if info["base"] == base}
+        for kind, neutral in (("target_shift", 0.0), ("scale", 1.0)):
+            other = "scale" if kind == "target_shift" else "target_shift"
+            chosen = [
+                t
+                for t, info in members.items()
+                if info["non_target"] == "as_is" and info[other] == (1.0 if other == "scale" else 0.0)
+            ]
+            values = [members[t][kind] for t in chosen]
+            if len(set(values)) < 2 or neutral not in values:
+                continue
+            order = np.argsort(values)
+            chosen = [chosen[k] for k in order]
+            rows = np.array([grid.teachers.index(t) for t in chosen])
+            gaps = grid.gaps[rows]
+            estimate = _peak_movement(grid, rows, np.arange(len(grid.seeds)), gaps)
+            boot = [
+                _peak_movement(grid, rows, rng.integers(0, len(grid.seeds), len(grid.seeds)), gaps)
+                for _ in range(resamples)
+            ]
+            peaks = tuple(fit_teacher_curve(grid.log2_betas, grid.val[i]).peak for i in rows)
+            movement = (estimate, float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5)))
+            ordered_values = tuple(float(values[k]) for k in order)
+            series.append(
+                InterventionSeries(
+                    base, kind, tuple(chosen), ordered_values, tuple(map(float, gaps)), peaks, movement
+                )
+            )
+    return series
+
+
+def _peak_movement(grid: BetaGrid, rows: np.ndarray, seeds: np.ndarray, gaps: np.ndarray) -> float:
+    """Least-squares slope of the teachers' fitted peaks on their gaps, times the gaps' range (octaves)."""
+    peaks = np.array(
+        [fit_teacher_curve(grid.log2_betas, grid.val[i][:, seeds], replicates=2).peak for i in rows]
     )
-    if -step < move_low and move_high < step:
-        return f"No gap-beta relation of practical size: {text}; the whole interval stays within one step."
-    if (move_low > 0 or move_high < 0) and max(abs(move_low), abs(move_high)) >= step:
-        return f"A gap-beta relation is found: {text}; the interval excludes 0."
-    return f"The evidence does not decide on a gap-beta relation: {text}."
+    slope = np.polyfit(gaps, peaks, 1)[0]
+    return float(slope * (gaps.max() - gaps.min()))
+
+
+def movement_verdict(movement: tuple[float, float, float], step: float = 1.0) -> str:
+    """The protocol's rule: moves when the interval excludes 0 and reaches past one grid step; does not
+    move when the whole interval stays within one step; otherwise undecided."""
+    estimate, low, high = movement
+    text = f"{estimate:+.2f} octaves (95% interval {low:+.2f} to {high:+.2f}; grid step {step:g})"
+    if -step < low and high < step:
+        return f"does not move: {text}"
+    if (low > 0 or high < 0) and max(abs(low), abs(high)) >= step:
+        return f"moves with the gap: {text}"
+    return f"undecided: {text}"
 
 
 def ranking_agreement(short: BetaGrid, long: BetaGrid) -> pd.DataFrame:

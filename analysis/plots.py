@@ -24,7 +24,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator
 from analysis.tables import distillation_trials, teacher_order
 from dkd_tune.config.plan import BASELINE_PREFIX
 from dkd_tune.core.files import atomic_path
-from dkd_tune.teacher.auto_beta import Calibration, CalibrationPoint
+from dkd_tune.teacher.auto_beta import AnyCalibration, CalibrationPoint
 
 DPI = 120
 
@@ -155,7 +155,7 @@ def plot_best_beta_vs_gap(
     points: Sequence[CalibrationPoint],
     path: str | Path,
     *,
-    calibration: Calibration | None = None,
+    calibration: AnyCalibration | None = None,
     calibration_label: str | None = None,
     predictions: Sequence[PredictionMark] = (),
     points_label: str = "searched best beta",
@@ -172,7 +172,7 @@ def plot_best_beta_vs_gap(
         low, high = min(gaps), max(gaps)
         margin = max(0.25, 0.15 * (high - low))
         grid = np.linspace(low - margin, high + margin, 200)
-        if calibration is not None:
+        if calibration is not None and calibration.predicts_from_gap:
             suggestions = [calibration.predict(float(gap)) for gap in grid]
             label = calibration_label or f"auto-beta ({calibration.name})"
             axis.plot(grid, [s.beta for s in suggestions], color="tab:blue", label=label)
@@ -182,7 +182,7 @@ def plot_best_beta_vs_gap(
                 [s.high for s in suggestions],
                 color="tab:blue",
                 alpha=0.12,
-                label="its search window",
+                label="its 80% interval",
             )
     for point in points:
         axis.plot(point.mean_logit_gap, point.best_beta, "o", color="black", markersize=7)

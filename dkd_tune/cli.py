@@ -278,7 +278,12 @@ def run_command(
     from dkd_tune.config.loading import load_search_space
 
     overrides = [*set_values, *([f"search.num_samples={num_samples}"] if num_samples is not None else [])]
-    space = load_search_space(space_file, overrides)  # every check happens here, before Ray is imported
+    notes: list[str] = []
+    space = load_search_space(
+        space_file, overrides, notes
+    )  # every check happens here, before Ray is imported
+    for note in notes:
+        click.echo(f"dkd-tune: {note}")
     from dkd_tune.config.folders import locate_search
     from dkd_tune.search.driver import resume_search, run_search
 

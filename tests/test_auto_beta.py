@@ -17,9 +17,11 @@ from dkd_tune.core.errors import UserInputError
 from dkd_tune.teacher.auto_beta import (
     BETA_MAX,
     BETA_MIN,
-    DEFAULT_RESIDUAL_SCALE_FLOOR,
+    DEFAULT_PRIOR_SPREAD,
     FORMAT_VERSION,
+    PRIOR_SPREAD_FLOOR,
     CalibrationPoint,
+    ModelCalibration,
     default_calibration,
     fit_calibration,
     load_calibration,
@@ -112,15 +114,12 @@ def test_prediction_outside_the_calibrated_range_warns():
         # Never extrapolated: the beta is the one at the nearest calibrated gap.
         nearest = calibration.predict(min(max(gap, 5.36), 8.53))
         assert suggestion.beta == nearest.beta
-    # The window widens away from the calibrated gaps (prediction-interval leverage).
-    inside, outside = calibration.predict(7.0), calibration.predict(4.0)
-    assert outside.high / outside.beta > inside.high / inside.beta
 
 
-def test_predictions_and_windows_are_clamped_to_the_stable_range():
+def test_predictions_and_intervals_are_clamped_to_the_stable_range():
     calibration = default_calibration("cifar")
     high = calibration.predict(30.0)
-    assert high.beta == calibration.predict(8.53).beta and high.high == BETA_MAX and high.low < high.beta
+    assert high.beta == calibration.predict(8.53).beta and high.high <= BETA_MAX and high.low < high.beta
     assert high.extrapolated and not high.clamped
     steep = fit_calibration(points_from_law([1.0, 2.0], 0.0, 3.0), "synthetic", "steep law")
     assert steep.predict(2.0).clamped and steep.predict(2.0).beta == BETA_MAX
@@ -138,14 +137,32 @@ def test_prediction_needs_a_finite_gap(gap):
         default_calibration("cifar").predict(gap)
 
 
-def test_search_space_snippet_is_yaml_for_the_rounded_out_window():
-    suggestion = default_calibration("cifar").predict(7.0)
+def test_the_spread_is_the_held_out_error_and_the_snippet_a_prior_over_the_whole_range():
+    calibration = default_calibration("cifar")
+    errors = calibration.held_out_errors()
+    assert len(errors) == 6 and calibration.held_out_rms == pytest.approx(
+        math.sqrt(sum(e * e for e in errors) / 6)
+    )
+    suggestion = calibration.predict(7.0)
+    assert suggestion.spread == max(0.75, calibration.held_out_rms)
+    assert "leave-one-point-out" in suggestion.spread_source and "held out" in suggestion.trust
+    # The 80% interval is +-1.28 spreads in log2(beta).
+    assert math.log2(suggestion.high / suggestion.beta) == pytest.approx(1.2816 * suggestion.spread, abs=1e-3)
     snippet = yaml.safe_load(suggestion.search_space_yaml())
-    low, high = snippet["space"]["beta"]["loguniform"]
-    assert snippet == {"space": {"beta": {"loguniform": [low, high]}}}
-    assert low <= suggestion.low < suggestion.beta < suggestion.high <= high
-    assert (low, high) == (1.84, 7.65)
+    assert snippet["space"]["beta"]["loguniform"] == [BETA_MIN, BETA_MAX]
+    assert snippet["space"]["beta"]["prior"] == {
+        "centre": pytest.approx(suggestion.beta, rel=1e-3),
+        "spread": pytest.approx(suggestion.spread, rel=1e-2),
+    }
     assert json.loads(json.dumps(suggestion.to_dict()))["beta"] == suggestion.beta
+
+
+def test_too_few_points_for_a_held_out_error_get_the_wide_default_and_say_so():
+    calibration = fit_calibration(points_from_law([4.0, 6.0], 0.0, 0.3), "synthetic", "two points")
+    suggestion = calibration.predict(5.0)
+    assert suggestion.spread == DEFAULT_PRIOR_SPREAD
+    assert "no held-out error" in suggestion.spread_source
+    assert any("wide default" in w for w in suggestion.warnings)
 
 
 # --- fitting from points ----------------------------------------------------------------------------
@@ -157,20 +174,21 @@ def points_from_law(gaps, intercept, slope):
     ]
 
 
-def test_refit_recovers_an_exact_law_and_the_window_falls_back_to_the_floor():
+def test_refit_recovers_an_exact_law_and_its_held_out_error_is_the_clamping_at_the_ends():
     calibration = fit_calibration(points_from_law([1.0, 2.0, 3.5, 5.0], -1.0, 0.6), "synthetic", "test law")
     assert calibration.intercept == pytest.approx(-1.0, abs=1e-12)
     assert calibration.slope == pytest.approx(0.6, abs=1e-12)
     assert calibration.residual_scale_fitted == pytest.approx(0.0, abs=1e-12)
-    assert calibration.residual_scale == DEFAULT_RESIDUAL_SCALE_FLOOR
-    suggestion = calibration.predict(2.875)  # the points' mean gap: leverage sqrt(1 + 1/4)
-    half_width = 2.0 * DEFAULT_RESIDUAL_SCALE_FLOOR * math.sqrt(1.25)
+    # Left out, the inner points are predicted exactly; the end points are read at the nearest gap the
+    # others calibrate (never extrapolated), which is what the held-out error then measures.
+    errors = calibration.held_out_errors()
+    assert errors[1:3] == pytest.approx([0.0, 0.0], abs=1e-9) and errors[0] > 0 > errors[3]
+    suggestion = calibration.predict(2.875)
     assert suggestion.beta == pytest.approx(math.exp(-1.0 + 0.6 * 2.875))
-    assert math.log(suggestion.high / suggestion.beta) == pytest.approx(half_width)
-    assert math.log(suggestion.beta / suggestion.low) == pytest.approx(half_width)
+    assert suggestion.spread == max(PRIOR_SPREAD_FLOOR, calibration.held_out_rms)
 
 
-def test_two_points_fit_exactly_with_a_nonzero_window():
+def test_two_points_fit_exactly():
     calibration = fit_calibration(points_from_law([4.0, 6.0], 0.0, 0.3), "synthetic", "two points")
     suggestion = calibration.predict(5.0)
     assert suggestion.beta == pytest.approx(math.exp(1.5))
@@ -239,48 +257,61 @@ def test_a_family_without_a_default_says_how_to_make_one():
     assert one_line(str(error.value)) and "imagenet" in str(error.value)
 
 
-def test_the_shipped_synthetic_calibration_is_a_response_surface_with_provenance():
+def test_the_shipped_synthetic_calibration_is_a_grid_model_with_its_held_out_errors():
     calibration = default_calibration("synthetic")
-    surface = calibration.surface
-    assert surface is not None and surface.teachers == len(calibration.points) >= 6
-    assert (
-        "dkd-tune validate-beta" in calibration.provenance
-        and "chosen on the validation split" in calibration.provenance
-    )
-    low_gap, high_gap = calibration.gap_range
-    assert (low_gap, high_gap) == pytest.approx(surface.gap_range)
-    for gap in (low_gap, (low_gap + high_gap) / 2, high_gap):
-        suggestion = calibration.predict(gap)
-        peak, _ = surface.peak(gap)
-        assert suggestion.beta == pytest.approx(2.0**peak) and not suggestion.extrapolated
+    assert isinstance(calibration, ModelCalibration)
+    assert len(calibration.teachers) >= 6 and len(calibration.model.architectures) >= 3
+    assert "dkd-tune validate-beta" in calibration.provenance and "validation split" in calibration.provenance
+    for kind in ("architecture", "teacher"):
+        summary = calibration.held_out[kind]
+        assert summary["rms_error_octaves"] > 0 and 0 <= summary["coverage_80"] <= 1
+        assert len(summary["autobeta_regret"]) == 3 and len(summary["constant_regret"]) == 3
+    teacher = calibration.teachers[0]
+    stats = stats_with(teacher.features, calibration.student_alone_val_acc)
+    seen = calibration.suggest(stats, teacher.architecture)
+    unseen = calibration.suggest(stats, "a-new-architecture")
+    for suggestion in (seen, unseen):
+        assert suggestion.spread >= PRIOR_SPREAD_FLOOR
         assert suggestion.low <= suggestion.beta <= suggestion.high
-        assert math.log2(suggestion.high / suggestion.beta) <= surface.half_width() + 1e-9
-    # Never extrapolated: past the calibrated gaps the prediction is the one at the nearest end.
-    assert calibration.predict(high_gap + 50).beta == pytest.approx(calibration.predict(high_gap).beta)
-    assert calibration.predict(low_gap - 50).beta == pytest.approx(calibration.predict(low_gap).beta)
-    # A teacher no better than the student alone: a warning and the window's smallest beta.
-    student = calibration.evidence["student_alone_test_acc"]
-    weak = calibration.predict(high_gap, teacher_acc=student - 1.0)
-    assert (
-        weak.beta == pytest.approx(weak.low)
-        and "no better than the student trained alone" in weak.warnings[-1]
+        assert "held out" in suggestion.trust
+    assert "whole architecture left out" in unseen.trust and "other teachers kept" in seen.trust
+    assert unseen.spread == pytest.approx(
+        max(PRIOR_SPREAD_FLOOR, calibration.held_out["architecture"]["rms_error_octaves"], unseen.spread)
     )
-    assert calibration.predict(high_gap, teacher_acc=student + 10.0).warnings == ()
+    # A teacher no better than the student alone: a warning and the calibrated range's smallest beta.
+    weak = calibration.suggest(stats, teacher.architecture, teacher_acc=calibration.student_alone_val_acc - 1)
+    assert (
+        weak.beta == pytest.approx(2.0 ** calibration.log2_beta_range[0]) and "no better" in weak.warnings[-1]
+    )
 
 
-def test_a_surface_calibration_file_round_trips_and_a_bad_surface_is_one_line(tmp_path):
+def stats_with(features, student_alone_val):
+    from dkd_tune.teacher.gap import LogitGapStats
+
+    margin = features.get("accuracy_margin")
+    return LogitGapStats(
+        mean=features["gap"], median=math.nan, std=math.nan, negative_fraction=0.0, train_acc=math.nan,
+        test_acc=math.nan, num_samples=0, standardized_mean=features.get("standardized_gap", math.nan),
+        non_target_entropy=features.get("non_target_entropy", math.nan),
+        val_acc=margin + student_alone_val if margin is not None else math.nan,
+    )  # fmt: skip
+
+
+def test_a_model_calibration_file_round_trips_and_an_edited_one_is_one_line(tmp_path):
     shipped = ROOT / "dkd_tune" / "teacher" / "calibrations" / "synthetic.json"
     content = json.loads(shipped.read_text())
     path = tmp_path / "copy.json"
     save_calibration(read_calibration(shipped), path)
     assert json.loads(path.read_text()) == content
-    for key, value, message in (
-        ("curvature", -1.0, "fit.curvature"),
-        ("gap_range", [3.0, 1.0], "fit.gap_range"),
-        ("slope", "steep", "fit.slope"),
+    for edit, message in (
+        (lambda c: c["fit"].update(slope=c["fit"]["slope"] + 1.0), "fit.slope"),
+        (lambda c: c["fit"].update(feature="shoe_size"), "fit.feature"),
+        (lambda c: c["points"][0]["curve"].pop("peak"), "missing key points[0].curve.peak"),
+        (lambda c: c["points"][1]["features"].pop("gap"), "points[1].features.gap"),
+        (lambda c: c["fit"].update(form="response_surface"), "older validate-beta"),
     ):
         broken = json.loads(shipped.read_text())
-        broken["fit"][key] = value
+        edit(broken)
         path.write_text(json.dumps(broken))
         with pytest.raises(UserInputError, match=message) as error:
             read_calibration(path)
@@ -295,7 +326,7 @@ def edit_default(edit):
 
 MALFORMED_FILES = {
     "not_json": ("{ not json", "not valid JSON at line 1"),
-    "wrong_version": (edit_default(lambda c: c.update(format_version=2)), "key format_version is 2"),
+    "wrong_version": (edit_default(lambda c: c.update(format_version=3)), "key format_version is 3"),
     "unknown_family": (edit_default(lambda c: c.update(family="cifar10")), "key family is 'cifar10'"),
     "missing_key": (
         edit_default(lambda c: c["points"][1].pop("best_beta")),
@@ -524,14 +555,14 @@ def test_malformed_calibration_file_through_the_cli(tmp_path, capsys):
     path.write_text(MALFORMED_FILES["wrong_version"][0])
     code, _, err = run_cli(["show-calibration", str(path), "--gap", "7"], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1
-    assert f"{path}: key format_version is 2" in err
+    assert f"{path}: key format_version is 3" in err
 
 
 def test_show_calibration_prints_the_papers_table_and_a_snippet(capsys):
     code, out, err = run_cli(["show-calibration", "--gap", "7"], capsys)
     assert code == 0, err
     assert "ResNet110   6.73  2          3.30" in out
-    assert "beta: {loguniform: [1.84, 7.65]}" in out
+    assert "beta: {loguniform: [0.25, 16], prior: {centre: 3.755, spread: 0.75}}" in out
 
 
 def test_readme_table_matches_the_shipped_calibration():

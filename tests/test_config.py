@@ -231,3 +231,24 @@ def test_the_schema_command_prints_the_table_and_json_on_request():
         ).stdout
     )
     assert "teachers" in schema["properties"]
+
+
+def test_an_override_of_a_searched_field_fixes_it_everywhere_and_says_so(tmp_path):
+    """`--set beta=2` on a file whose space searches beta (here `beta: auto`) runs beta 2 for every
+    teacher, and the note says what it replaced; an unsearched field is a plain recipe override."""
+    from dkd_tune.config.loading import load_search_space
+
+    root = Path(__file__).resolve().parents[1]
+    raw = yaml.safe_load((root / "search_spaces" / "demo.yaml").read_text())
+    raw["data"]["root"] = str(tmp_path / "data")
+    raw["teachers"][0]["space"] = {"beta": {"loguniform": [0.5, 4]}}
+    path = tmp_path / "demo.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    notes: list[str] = []
+    space = load_search_space(path, ["beta=2", "epochs=12"], notes)
+    teacher = space.teachers[0]
+    assert space.space_for(teacher)["beta"].kind == "fixed" and space.space_for(teacher)["beta"].fixed == 2
+    assert space.base_recipe(teacher).beta == 2 and space.base_recipe(teacher).epochs == 12
+    assert notes == [
+        "--set beta=2: beta is fixed at 2 for every teacher (the file searched it: auto, {loguniform: [0.5, 4]})"
+    ]

@@ -148,6 +148,8 @@ def test_run_end_to_end_through_the_cli(tmp_path):
         assert sorted(point.step for point in history) == list(range(1, row["stop_epoch"] + 1))
         if row["part"] == "teacher":
             assert float(run.data.params["beta"]) == pytest.approx(row["beta"])
+        # The run lasts as long as its trial did, not until the search ended.
+        assert abs((run.info.end_time - run.info.start_time) / 1000 - row["wall_time_s"]) < 5, row["trial_id"]
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"results.parquet", "search.yaml", "probes.parquet"} <= artifacts
     check_optuna_was_told_the_truth(experiment, searched)
@@ -282,12 +284,16 @@ def test_trials_of_two_ddp_workers(tmp_path):
         assert path and Path(path).is_file() and str(experiment) in path
 
 
-def test_beta_auto_runs_auto_betas_prediction_first_and_tags_it(tmp_path):
-    """`beta: auto` in a real search: the study's first trial is the prior's beta, the prior is on the MLflow run."""
+def test_beta_auto_enqueues_only_the_priors_centre_and_records_each_trials_proposal(tmp_path):
+    """`beta: auto` in a real search: the study's first (and only enqueued) trial is the prior's centre,
+    the others are drawn by the prior-guided sampler, each with its proposal as a trial attribute; the
+    prior is on the MLflow run."""
     import optuna
     from mlflow.tracking import MlflowClient
 
+    from dkd_tune.search.prior_sampler import COMPONENT_ATTR
     from dkd_tune.teacher.auto_beta import beta_prior, default_calibration
+    from dkd_tune.teacher.gap import LogitGapStats
 
     path = tiny_space(
         tmp_path,
@@ -299,13 +305,16 @@ def test_beta_auto_runs_auto_betas_prediction_first_and_tags_it(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     experiment = tmp_path / "runs" / "e2e"
     state = json.loads((experiment / "state.json").read_text())
-    gap = state["teachers"]["teacher"]["gap"]
-    prior = beta_prior(default_calibration("synthetic"), gap["mean"], teacher_acc=gap["test_acc"])
+    teacher = state["teachers"]["teacher"]
+    gap = LogitGapStats.from_dict(teacher["gap"])
+    prior = beta_prior(default_calibration("synthetic"), gap, teacher["model"])
     assert f"beta: auto: {prior.describe()}" in result.stdout
     study = optuna.load_study(study_name="e2e/teacher", storage=f"sqlite:///{experiment / 'optuna.db'}")
     ordered = sorted(study.trials, key=lambda trial: trial.number)
-    betas = prior.first_betas()
-    assert [trial.params["beta"] for trial in ordered[: len(betas)]] == pytest.approx(betas)
+    assert ordered[0].params["beta"] == pytest.approx(prior.centre)
+    components = [trial.user_attrs[COMPONENT_ATTR] for trial in ordered]
+    assert components[0] == "enqueued" and components.count("enqueued") == 1
+    assert set(components[1:]) <= {"uniform", "prior", "model"}
     low, high = prior.beta_range
     assert all(low <= trial.params["beta"] <= high for trial in ordered)
     tags = MlflowClient(tracking_uri=state["tracking_uri"]).get_run(state["parent_run_id"]).data.tags

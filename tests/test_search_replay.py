@@ -50,7 +50,7 @@ def test_epochs_to_target_counts_until_the_incumbent_reaches_it():
     assert epochs_to_target(trials, 75.0) == math.inf
 
 
-def test_a_replayed_search_starts_at_its_first_points_prunes_and_chooses_on_validation(tmp_path):
+def test_a_replayed_search_starts_at_its_priors_centre_prunes_and_chooses_on_validation(tmp_path):
     space = load_search_space(
         tiny_space(
             tmp_path,
@@ -59,9 +59,7 @@ def test_a_replayed_search_starts_at_its_first_points_prunes_and_chooses_on_vali
             scheduler={"type": "asha", "grace_period": 2, "reduction_factor": 2},
         )
     )
-    search = replay_search(
-        space, made_up_curves(), "t", 1, beta_range=(0.5, 8.0), first_points=[{"beta": 2.1}]
-    )
+    search = replay_search(space, made_up_curves(), "t", 1, beta_range=(0.5, 8.0), prior=(2.1, 1.0))
     trials = search.trials
     assert len(trials) == 6 and trials["order"].tolist() == sorted(trials["order"])
     assert trials.loc[0, "beta"] == pytest.approx(2.1) and trials.loc[0, "grid_beta"] == 2.0

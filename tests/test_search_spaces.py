@@ -157,10 +157,10 @@ def test_the_search_file_maps_to_optuna_distributions_seed_and_budget(tmp_path):
     assert isinstance(sampler, optuna.samplers.TPESampler)
 
 
-def _suggestions(space, count: int, first_points=None) -> list[dict]:
+def _suggestions(space, count: int) -> list[dict]:
     from dkd_tune.search.tuner import search_algorithm
 
-    searcher, _, _ = search_algorithm(space, searched_space(), first_points=first_points)
+    searcher, _, _ = search_algorithm(space, searched_space())
     return [searcher.suggest(f"trial-{index}") for index in range(count)]
 
 
@@ -337,28 +337,31 @@ def test_a_first_rung_inside_the_warm_up_is_warned_about(tmp_path, grace, warmup
         assert lines[0].endswith(f"set scheduler.grace_period to at least {longest}")
 
 
-def test_beta_auto_starts_optuna_at_the_prior_and_keeps_the_calibrated_range_reachable(tmp_path):
+def test_beta_auto_starts_optuna_at_the_priors_centre_and_keeps_the_calibrated_range_reachable(tmp_path):
     from dkd_tune.config.schema import Distribution
-    from dkd_tune.search.tuner import first_points, search_algorithm
+    from dkd_tune.search.prior_sampler import PriorGuidedSampler
+    from dkd_tune.search.tuner import auto_beta_distribution, search_algorithm
     from dkd_tune.teacher.auto_beta import beta_prior, default_calibration
 
     calibration = default_calibration("synthetic")
-    prior = beta_prior(calibration, gap=sum(calibration.gap_range) / 2)
+    prior = beta_prior(calibration, sum(calibration.gap_range) / 2)
     low, high = prior.beta_range
-    assert prior.suggestion.low >= low and prior.suggestion.high <= high
+    assert low <= prior.centre <= high
     space, _, plan = demo_part(tmp_path)
     searched = {
-        "beta": Distribution(loguniform=prior.beta_range),
+        "beta": auto_beta_distribution(prior),
         "temperature": Distribution.model_validate({"choice": [2, 4]}),
     }
-    points = first_points(prior, searched, plan.base_recipe)
-    assert [point["beta"] for point in points] == prior.first_betas()
-    assert prior.first_betas()[0] == prior.suggestion.beta  # the prediction is the first trial
-    assert all(point["temperature"] == 4 for point in points)  # the recipe's value for the others
-    searcher, _, _ = search_algorithm(with_search(space, num_samples=30), searched, first_points=points)
+    searcher, _, _ = search_algorithm(
+        with_search(space, num_samples=30), searched, max_epochs=4, base_recipe=plan.base_recipe
+    )
+    assert isinstance(searcher._sampler, PriorGuidedSampler)
     trials = [searcher.suggest(f"trial-{index}") for index in range(30)]
-    assert trials[: len(points)] == points
-    later = [trial["beta"] for trial in trials[len(points) :]]
+    assert trials[0] == {
+        "beta": pytest.approx(prior.centre),
+        "temperature": 4,
+    }  # the recipe's value for the others
+    later = [trial["beta"] for trial in trials[1:]]
     assert all(low <= beta <= high for beta in later)
     assert (
         min(later) < prior.suggestion.low or max(later) > prior.suggestion.high

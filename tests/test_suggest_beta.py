@@ -1,4 +1,5 @@
-"""`dkd-tune suggest-beta` end to end: a teacher trained on the generated dataset, its gap, beta, window and snippet."""
+"""`dkd-tune suggest-beta` end to end: a teacher trained on the generated dataset, its gap, the distribution over
+beta, how far to trust it, and the snippet."""
 
 from __future__ import annotations
 
@@ -95,16 +96,22 @@ def test_suggest_beta_json_on_a_trained_teacher(trained, capsys):
     assert report["gap"]["num_samples"] == 48 and report["data"]["test_images"] == 16
     assert 0 <= report["gap"]["train_acc"] <= 100 and 0 <= report["gap"]["test_acc"] <= 100
     assert report["beta"] == pytest.approx(2.0, rel=1e-9)
-    low, high = report["window"]
+    low, high = report["interval_80"]
     assert low < report["beta"] < high
+    # Two points leave no held-out error to measure: the wide default, and it says so.
+    assert report["spread_octaves"] == 2.0 and "no held-out error" in report["spread_source"]
+    assert "too few to measure" in report["trust"]
     assert report["calibration"] == {
         "name": "test-synthetic",
         "family": "synthetic",
         "provenance": "two made-up teachers around the test teacher's gap",
     }
-    assert report["warnings"] == [] and report["extrapolated"] is False
+    assert report["warnings"] == [
+        "calibration 'test-synthetic' has no measured held-out error; its spread is a wide default"
+    ]
+    assert report["extrapolated"] is False
     snippet = yaml.safe_load(report["search_space_yaml"])
-    assert snippet == {"space": {"beta": {"loguniform": [low, high]}}}
+    assert snippet == {"space": {"beta": {"loguniform": [0.25, 16], "prior": {"centre": 2.0, "spread": 2.0}}}}
     assert report["mlflow_run_id"] is None
 
 
@@ -114,9 +121,9 @@ def test_suggest_beta_text_output(trained, capsys):
     gap = trained["gap"]
     assert f"mean {gap.mean:.3f}, median {gap.median:.3f}, std {gap.std:.3f}" in out
     assert f"train {gap.train_acc:.2f}%, test {gap.test_acc:.2f}%" in out
-    assert "beta 2, search window [" in out
-    assert "  beta: {loguniform: [" in out
-    assert "warning" not in out
+    assert "beta 2 (log2 +1.00 +- 2.00 octaves; 80% interval [" in out
+    assert "  spread: no held-out error" in out and "  trust: " in out
+    assert "  beta: {loguniform: [0.25, 16], prior: {centre: 2, spread: 2}}" in out
 
 
 def test_suggest_beta_warns_when_the_gap_is_outside_the_calibration(trained, capsys):
@@ -167,11 +174,12 @@ def test_suggest_beta_works_on_the_demos_data_with_the_shipped_calibration(tmp_p
          "--data", f"synthetic:{tmp_path / 'data'}", "--validation", str(demo.data.validation), "--device", "cpu"]
     )  # fmt: skip
     out = capsys.readouterr().out
-    assert "auto-beta (calibration 'validate_synthetic', family synthetic): beta " in out
-    assert "search window [" in out and "calibration provenance: Fitted by `dkd-tune validate-beta" in out
-    assert "(5000 training images)" in out  # the demo's 60 per class minus the 10 held out
+    assert "auto-beta (calibration 'validate_cnn', family synthetic): beta " in out
+    assert "80% interval [" in out and "calibration provenance: Fitted by `dkd-tune validate-beta" in out
+    assert "trust: held out (its architecture's other teachers kept" in out  # resnet8 is calibrated
+    assert "(5000 training images)" in out  # the demo's 90 per class minus the 40 held out
     # Untrained: its gap is below the calibrated range and it is no better than the student alone.
-    assert "outside the calibrated range" in out and "no better than the student trained alone" in out
+    assert "outside the calibrated range" in out and "no better than the calibration's student alone" in out
 
 
 @pytest.mark.slow
@@ -188,7 +196,7 @@ def test_suggest_beta_logs_to_mlflow(trained, tmp_path, capsys, monkeypatch):
     assert run.data.tags["dkd_tune.kind"] == "suggest-beta"
     assert math.isclose(run.data.metrics["gap_mean"], trained["gap"].mean, rel_tol=1e-9, abs_tol=1e-12)
     assert math.isclose(run.data.metrics["beta"], 2.0, rel_tol=1e-9)
-    assert run.data.metrics["beta_low"] == report["window"][0]
+    assert run.data.metrics["beta_low"] == report["interval_80"][0]
     assert run.data.params["calibration"] == "test-synthetic"
     artifacts = {item.path for item in client.list_artifacts(run.info.run_id)}
     assert {"search_space_beta.yaml", "suggest_beta.json"} <= artifacts

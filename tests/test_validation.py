@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -13,11 +14,12 @@ from mlflow.tracking import MlflowClient
 
 from analysis.beta_ground_truth import (
     BetaGrid,
+    calibrated_teachers,
     compare_methods,
     grid_from_results,
-    loo_picks,
+    held_out_predictions,
+    movement_verdict,
     regrets,
-    relation_verdict,
     verdict,
 )
 from analysis.results import typed_results
@@ -25,7 +27,7 @@ from analysis.tables import markdown_table
 from dkd_tune.commands.validate import check_validation_space, grid_space
 from dkd_tune.config.loading import load_search_space
 from dkd_tune.core.errors import UserInputError
-from dkd_tune.teacher.auto_beta import read_calibration
+from dkd_tune.teacher.auto_beta import ModelCalibration, read_calibration
 from dkd_tune.tracking.mlflow_store import TAG_KIND, TAG_PARENT
 from tests.test_search_e2e import cli, tiny_space
 
@@ -33,60 +35,100 @@ BETAS = np.array([0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0])
 
 
 def synthetic_grid(
-    slope: float, *, seeds: int = 3, noise: float = 0.3, teachers: int = 6, seed: int = 0
+    slope: float,
+    *,
+    seeds: int = 3,
+    noise: float = 0.3,
+    architectures: int = 4,
+    per_architecture: int = 2,
+    arch_effect: float = 0.0,
+    seed: int = 0,
 ) -> BetaGrid:
-    """A grid whose peak log2(beta) is -1 + slope * gap (slope 0: the same best beta for every teacher)."""
+    """A grid whose peak log2(beta) is -1 + slope * gap (+ an effect per architecture); the architectures'
+    gap ranges overlap, as the all-CNN family's do."""
     rng = np.random.default_rng(seed)
-    gaps = np.linspace(1.0, 6.0, teachers)
+    archs = [f"arch{a}" for a in range(architectures) for _ in range(per_architecture)]
+    gaps = np.array([2.0 + 3.0 * k / max(per_architecture - 1, 1) + 0.2 * a
+                     for a in range(architectures) for k in range(per_architecture)])  # fmt: skip
+    effects = {f"arch{a}": arch_effect * (a - (architectures - 1) / 2) for a in range(architectures)}
     x = np.log2(BETAS)
-    peaks = -1.0 + slope * gaps
+    peaks = -1.0 + slope * (gaps - 2.0) + np.array([effects[a] for a in archs])
     surface = 80.0 - 1.5 * (x[None, :] - peaks[:, None]) ** 2
-    val = surface[:, :, None] + rng.normal(0, noise, (teachers, len(BETAS), seeds))
-    test = surface[:, :, None] + rng.normal(0, noise, (teachers, len(BETAS), seeds))
+    count = len(gaps)
+    val = surface[:, :, None] + rng.normal(0, noise, (count, len(BETAS), seeds))
+    test = surface[:, :, None] + rng.normal(0, noise, (count, len(BETAS), seeds))
     return BetaGrid(
-        teachers=[f"t{i}" for i in range(teachers)],
+        teachers=[f"t{i}" for i in range(count)],
         gaps=gaps,
         betas=BETAS,
         seeds=list(range(seeds)),
         val=val,
         test=test,
-        teacher_test_acc={f"t{i}": 85.0 + i for i in range(teachers)},
-        student_alone={"val": 70.0, "test": 70.0},
+        teacher_test_acc={f"t{i}": 85.0 + i for i in range(count)},
+        student_alone={"val": 70.0, "test": 70.0, "test_sd": 0.3},
+        architectures=archs,
+        features=[{"gap": float(g), "noise": float(rng.normal())} for g in gaps],
     )
 
 
-def test_a_gap_that_moves_the_peak_makes_auto_beta_beat_the_constant():
-    grid = synthetic_grid(slope=0.8, teachers=8)
-    comparison = compare_methods(grid, resamples=200)
-    mean, _low, high = comparison.differences["autobeta-constant"]
-    assert high < 0 and mean < -1.0
-    # With 6 teachers the same effect is as large, but resamples that hold only neighbouring gaps
-    # tie the two methods (a clamped prediction is the constant), and the interval reaches 0.
-    six = compare_methods(synthetic_grid(slope=0.8), resamples=200).differences["autobeta-constant"]
-    assert six[0] < -1.0 and six[1] < -1.0
-    assert verdict(comparison.differences, "autobeta-constant", "the constant").startswith("Auto-beta beats")
-    # The relation itself: the slope planted (0.8 octaves per gap unit) is recovered, interval above 0.
-    slope, low, high = comparison.slope
-    assert 0 < low <= 0.8 <= high and abs(slope - 0.8) < 0.2
-    assert relation_verdict(comparison.slope, grid.gaps, grid.betas).startswith(
-        "A gap-beta relation is found"
-    )
-    # Held out, auto-beta lands within one grid step of each teacher's oracle beta.
-    steps = np.abs(np.log2(comparison.table["autobeta_beta"]) - np.log2(comparison.table["oracle_beta"]))
-    assert steps.max() <= 1.0
+def test_a_gap_that_moves_the_peak_makes_auto_beta_beat_the_constant_held_out_both_ways():
+    grid = synthetic_grid(slope=0.8)
+    teachers = calibrated_teachers(grid)
+    for kind in ("teacher", "architecture"):
+        comparison = compare_methods(grid, teachers, kind, resamples=300)
+        mean, _low, high = comparison.differences["autobeta-constant"]
+        assert high < 0 and mean < -1.0, kind
+        assert verdict(comparison.differences["autobeta-constant"], "the constant").startswith(
+            "Auto-beta beats"
+        )
+        # Held out, the pick is within one grid step of each teacher's oracle, and the 80% interval
+        # covers most oracles.
+        steps = np.abs(np.log2(comparison.table["autobeta_beta"]) - np.log2(comparison.table["oracle_beta"]))
+        assert steps.max() <= 1.0, kind
+        assert comparison.coverage >= 0.6 and comparison.rms_error < 0.7
+        assert all(p.feature == "gap" for p in comparison.predictions)  # chosen inside each fold
 
 
-def test_a_gap_that_does_not_matter_gives_an_interval_that_holds_zero():
+def test_a_gap_that_does_not_matter_is_not_chosen_and_auto_beta_is_no_worse():
     grid = synthetic_grid(slope=0.0, seed=3)
-    comparison = compare_methods(grid, resamples=200)
-    _mean, low, high = comparison.differences["autobeta-constant"]
-    assert low <= 0 <= high
-    assert "does not beat" in verdict(comparison.differences, "autobeta-constant", "the constant")
-    # The negative control's question: no relation of practical size, the slope's interval holds 0
-    # and keeps the best beta within one grid step across the gaps.
-    _slope, low, high = comparison.slope
-    assert low <= 0 <= high
-    assert relation_verdict(comparison.slope, grid.gaps, grid.betas).startswith("No gap-beta relation")
+    comparison = compare_methods(grid, calibrated_teachers(grid), "architecture", resamples=300)
+    mean, low, high = comparison.differences["autobeta-constant"]
+    assert low <= 0 <= high and abs(mean) < 0.5
+    assert "gap" not in {p.feature for p in comparison.predictions} - {None} or abs(mean) < 0.5
+
+
+def test_an_architecture_effect_is_what_leave_one_architecture_out_cannot_know():
+    grid = synthetic_grid(slope=0.0, arch_effect=1.5, noise=0.2, seed=5)
+    teachers = calibrated_teachers(grid)
+    loto = compare_methods(grid, teachers, "teacher", resamples=200)
+    loao = compare_methods(grid, teachers, "architecture", resamples=200)
+    # Its twin tells LOTO where an architecture's peaks are; LOAO must predict it from the others.
+    assert loto.rms_error < 0.6 < loao.rms_error
+    assert np.mean([p.sd for p in loao.predictions]) > np.mean([p.sd for p in loto.predictions])
+
+
+def test_held_out_means_the_teacher_and_for_architectures_its_twins_too():
+    grid = synthetic_grid(slope=0.8)
+    teachers = calibrated_teachers(grid)
+    before = {p.teacher: p for p in held_out_predictions(grid, teachers, "architecture")}
+    # Change everything about arch1's teachers (t2, t3): their own predictions do not move.
+    changed = [t for t in teachers]
+    for i in (2, 3):
+        curve = dataclasses.replace(teachers[i].curve, peak=teachers[i].curve.peak + 3.0)
+        changed[i] = dataclasses.replace(teachers[i], curve=curve)
+    after = {p.teacher: p for p in held_out_predictions(grid, changed, "architecture")}
+    for label in ("t2", "t3"):
+        assert after[label].mean == pytest.approx(before[label].mean)
+        assert after[label].peak != pytest.approx(before[label].peak)
+    # ...while a teacher of another architecture sees them.
+    assert after["t0"].mean != pytest.approx(before["t0"].mean)
+    # Leave one teacher out: its twin is in the fit, the teacher itself is not.
+    before = {p.teacher: p for p in held_out_predictions(grid, teachers, "teacher")}
+    alone = [t for t in teachers]
+    alone[2] = changed[2]
+    after = {p.teacher: p for p in held_out_predictions(grid, alone, "teacher")}
+    assert after["t2"].mean == pytest.approx(before["t2"].mean)
+    assert after["t3"].mean != pytest.approx(before["t3"].mean)
 
 
 def test_regret_is_paired_by_seed_and_uses_the_test_split_only_for_reporting():
@@ -94,20 +136,22 @@ def test_regret_is_paired_by_seed_and_uses_the_test_split_only_for_reporting():
     grid.val[0, 2, :] = 99.0  # the validation split says beta 1 for teacher 0 ...
     grid.test[0, :, :] = np.array([[50.0, 60.0]] * len(BETAS))
     grid.test[0, 2, :] = [52.0, 61.0]  # ... and the test split is only read at the picks
-    teachers, seeds = np.arange(6), np.arange(2)
-    picks = np.full(6, 5)
+    teachers, seeds = np.arange(len(grid.teachers)), np.arange(2)
+    picks = np.full(len(grid.teachers), 5)
     got = regrets(grid, teachers, seeds, picks)
     assert got[0].tolist() == [2.0, 1.0]  # oracle (val) beta 1 minus the pick, seed by seed
     per_seed = np.tile(picks[:, None], (1, 2))
     assert np.array_equal(regrets(grid, teachers, seeds, per_seed), got)
 
 
-def test_leave_one_teacher_out_never_sees_the_teacher():
-    grid = synthetic_grid(slope=0.8)
-    before = loo_picks(grid, np.arange(6), np.arange(3), constant=False)
-    grid.val[2] = 0.0  # the held-out teacher's own cells change nothing of its prediction
-    after = loo_picks(grid, np.arange(6), np.arange(3), constant=False)
-    assert before[2] == after[2]
+def test_the_verdicts_follow_the_protocol():
+    assert verdict((-0.5, -0.9, -0.1), "the constant").startswith("Auto-beta beats")
+    assert verdict((-0.1, -0.9, 0.4), "the constant").startswith("Auto-beta is no worse")
+    assert verdict((0.2, -0.3, 0.8), "the constant").startswith("Auto-beta is not shown to be no worse")
+    assert verdict((0.5, 0.1, 0.9), "the constant").startswith("Auto-beta is worse")
+    assert movement_verdict((2.0, 1.2, 2.8)).startswith("moves with the gap")
+    assert movement_verdict((0.1, -0.6, 0.7)).startswith("does not move")
+    assert movement_verdict((0.6, -0.2, 1.4)).startswith("undecided")
 
 
 def test_the_grid_is_read_from_a_results_table_and_a_missing_cell_is_one_line():
@@ -126,7 +170,10 @@ def test_the_grid_is_read_from_a_results_table_and_a_missing_cell_is_one_line():
     assert (
         grid.teachers == ["a", "b", "c"] and grid.betas.tolist() == [0.5, 1.0, 2.0] and grid.seeds == [0, 1]
     )
-    assert grid.val[1, 2, 1] == 73.0 and grid.student_alone == {"val": 50.0, "test": 51.0}
+    assert grid.val[1, 2, 1] == 73.0 and {k: grid.student_alone[k] for k in ("val", "test")} == {
+        "val": 50.0,
+        "test": 51.0,
+    }
     diverged = frame.copy()
     diverged.loc[(diverged["teacher"] == "c") & (diverged["beta"] == 2.0), "status"] = "diverged"
     assert grid_from_results(diverged).val[2, 2, 0] == 72.0  # a diverged run is what that beta gives
@@ -149,11 +196,12 @@ def test_markdown_table_formats_numbers_and_blanks():
 def validation_file(tmp_path) -> Path:
     teachers = [
         {"model": "resnet8", "name": "weak", "train": {"overrides": {"epochs": 1, "batch_size": 32}}},
-        # The negative control's teacher kind rides along, to run its path through Ray end to end.
+        # An intervened teacher rides along (the permuted control of 'weak': the same trained teacher),
+        # to run its path through Ray end to end.
         {
             "model": "resnet8",
             "name": "mid",
-            "train": {"overrides": {"epochs": 2, "batch_size": 32}},
+            "train": {"overrides": {"epochs": 1, "batch_size": 32}},
             "non_target": "permuted",
         },
         {"model": "resnet14", "name": "strong", "train": {"overrides": {"epochs": 3, "batch_size": 32}}},
@@ -228,13 +276,19 @@ def test_validate_beta_end_to_end_and_resume(validation_file, tmp_path):
     assert "Auto-beta" in result.stdout
     folder = tmp_path / "runs" / "validation"
     report = (folder / "validation.md").read_text()
-    for heading in ("## Verdict", "## Per teacher", "## The calibration fitted on every teacher"):
+    for heading in (
+        "## Verdict",
+        "## Per teacher",
+        "## Which feature",
+        "## Noise",
+        "## The calibration fitted on every teacher",
+    ):
         assert heading in report
-    assert "gap-beta relation" in report
+    assert "leave one teacher out" in report
     assert f"validate-beta {validation_file}" in report
     comparison = pd.read_parquet(folder / "comparison.parquet")
     assert set(comparison["teacher"]) == {"weak", "mid", "strong"}
-    for method in ("autobeta", "constant", "search"):
+    for method in ("autobeta", "constant", "beta8", "search"):
         assert comparison[f"{method}_regret"].notna().all()
     assert (comparison["oracle_beta"].isin([0.5, 1.0, 2.0])).all()
 
@@ -248,10 +302,9 @@ def test_validate_beta_end_to_end_and_resume(validation_file, tmp_path):
     assert len(replays) == 3 * 2 and (replays["trials"] == 3).all() and (replays["trial_epochs"] >= 3).all()
 
     calibration = read_calibration(folder / "calibration.json")
-    assert calibration.surface is not None and calibration.family == "synthetic"
+    assert isinstance(calibration, ModelCalibration) and calibration.family == "synthetic"
     assert "validate-beta" in calibration.provenance and "weak" in calibration.provenance
-    suggestion = calibration.predict(calibration.gap_range[1] + 10.0)
-    assert suggestion.extrapolated and 0.5 <= suggestion.beta <= 2.0  # clamped, never extrapolated
+    assert set(calibration.held_out) == {"teacher", "architecture"}  # resnet8 x2 and resnet14
     for figure in ("validation_beta_vs_gap.png", "validation_accuracy_vs_beta.png"):
         assert (folder / figure).stat().st_size > 1000
 
@@ -260,9 +313,9 @@ def test_validate_beta_end_to_end_and_resume(validation_file, tmp_path):
     client = MlflowClient(tracking_uri=state["tracking_uri"])
     validation_run = client.get_run(state["validation_run_id"])
     assert validation_run.info.status == "FINISHED" and validation_run.data.tags[TAG_KIND] == "validate-beta"
-    assert "autobeta_mean_regret" in validation_run.data.metrics
-    assert "autobeta_minus_constant_ci_low" in validation_run.data.metrics
-    assert "gap_slope_ci_high" in validation_run.data.metrics
+    for metric in ("loao_autobeta_mean_regret", "loto_autobeta_minus_constant_ci_low", "loao_coverage_80"):
+        assert metric in validation_run.data.metrics
+    assert "## Interventions on the gap" in report and "| mid | weak | permuted |" in report
     grid_state = json.loads((folder / "validation-grid" / "state.json").read_text())
     assert [
         grid_state["teachers"][name]["intervention"]["non_target"] for name in ("weak", "mid", "strong")
@@ -299,6 +352,8 @@ def test_validate_beta_end_to_end_and_resume(validation_file, tmp_path):
 def test_the_shipped_validation_files_are_validations():
     root = Path(__file__).resolve().parents[1] / "search_spaces"
     for name in (
+        "validate_cnn.yaml",
+        "validate_cnn_interventions.yaml",
         "validate_synthetic.yaml",
         "validate_synthetic_control.yaml",
         "validate_synthetic_heldout.yaml",
@@ -309,18 +364,3 @@ def test_the_shipped_validation_files_are_validations():
     positive = load_search_space(root / "validate_synthetic.yaml")
     assert len(positive.teachers) >= 6
     assert all(len(set(positive.space_for(t)["seed"].grid)) >= 3 for t in positive.teachers)
-
-
-def test_the_relation_is_judged_against_one_grid_step_across_the_gaps():
-    gaps = np.array([1.5, 2.9, 4.2, 5.8])
-    found = relation_verdict((0.8, 0.5, 1.1), gaps, BETAS)
-    assert found.startswith("A gap-beta relation is found") and "+3.4 octaves" in found
-    # A slope whose whole interval moves the best beta by less than one step (1 octave) across the
-    # gaps is no relation of practical size, even with an interval that excludes 0.
-    small = relation_verdict((0.09, 0.07, 0.11), gaps, BETAS)
-    assert small.startswith("No gap-beta relation of practical size") and "+0.4 octaves" in small
-    assert relation_verdict((0.1, -0.3, 0.5), gaps, BETAS).startswith("The evidence does not decide")
-    assert relation_verdict((-0.5, -0.9, -0.3), gaps, BETAS).startswith("A gap-beta relation is found")
-    # The step is the grid's: on a half-octave ladder the same small slope is still below one step.
-    half_octaves = 2.0 ** np.arange(-2, 4.5, 0.5)
-    assert relation_verdict((0.09, 0.07, 0.11), gaps, half_octaves).startswith("No gap-beta relation")

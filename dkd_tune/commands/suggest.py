@@ -1,4 +1,5 @@
-"""`dkd-tune suggest-beta`: measure a teacher's logit gap on a dataset and turn it into beta, a window and a YAML snippet."""
+"""`dkd-tune suggest-beta`: measure a teacher's logit gap on a dataset and turn it into a distribution over beta,
+how far to trust it, and a YAML snippet that starts a search from it."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 
 from dkd_tune.config.tracking_uri import check_tracking_uri
 from dkd_tune.core.errors import UserInputError
-from dkd_tune.teacher.auto_beta import BetaSuggestion, load_calibration
+from dkd_tune.teacher.auto_beta import BetaSuggestion, beta_prior, load_calibration
 from dkd_tune.teacher.gap import LogitGapStats
 
 EXPERIMENT = "suggest-beta"
@@ -27,6 +28,7 @@ class BetaReport:
     suggestion: BetaSuggestion
     mlflow_run_id: str | None = None
     calibration_provenance: str = ""
+    beta_range: tuple[float, float] = (0.25, 16.0)  # what `beta: auto` would search with this calibration
 
     def to_dict(self) -> dict[str, Any]:
         low, high = self.suggestion.search_window()
@@ -35,8 +37,11 @@ class BetaReport:
             "data": self.data,
             "gap": self.gap.to_dict(),
             "beta": self.suggestion.beta,
-            "window": [low, high],
-            "window_unrounded": [self.suggestion.low, self.suggestion.high],
+            "spread_octaves": self.suggestion.spread,
+            "spread_source": self.suggestion.spread_source,
+            "interval_80": [low, high],
+            "interval_80_unrounded": [self.suggestion.low, self.suggestion.high],
+            "trust": self.suggestion.trust,
             "extrapolated": self.suggestion.extrapolated,
             "clamped": self.suggestion.clamped,
             "warnings": list(self.suggestion.warnings),
@@ -45,7 +50,7 @@ class BetaReport:
                 "family": self.suggestion.family,
                 "provenance": self.calibration_provenance,
             },
-            "search_space_yaml": self.suggestion.search_space_yaml(),
+            "search_space_yaml": self.suggestion.search_space_yaml(self.beta_range),
             "mlflow_run_id": self.mlflow_run_id,
         }
 
@@ -55,7 +60,6 @@ class BetaReport:
     def text(self) -> str:
         """What a person reads: gap statistics, accuracies, beta and window, warnings, the YAML snippet."""
         gap, suggestion = self.gap, self.suggestion
-        low, high = suggestion.search_window()
         test = f"{gap.test_acc:.2f}%" if gap.test_acc == gap.test_acc else "not measured"
         lines = [
             f"teacher {self.teacher_model} ({self.teacher_checkpoint}) on {self.data['name']} "
@@ -64,16 +68,17 @@ class BetaReport:
             "logit gap z_t - max_{i != t} z_i over the training set (eval mode, no augmentation):",
             f"  mean {gap.mean:.3f}, median {gap.median:.3f}, std {gap.std:.3f}, "
             f"negative (teacher wrong) {100 * gap.negative_fraction:.2f}% of samples",
-            f"auto-beta (calibration {suggestion.calibration!r}, family {suggestion.family}): "
-            f"beta {suggestion.beta:.3g}, search window [{low:g}, {high:g}]",
+            f"auto-beta (calibration {suggestion.calibration!r}, family {suggestion.family}): {suggestion.describe()}",
+            f"  spread: {suggestion.spread_source}",
+            f"  trust: {suggestion.trust}",
         ]
         if self.calibration_provenance:
             lines.append(f"  calibration provenance: {self.calibration_provenance}")
         lines += [f"warning: {warning}" for warning in suggestion.warnings]
         lines += [
             "",
-            "search-space snippet (a teacher's `space:` entry):",
-            suggestion.search_space_yaml().rstrip(),
+            "search-space snippet (a teacher's `space:` entry; the prior-guided sampler starts from it):",
+            suggestion.search_space_yaml(self.beta_range).rstrip(),
         ]
         if self.mlflow_run_id:
             lines += ["", f"logged to MLflow run {self.mlflow_run_id} (experiment {EXPERIMENT!r})"]
@@ -97,7 +102,7 @@ def suggest_beta(
     one fails in a second with one line, before any data or weights are loaded.
     """
 
-    from dkd_tune.data import load_train_test, parse_data_spec
+    from dkd_tune.data import load_splits, parse_data_spec
     from dkd_tune.engine.devices import chosen_device
     from dkd_tune.models import load_teacher, model_info
     from dkd_tune.teacher.gap import measure_logit_gap
@@ -113,11 +118,16 @@ def suggest_beta(
     fitted = load_calibration(calibration, spec.family)
     model_info(teacher_model)
     target = chosen_device(device)
-    train_set, test_set = load_train_test(spec)
+    train_set, val_set, test_set = load_splits(spec)
     teacher = load_teacher(
         teacher_model, teacher_checkpoint, num_classes=train_set.num_classes, device=target
     )
-    gap = measure_logit_gap(teacher, train_set, test_set, device=target, progress=progress)
+    gap = measure_logit_gap(
+        teacher, train_set, test_set, validation=val_set, device=target, progress=progress
+    )
+    prior = beta_prior(
+        fitted, gap, teacher_model
+    )  # what `beta: auto` gives this teacher, computed the same way
     report = BetaReport(
         teacher_model=teacher_model,
         teacher_checkpoint=str(teacher_checkpoint),
@@ -130,10 +140,9 @@ def suggest_beta(
             "num_classes": train_set.num_classes,
         },
         gap=gap,
-        suggestion=fitted.predict(
-            gap.mean, teacher_acc=gap.test_acc if gap.test_acc == gap.test_acc else None
-        ),
+        suggestion=prior.suggestion,
         calibration_provenance=fitted.provenance,
+        beta_range=prior.beta_range,
     )
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
@@ -173,6 +182,7 @@ def _log_to_mlflow(report: BetaReport, uri: str) -> BetaReport:
             "beta": suggestion.beta,
             "beta_low": low,
             "beta_high": high,
+            "beta_spread_octaves": suggestion.spread,
         }
         tracking.log_metrics(client, run_id, tracking.numeric_metrics(metrics), 0, tracking.now_ms())
         tracking.set_tags(
@@ -187,6 +197,6 @@ def _log_to_mlflow(report: BetaReport, uri: str) -> BetaReport:
             },
         )
         report = dataclasses.replace(report, mlflow_run_id=run_id)
-        client.log_text(run_id, suggestion.search_space_yaml(), "search_space_beta.yaml")
+        client.log_text(run_id, suggestion.search_space_yaml(report.beta_range), "search_space_beta.yaml")
         client.log_text(run_id, report.to_json() + "\n", "suggest_beta.json")
     return report

@@ -43,7 +43,7 @@ CURVES_FILE = "curves.parquet"
 REPLAYS_FILE = "replays.parquet"
 CALIBRATION_FILE = "calibration.json"
 SEARCHED = ("beta", "seed")
-DEFAULT_RESAMPLES = 1000
+DEFAULT_RESAMPLES = 2000
 DEFAULT_SEARCH_TRIALS = 12
 
 
@@ -159,9 +159,9 @@ def _terminate_quietly(client, run_id: str, status: str, options) -> None:
 
 
 def _execute(space, folder, state, run_id, options, started, load_start) -> ValidationOutcome:
-    from analysis.beta_ground_truth import compare_methods, grid_from_results
+    from analysis.beta_ground_truth import grid_from_results
     from analysis.results import load_trial_histories
-    from analysis.validation_report import ValidationContext, write_validation_outputs
+    from analysis.validation_report import ValidationContext, analyse, write_validation_outputs
     from dkd_tune.tracking import mlflow_store as tracking
 
     name = state["name"]
@@ -173,12 +173,7 @@ def _execute(space, folder, state, run_id, options, started, load_start) -> Vali
     frame = pd.read_parquet(grid_dir / "results.parquet")
     family = _family(frame)
     grid_state = json.loads((grid_dir / "state.json").read_text())
-    teacher_acc = {
-        label: float(artifact["gap"]["test_acc"])
-        for label, artifact in grid_state.get("teachers", {}).items()
-        if artifact.get("gap") and artifact["gap"].get("test_acc") is not None
-    }
-    grid = grid_from_results(frame, teacher_acc)
+    grid = grid_from_results(frame, grid_state.get("teachers", {}))
     curves_frame = _write_curves(frame, load_trial_histories(grid_dir), folder / CURVES_FILE)
     options.log(
         f"dkd-tune: validate-beta: grid of {len(grid.teachers)} teachers x {len(grid.betas)} betas x "
@@ -189,14 +184,6 @@ def _execute(space, folder, state, run_id, options, started, load_start) -> Vali
     curves = curves_from_long(curves_frame)
     replays = _replayed_searches(space, grid, curves, folder, options)
     search_picks, search_epochs = _search_picks(grid, replays)
-    options.log(f"dkd-tune: validate-beta: bootstrap over teachers and seeds ({options.resamples} resamples)")
-    comparison = compare_methods(
-        grid,
-        search_picks=search_picks,
-        search_epochs=search_epochs,
-        resamples=options.resamples,
-        seed=space.search.seed,
-    )
     checked = None
     if options.calibration:
         from dkd_tune.teacher.auto_beta import load_calibration
@@ -215,10 +202,23 @@ def _execute(space, folder, state, run_id, options, started, load_start) -> Vali
         family=family,
         checked_calibration=checked,
         checked_calibration_path=options.calibration,
+        interventions=_interventions(grid_state.get("teachers", {})),
     )
-    outcome = write_validation_outputs(context, grid, comparison, replays, folder, curves)
+    options.log(
+        "dkd-tune: validate-beta: held-out predictions (each teacher, each architecture) and a bootstrap over "
+        f"teachers ({options.resamples} resamples)"
+    )
+    analysis = analyse(
+        grid,
+        context,
+        search_picks=search_picks,
+        search_epochs=search_epochs,
+        resamples=options.resamples,
+        seed=space.search.seed,
+    )
+    outcome = write_validation_outputs(context, grid, analysis, replays, folder, curves)
     client = tracking.client_for(state["tracking_uri"])
-    tracking.log_metrics(client, run_id, outcome_metrics(comparison), 0, tracking.now_ms())
+    tracking.log_metrics(client, run_id, outcome_metrics(analysis), 0, tracking.now_ms())
     for path in [outcome.report_path, outcome.comparison_path, outcome.calibration_path, *outcome.figures]:
         client.log_artifact(run_id, str(path))
     for path in (folder / CURVES_FILE, folder / REPLAYS_FILE, grid_dir / "results.parquet"):
@@ -315,15 +315,38 @@ def _search_picks(grid, replays: pd.DataFrame):
     return picks, epochs
 
 
-def outcome_metrics(comparison) -> dict[str, float]:
-    """Mean regret per method and the regret differences with their intervals, for the validation's MLflow run."""
-    metrics = {f"{method}_mean_regret": value for method, value in comparison.mean_regret.items()}
-    for key, (mean, low, high) in comparison.differences.items():
-        slug = key.replace("-", "_minus_")
-        metrics.update({f"{slug}": mean, f"{slug}_ci_low": low, f"{slug}_ci_high": high})
-    slope, low, high = comparison.slope
-    metrics.update({"gap_slope": slope, "gap_slope_ci_low": low, "gap_slope_ci_high": high})
+def outcome_metrics(analysis) -> dict[str, float]:
+    """Per fold kind: mean regret per method, the regret differences with their intervals, the predictive
+    interval's coverage and the RMS error, for the validation's MLflow run (`loao_`: leave one architecture
+    out; `loto_`: leave one teacher out)."""
+    metrics = {}
+    for kind, comparison in analysis.comparisons.items():
+        prefix = {"architecture": "loao_", "teacher": "loto_"}[kind]
+        for method, (mean, low, high) in comparison.mean_regret.items():
+            metrics.update({f"{prefix}{method}_mean_regret": mean, f"{prefix}{method}_regret_ci_high": high})
+            metrics[f"{prefix}{method}_regret_ci_low"] = low
+        for key, (mean, low, high) in comparison.differences.items():
+            slug = prefix + key.replace("-", "_minus_")
+            metrics.update({f"{slug}": mean, f"{slug}_ci_low": low, f"{slug}_ci_high": high})
+        metrics.update(
+            {f"{prefix}coverage_80": comparison.coverage, f"{prefix}rms_error_octaves": comparison.rms_error}
+        )
     return {key: float(value) for key, value in metrics.items() if math.isfinite(value)}
+
+
+def _interventions(state_teachers: dict[str, dict]) -> dict[str, dict]:
+    """The grid's intervened teachers with their base teacher (the identity teacher of the same checkpoint),
+    or {} when the grid has none."""
+    from dkd_tune.teacher.preparation import TeacherArtifacts
+
+    artifacts = {label: TeacherArtifacts.from_dict(record) for label, record in state_teachers.items()}
+    if all(a.intervention.is_identity for a in artifacts.values()):
+        return {}
+    bases = {a.checkpoint: label for label, a in artifacts.items() if a.intervention.is_identity}
+    return {
+        label: {"base": bases.get(a.checkpoint, Path(a.checkpoint).parent.name), **a.intervention.to_dict()}
+        for label, a in artifacts.items()
+    }
 
 
 def _open_state(folder: Path, space: SearchSpaceFile, source: Path, name: str, options) -> dict[str, Any]:

@@ -29,12 +29,19 @@ from dkd_tune.core.recipes import (
 )
 
 
-def load_search_space(path: str | Path, set_overrides: list[str] | tuple[str, ...] = ()) -> SearchSpaceFile:
-    """Read, override and validate a search-space file; every problem is one UserInputError line."""
+def load_search_space(
+    path: str | Path, set_overrides: list[str] | tuple[str, ...] = (), notes: list[str] | None = None
+) -> SearchSpaceFile:
+    """Read, override and validate a search-space file; every problem is one UserInputError line.
+
+    `notes` receives what the overrides changed beyond their own key (a searched field they fixed).
+    """
     path = Path(path)
     raw = read_yaml_mapping(path)
     for assignment in set_overrides:
-        apply_set_override(raw, assignment)
+        note = apply_set_override(raw, assignment)
+        if note and notes is not None:
+            notes.append(note)
     try:
         space = SearchSpaceFile.model_validate(raw)
     except ValidationError as error:
@@ -307,9 +314,14 @@ def check_distribution(
         if name != "beta":
             fail(key, f"auto is auto-beta's prior for beta; {name} needs values to search")
         if algorithm != "optuna":
-            fail(key, f"beta: auto seeds Optuna's TPE with auto-beta's prediction; needs search.algorithm optuna, "
+            fail(key, f"beta: auto is a prior for Optuna's prior-guided sampler; needs search.algorithm optuna, "
                       f"not {algorithm!r}")  # fmt: skip
         return
+    if distribution.prior is not None and algorithm != "optuna":
+        fail(
+            key,
+            f"prior: is used by Optuna's prior-guided sampler; needs search.algorithm optuna, not {algorithm!r}",
+        )
     if name not in RECIPE_FIELDS or name == "lr_milestones":
         searchable = [field for field in RECIPE_FIELDS if field != "lr_milestones"] + ["loss"]
         fail(key, f"cannot search {name!r}{did_you_mean(name, searchable)}")

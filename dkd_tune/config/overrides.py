@@ -15,16 +15,20 @@ from dkd_tune.core.recipes import (
 from dkd_tune.data.spec import short_form_mapping
 
 
-def apply_set_override(raw: dict[str, Any], assignment: str) -> None:
-    """Apply `--set a.b.c=value` (value parsed as YAML) to the raw mapping.
+def apply_set_override(raw: dict[str, Any], assignment: str) -> str | None:
+    """Apply `--set a.b.c=value` (value parsed as YAML) to the raw mapping; returns a note to show, if any.
 
-    A bare recipe field (`--set epochs=10`) means `overrides.epochs`; list items are indexed by
+    A bare recipe field (`--set epochs=10`) means `overrides.epochs`, and when the file searches that
+    field (in `space:` or a teacher's `space:`) it is fixed at the value instead, for every teacher:
+    an override always takes effect, and the note says what it replaced. List items are indexed by
     number (`--set teachers.0.checkpoint=t.pth`); a `data: NAME:PATH` short form takes keys below
     `data` (`--set data.download=true`) as the mapping it stands for.
     """
     key, value = parse_assignment(assignment, example="search.num_samples=16")
     parts = key.split(".")
+    note = None
     if len(parts) == 1 and parts[0] in RECIPE_FIELDS and parts[0] not in SearchSpaceFile.model_fields:
+        note = _fix_searched_field(raw, parts[0], value)
         parts = ["overrides", parts[0]]
     if len(parts) > 1 and parts[0] == "data" and isinstance(raw.get("data"), str):
         raw["data"] = short_form_mapping(raw["data"])
@@ -47,6 +51,26 @@ def apply_set_override(raw: dict[str, Any], assignment: str) -> None:
         node[int(last)] = value
     else:
         node[last] = value
+    return note
+
+
+def _fix_searched_field(raw: dict[str, Any], field: str, value: Any) -> str | None:
+    """Replace every searched `field` of the file (shared and per-teacher spaces) by the fixed `value`."""
+    spaces = [raw.get("space")] + [
+        teacher.get("space") for teacher in raw.get("teachers") or [] if isinstance(teacher, dict)
+    ]
+    replaced = []
+    for space in spaces:
+        if isinstance(space, dict) and field in space:
+            replaced.append(space[field])
+            space[field] = value
+    if not replaced:
+        return None
+    shown = {
+        yaml.safe_dump(r, default_flow_style=True).strip().removesuffix("\n...").strip() for r in replaced
+    }
+    searched = ", ".join(sorted(shown))
+    return f"--set {field}={value!r}: {field} is fixed at {value!r} for every teacher (the file searched it: {searched})"
 
 
 def parse_set_overrides(assignments: Sequence[str]) -> dict[str, Any]:

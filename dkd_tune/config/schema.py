@@ -40,6 +40,17 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
 
 
+class PriorBelief(StrictModel):
+    """Where a searched parameter's best value probably lies: a normal belief the search starts from."""
+
+    centre: float = Field(description="The most likely best value (the first trial runs here).")
+    spread: float = Field(
+        gt=0,
+        description="Standard deviation of the belief: in octaves (factors of 2) for loguniform, in the "
+        "parameter's units for uniform and int.",
+    )
+
+
 class Distribution(StrictModel):
     """How one hyperparameter is searched: exactly one of the keys below (a bare value means `fixed`)."""
 
@@ -53,8 +64,14 @@ class Distribution(StrictModel):
     fixed: Any = Field(None, description="This value, not searched.")
     auto: bool | None = Field(
         None,
-        description="beta only (`beta: auto`): auto-beta's prediction from the teacher's gap is the search's "
-        "prior: the first trials at its beta and window ends, then TPE over the calibrated range.",
+        description="beta only (`beta: auto`): auto-beta's predictive distribution for the teacher's gap is "
+        "the search's prior (optuna only): the first trial at its centre, then the prior-guided sampler "
+        "over the calibrated range.",
+    )
+    prior: PriorBelief | None = Field(
+        None,
+        description="With uniform, loguniform or int and algorithm optuna: a belief {centre, spread} the "
+        "prior-guided sampler starts from (the first trial at the centre); results decide how much it counts.",
     )
 
     @model_validator(mode="before")
@@ -77,6 +94,14 @@ class Distribution(StrictModel):
             )
         if self.auto is False:
             raise ValueError("auto: false is not a distribution; give the values to search instead")
+        if self.prior is not None:
+            bounds = self.uniform or self.loguniform or self.int_range
+            if bounds is None:
+                raise ValueError("prior needs a uniform, loguniform or int range to search around")
+            if not bounds[0] <= self.prior.centre <= bounds[1]:
+                raise ValueError(
+                    f"prior centre {self.prior.centre:g} is outside the range [{bounds[0]:g}, {bounds[1]:g}]"
+                )
         low_high = self.uniform or self.loguniform or self.int_range
         if low_high is not None and not low_high[0] <= low_high[1]:
             raise ValueError(f"low must be <= high, got [{low_high[0]}, {low_high[1]}]")
@@ -102,7 +127,12 @@ class Distribution(StrictModel):
     def to_yaml_value(self) -> Any:
         if self.kind == "auto":
             return "auto"
-        return self.fixed if self.kind == "fixed" else {self.kind: list(self.extremes())}
+        if self.kind == "fixed":
+            return self.fixed
+        value: dict[str, Any] = {self.kind: list(self.extremes())}
+        if self.prior is not None:
+            value["prior"] = {"centre": self.prior.centre, "spread": self.prior.spread}
+        return value
 
 
 class DataMapping(StrictModel):

@@ -20,6 +20,8 @@ from dkd_tune.tracking.mlflow_store import (
     experiment_id,
     log_metrics,
     log_params,
+    now_ms,
+    result_time_ms,
     set_tags,
     standard_tags,
     store_unreachable,
@@ -77,8 +79,9 @@ class MLflowTrialLogger(Callback):
             self._experiment_id = experiment_id(self._client, self.experiment_name)
         return self._client
 
-    def run_for(self, trial: Any) -> str:
-        """The child run of `trial`, created on first sight or found again after a resume."""
+    def run_for(self, trial: Any, start_ms: int | None = None) -> str:
+        """The child run of `trial`, created on first sight (starting at `start_ms`, the trial's start,
+        when known) or found again after a resume."""
         trial_id = str(trial.trial_id)
         if trial_id in self._run_ids:
             return self._run_ids[trial_id]
@@ -104,7 +107,10 @@ class MLflowTrialLogger(Callback):
                 TAG_STATUS: "running",
             }
             run = client.create_run(
-                self._experiment_id, run_name=f"{self.teacher_label}-{trial_id}", tags=tags
+                self._experiment_id,
+                run_name=f"{self.teacher_label}-{trial_id}",
+                tags=tags,
+                start_time=start_ms,
             )
             run_id = run.info.run_id
             log_params(client, run_id, {**self.fixed_params, **dict(trial.config)})
@@ -116,7 +122,7 @@ class MLflowTrialLogger(Callback):
     # restarting, a network blip) they wait in the queue, one delivery attempt per RETRY_INTERVAL_S
     # rather than one per epoch, so the search goes on at full speed and nothing is dropped.
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._deliver(("start", trial, None))
+        self._deliver(("start", trial, now_ms()))  # when it started, whenever the run gets created
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         self._deliver(("result", trial, dict(result)))
@@ -147,7 +153,7 @@ class MLflowTrialLogger(Callback):
             kind, trial, payload = self._pending[0]
             try:
                 if kind == "start":
-                    self.run_for(trial)
+                    self.run_for(trial, start_ms=payload)
                 elif kind == "result":
                     self.log_result(trial, payload)
                 else:
@@ -186,4 +192,10 @@ class MLflowTrialLogger(Callback):
         if error_text:
             tags["dkd_tune.error"] = error_text[-4000:]
         set_tags(self.client, run_id, tags)
-        self.client.set_terminated(run_id, status="FAILED" if errored else "FINISHED")
+        # The trial's own end (its last result's time), not the time this event is delivered: after an
+        # outage, a resume or a slow store, MLflow's duration is still the trial's.
+        self.client.set_terminated(
+            run_id,
+            status="FAILED" if errored else "FINISHED",
+            end_time=result_time_ms(trial.last_result or {}),
+        )

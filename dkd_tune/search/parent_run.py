@@ -209,7 +209,9 @@ def reconcile_child_runs(client, state, frame, histories: Mapping[str, list[dict
             tags = {tracking.TAG_STATUS: row["status"], tracking.TAG_STOP_EPOCH: int(row["stop_epoch"])}
             tracking.set_tags(client, run_id, tags)
             client.set_terminated(
-                run_id, status="FAILED" if row["status"] in ("errored", "oom") else "FINISHED"
+                run_id,
+                status="FAILED" if row["status"] in ("errored", "oom") else "FINISHED",
+                end_time=tracking.result_time_ms(history[-1] if history else {}),
             )
 
 
@@ -245,12 +247,14 @@ def announce_prior(prior, label: str, state, experiment_dir: Path, options) -> N
     for warning in prior.suggestion.warnings:
         options.log(f"dkd-tune: auto-beta: {warning}")
     options.log(f"dkd-tune: teacher '{label}': beta: auto: {prior.describe()}")
+    options.log(f"dkd-tune: teacher '{label}': auto-beta trust: {prior.suggestion.trust}")
     s = prior.suggestion
     tags = {
         f"auto_beta.{label}.beta": f"{s.beta:.4g}",
-        f"auto_beta.{label}.window": f"[{s.low:.4g}, {s.high:.4g}]",
+        f"auto_beta.{label}.spread_octaves": f"{s.spread:.3g}",
+        f"auto_beta.{label}.interval_80": f"[{s.low:.4g}, {s.high:.4g}]",
         f"auto_beta.{label}.calibration": s.calibration,
-        f"auto_beta.{label}.first_trials": ", ".join(f"{b:.4g}" for b in prior.first_betas()),
+        f"auto_beta.{label}.first_trial": f"{prior.centre:.4g}",
     }
 
     def tag(client) -> None:

@@ -57,37 +57,45 @@ def replay_search(
     seed_index: int,
     *,
     beta_range: tuple[float, float],
-    first_points: list[dict[str, float]] | None = None,
+    prior: tuple[float, float] | None = None,
     search_seed: int | None = None,
 ) -> ReplayedSearch:
     """One search over beta for `teacher` as dkd-tune runs it, replayed on the curves of grid seed `seed_index`.
 
     `space` is the validation's search file: its `search` (trials, TPE seed) and `scheduler` (ASHA
-    rungs) settings are those a real search of the file would use; `first_points` are `beta: auto`'s
-    first trials. The searcher's seed is the file's plus `search_seed` (default: the seed index), so
+    rungs) settings are those a real search of the file would use; `prior` is (centre beta, spread in
+    octaves), a prior for the prior-guided sampler as `beta: auto` gives one. The searcher's seed is the file's plus `search_seed` (default: the seed index), so
     repeated searches differ as real ones would.
     """
-    from dkd_tune.config.schema import Distribution
     from dkd_tune.search.tuner import asha_scheduler, search_algorithm
 
-    searched = {"beta": Distribution(loguniform=[float(beta_range[0]), float(beta_range[1])])}
-    seeded = space.model_copy(
+    searched = {"beta": replay_distribution(beta_range, prior)}
+    seeded = replay_space(space, seed_index if search_seed is None else search_seed)
+    epochs = curves.epochs
+    searcher, param_space, num_samples = search_algorithm(seeded, searched, max_epochs=epochs)
+    return run_replay(
+        curves, teacher, seed_index, searcher, asha_scheduler(seeded, epochs), num_samples, param_space
+    )
+
+
+def replay_distribution(beta_range: tuple[float, float], prior: tuple[float, float] | None = None):
+    """The searched beta of a replayed search: log-uniform over the range, with `beta: auto`'s prior if given."""
+    from dkd_tune.config.schema import Distribution
+
+    belief = None if prior is None else {"centre": float(prior[0]), "spread": float(prior[1])}
+    return Distribution(loguniform=[float(beta_range[0]), float(beta_range[1])], prior=belief)
+
+
+def replay_space(space, search_seed: int):
+    """The validation's search file as a replay runs it: chosen on val_acc, trials one at a time, the
+    searcher's seed the file's plus `search_seed`."""
+    return space.model_copy(
         update={
             "metric": "val_acc",
             "search": space.search.model_copy(
-                update={
-                    "seed": space.search.seed + (seed_index if search_seed is None else search_seed),
-                    "max_concurrent_trials": 1,
-                }
+                update={"seed": space.search.seed + search_seed, "max_concurrent_trials": 1}
             ),
         }
-    )
-    epochs = curves.epochs
-    searcher, param_space, num_samples = search_algorithm(
-        seeded, searched, max_epochs=epochs, first_points=first_points
-    )
-    return run_replay(
-        curves, teacher, seed_index, searcher, asha_scheduler(seeded, epochs), num_samples, param_space
     )
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from dkd_tune.config.schema import SearchSpaceFile
+from dkd_tune.core.errors import UserInputError
 from dkd_tune.core.losses import LOSS_MODES
 from dkd_tune.search.options import SearchOptions
 from dkd_tune.search.verbosity import NORMAL, QUIET, VERBOSE
@@ -203,12 +204,16 @@ def cache_decision(space: SearchSpaceFile, data_spec, experiment_dir: Path) -> t
 
 
 def predict_beta(prepared, data_spec, options) -> float | None:
-    from dkd_tune.teacher.auto_beta import default_calibration_or_none
+    from dkd_tune.teacher.auto_beta import default_calibration_or_none, suggest_beta
 
     calibration = default_calibration_or_none(data_spec.family)
     if calibration is None or prepared.gap is None:
         return None
-    suggestion = calibration.predict(prepared.gap.mean)
+    try:
+        suggestion = suggest_beta(calibration, prepared.gap, prepared.model)
+    except UserInputError as error:  # e.g. a feature this teacher's measurement lacks: no prediction
+        options.log(f"dkd-tune: auto-beta: no prediction for teacher '{prepared.label}': {error}")
+        return None
     for warning in suggestion.warnings:
         options.log(f"dkd-tune: auto-beta: {warning}")
     return float(suggestion.beta)

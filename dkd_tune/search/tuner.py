@@ -1,4 +1,5 @@
-"""The Ray Tune Tuner of one part of a search: the search file's distributions for Optuna (TPE) or Tune, ASHA's rungs, resources, the MLflow callback."""
+"""The Ray Tune Tuner of one part of a search: the search file's distributions for Optuna (TPE, or the
+prior-guided sampler when a parameter has a prior) or Tune, ASHA's rungs, resources, the MLflow callback."""
 
 from __future__ import annotations
 
@@ -53,13 +54,13 @@ def new_tuner(
     if prior is None and "beta" in searched and searched["beta"].kind == "auto":
         prior = auto_beta_prior(space, plan)  # `beta: auto`; the caller may pass the prior it announced
     if prior is not None:
-        searched = {**searched, "beta": Distribution(loguniform=prior.beta_range)}
+        searched = {**searched, "beta": auto_beta_distribution(prior)}
     searcher, param_space, num_samples = search_algorithm(
         space,
         searched,
         max_epochs=plan.max_epochs,
         study=(study_storage, study_name(space.name, part_name)) if study_storage else None,
-        first_points=first_points(prior, searched, plan.base_recipe) if prior is not None else None,
+        base_recipe=plan.base_recipe,
     )
     return tune.Tuner(
         trainable,
@@ -122,24 +123,63 @@ def auto_beta_prior(space: SearchSpaceFile, plan):
     family = space.data_spec.family
     if plan.teacher is None or plan.teacher.gap is None:
         raise ValueError("beta: auto needs the teacher's measured gap (prepare the teacher first)")
-    gap = plan.teacher.gap
-    return beta_prior(default_calibration(family), gap.mean, teacher_acc=gap.test_acc)
+    return beta_prior(default_calibration(family), plan.teacher.gap, plan.teacher.model)
 
 
-def first_points(prior, searched: dict[str, Distribution], base) -> list[dict[str, Any]]:
-    """Optuna's first trials for `beta: auto`: each of the prior's betas, the other searched values at the recipe's."""
-    others = {}
+def auto_beta_distribution(prior) -> Distribution:
+    """`beta: auto` as a searched distribution: the calibrated range, and auto-beta's belief as its prior."""
+    return Distribution(loguniform=prior.beta_range, prior={"centre": prior.centre, "spread": prior.spread})
+
+
+def parameter_priors(searched: dict[str, Distribution]) -> dict[str, Any]:
+    """The `prior:` of every searched parameter that has one, for the prior-guided sampler."""
+    from dkd_tune.search.prior_sampler import ParameterPrior
+
+    return {
+        name: ParameterPrior(d.prior.centre, d.prior.spread)
+        for name, d in searched.items()
+        if d.prior is not None and d.kind != "fixed"
+    }
+
+
+def prior_centre(searched: dict[str, Distribution], base) -> dict[str, Any]:
+    """The one enqueued first trial of a search with priors: each prior at its centre, the other searched
+    values at the recipe's (or their range's low end when the recipe's lies outside)."""
+    point = {}
     for name, distribution in searched.items():
-        if name == "beta" or distribution.kind == "fixed":
+        if distribution.kind == "fixed":
+            continue
+        if distribution.prior is not None:
+            centre = distribution.prior.centre
+            point[name] = round(centre) if distribution.kind == "int" else centre
             continue
         value = getattr(base, name, None)
         bounds = distribution.extremes()
         if distribution.kind in ("choice", "grid"):
-            others[name] = value if value in bounds else bounds[0]
+            point[name] = value if value in bounds else bounds[0]
         else:
             inside = value is not None and bounds[0] <= value <= bounds[1]
-            others[name] = value if inside else bounds[0]
-    return [{"beta": beta, **others} for beta in prior.first_betas()]
+            point[name] = value if inside else bounds[0]
+    return point
+
+
+def optuna_sampler(space: SearchSpaceFile, priors: dict[str, Any], *, enqueued: int = 0):
+    """TPE, or the prior-guided sampler when some parameter has a prior; TPE's start-up counts only drawn
+    trials (`enqueued` trials, the prior's centre, are not TPE's draws)."""
+    import optuna
+
+    from dkd_tune.search.prior_sampler import PriorGuidedSampler
+
+    settings = space.search
+    startup = max(MIN_STARTUP_TRIALS, min(MAX_STARTUP_TRIALS, settings.num_samples // 3)) + enqueued
+    if priors:
+        return PriorGuidedSampler(
+            priors,
+            seed=settings.seed,
+            n_startup_trials=startup,
+            top_fraction=1.0 / space.scheduler.reduction_factor,
+        )
+    return optuna.samplers.TPESampler(seed=settings.seed, n_startup_trials=startup, multivariate=True)
 
 
 def search_algorithm(
@@ -148,12 +188,13 @@ def search_algorithm(
     *,
     max_epochs: int | None = None,
     study: tuple[str, str] | None = None,
-    first_points: list[dict[str, Any]] | None = None,
+    base_recipe=None,
 ):
     """(search algorithm, Tuner param_space, num_samples) for one part.
 
-    `study` is (Optuna storage URL, study name): where the part's TPE study persists (in memory if None).
-    `first_points` are Optuna's first trials (`beta: auto`'s prior), TPE's own suggestions after them.
+    `study` is (Optuna storage URL, study name): where the part's study persists (in memory if None).
+    With priors (`prior:` or `beta: auto`), the first trial is their centre (the other searched values
+    at `base_recipe`'s) and the prior-guided sampler draws the rest.
     """
     from ray.tune.search import BasicVariantGenerator
 
@@ -172,8 +213,9 @@ def search_algorithm(
 
         from dkd_tune.search.study import TruthfulOptunaSearch
 
-        startup = max(MIN_STARTUP_TRIALS, min(MAX_STARTUP_TRIALS, settings.num_samples // 3))
-        sampler = optuna.samplers.TPESampler(seed=settings.seed, n_startup_trials=startup, multivariate=True)
+        priors = parameter_priors(variable)
+        first_points = [prior_centre(variable, base_recipe)] if priors else None
+        sampler = optuna_sampler(space, priors, enqueued=len(first_points or []))
         distributions = {name: optuna_distribution(d) for name, d in variable.items()}
         storage, name = study if study is not None else (None, None)
         searcher = TruthfulOptunaSearch(

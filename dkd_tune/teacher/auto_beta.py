@@ -1,35 +1,30 @@
-"""Auto-beta: predict DKD's NCKD weight beta from the teacher's mean logit gap, and fit, save and load the calibrations behind it.
+"""Auto-beta: predict DKD's NCKD weight beta for a teacher as a distribution over log2(beta), and fit, save
+and load the calibrations behind it.
 
 The paper's appendix (A.3) observes that the best beta grows with the teacher's mean gap
-``z_t - z_max`` between the target logit and the largest non-target logit. A *calibration* is a
-handful of (teacher, gap, best beta) points measured on one dataset family, plus a fit through
-them. Gaps are not comparable across datasets (more classes and different recipes move them), so
-every calibration belongs to exactly one family and is refused for another.
+``z_t - z_max`` between the target logit and the largest non-target logit. A *calibration* is what
+one dataset family taught about that relation; gaps are not comparable across datasets, so every
+calibration belongs to one family and is refused for another. Two kinds exist:
 
-The fit is ``log(beta) = intercept + slope * gap`` with ``slope >= 0``:
+* **A grid's model** (`dkd-tune validate-beta`): each teacher's accuracy curve over beta, and the
+  hierarchical model of `dkd_tune.teacher.beta_model` (a confidence feature, an architecture
+  effect, a teacher effect) with its held-out error measured by leaving teachers and whole
+  architectures out. Its suggestion is the beta of least expected regret under the predictive
+  distribution.
+* **Points** (the paper's Table A.2, `dkd-tune calibrate`): a handful of (teacher, gap, best beta)
+  and the monotone fit ``log(beta) = intercept + slope * gap``, slope >= 0 (two parameters for a few
+  noisy points; in log-beta because beta is searched on a log scale; monotone because A.3 claims a
+  more confident teacher wants at least as much NCKD). Its held-out error is measured by leaving
+  each point out.
 
-* two parameters, because a calibration has a few noisy points (the paper's has six);
-* in log-beta, because beta is searched on a log scale and the paper's best betas span 2..8,
-  so a miss by a factor of two should cost the same at beta 2 as at beta 8 (the gap itself is a
-  difference of logits, i.e. already a log-odds, so it enters linearly);
-* monotone non-decreasing (slope held at 0 when the points say otherwise), because the
-  appendix's claim is that a more confident teacher wants at least as much NCKD; a falling fit
-  from noisy points would invert that advice.
+Either way a suggestion is a distribution: a centre and a spread in octaves, the spread the
+calibration's measured held-out error (never below PRIOR_SPREAD_FLOOR; a calibration that cannot
+measure it gets DEFAULT_PRIOR_SPREAD and says so). `beta: auto` hands it to the prior-guided
+sampler as a belief the search's results may overrule; `dkd-tune suggest-beta` prints it.
 
-The search window around a prediction is multiplicative, ``beta * exp(+-k * s * lev)``, where
-``s`` is the fit's residual scale in log units and ``lev = sqrt(1 + 1/n + (gap - mean)^2 / Sxx)``
-is the usual prediction-interval widening, so the window grows away from the calibrated gaps.
-``s`` has a floor: the best betas come from coarse grids (the paper's steps are up to an octave
-apart), so even a perfect fit only knows them to a rounding error of about ``ln 2 / sqrt 12``
-(the standard deviation of a uniform error over one octave); two points fit exactly and would
-otherwise give a zero-width window.
-
-Predictions and window ends are clamped to ``[BETA_MIN, BETA_MAX]`` = [0.25, 16]: 0.25 is the
-smallest beta the paper uses (MS-COCO, A.2) and 16 is twice the largest best beta it reports
-(8, Table A.2). A.3 warns that too large a beta harms the student's target-class prediction,
-no teacher in Table A.1 does best above beta 8 (at 10 all three are below their best), and A.2
-needs a 20-epoch warm-up because large betas make the initial loss large. An exponential fit
-extrapolated a few gap units leaves that range quickly.
+Predictions are clamped to ``[BETA_MIN, BETA_MAX]`` = [0.25, 16]: 0.25 is the smallest beta the
+paper uses (MS-COCO, A.2) and 16 twice the largest best beta it reports (8, Table A.2); A.3 warns
+that too large a beta harms the student's target-class prediction.
 """
 
 from __future__ import annotations
@@ -41,27 +36,42 @@ import math
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from dkd_tune.core.errors import UserInputError
 from dkd_tune.core.files import atomic_write_text
-from dkd_tune.teacher.beta_surface import SurfaceFit
+from dkd_tune.teacher.beta_model import (
+    FEATURES,
+    BetaModel,
+    CalibratedTeacher,
+    TeacherCurve,
+    feature_values,
+    fit_beta_model,
+)
+from dkd_tune.teacher.gap import LogitGapStats
 
 FORMAT = "dkd-tune-beta-calibration"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: held-out errors and the grid model; version 1 files (points) still read
+READABLE_VERSIONS = (1, 2)
 FAMILIES = ("cifar", "imagenet", "synthetic", "coco")
 FIT_FORM = "log_beta_linear_in_gap"
 FIT_FORMULA = "beta = exp(intercept + slope * mean_logit_gap), slope >= 0"
-SURFACE_FORM = "response_surface"
-SURFACE_FORMULA = (
-    "top-1(teacher, beta) = level(teacher) - curvature * (log2(beta) - intercept - slope * mean_logit_gap)^2"
+MODEL_FORM = "hierarchical_beta_model"
+MODEL_FORMULA = (
+    "peak log2(beta) = a + b * feature + architecture effect + teacher effect (dkd_tune.teacher.beta_model); "
+    "suggestion: the beta of least expected regret"
 )
 
 BETA_MIN = 0.25
 BETA_MAX = 16.0
 DEFAULT_WINDOW_K = 2.0
 DEFAULT_RESIDUAL_SCALE_FLOOR = math.log(2.0) / math.sqrt(12.0)
+PRIOR_SPREAD_FLOOR = 0.75  # octaves: no calibration is trusted to better than this
+DEFAULT_PRIOR_SPREAD = 2.0  # octaves, for a calibration whose held-out error cannot be measured
+INTERVAL_COVERAGE = 0.8
+_Z80 = 1.2815515655446004  # the standard normal's 90th percentile: an 80% interval is +-_Z80 sd
 
 _CALIBRATIONS_PACKAGE_DIR = "calibrations"
 _DEFAULT_FILES = {"cifar": "cifar.json", "synthetic": "synthetic.json"}
@@ -108,30 +118,41 @@ class CalibrationPoint:
 
 @dataclass(frozen=True)
 class BetaSuggestion:
-    """A predicted beta for one teacher gap, the log-uniform window to search around it, and any warnings."""
+    """Auto-beta's belief about one teacher's best beta: a centre (the suggested beta), a spread in octaves,
+    the 80% interval they give, where the spread comes from, and how far to trust the calibration."""
 
     gap: float
-    beta: float
-    low: float
+    beta: float  # the suggested beta: the prior's centre
+    low: float  # the 80% predictive interval
     high: float
     extrapolated: bool
     clamped: bool
     warnings: tuple[str, ...]
     calibration: str
     family: str
+    spread: float = DEFAULT_PRIOR_SPREAD  # octaves: the sd of the belief in log2(beta)
+    spread_source: str = ""
+    trust: str = ""  # one line: the calibration's held-out error and its regret against a constant beta
 
     def search_window(self) -> tuple[float, float]:
-        """(low, high) rounded outward to 3 significant digits, so rounding never narrows the window."""
+        """The 80% interval rounded outward to 3 significant digits, so rounding never narrows it."""
         return _round_outward(self.low, up=False), _round_outward(self.high, up=True)
 
-    def search_space_yaml(self) -> str:
-        """The `space:` block of one teacher's search-space entry, narrowed to this window."""
+    def describe(self) -> str:
+        """One line: the suggestion as a distribution."""
         low, high = self.search_window()
         return (
+            f"beta {self.beta:.3g} (log2 {math.log2(self.beta):+.2f} +- {self.spread:.2f} octaves; "
+            f"80% interval [{low:g}, {high:g}])"
+        )
+
+    def search_space_yaml(self, beta_range: tuple[float, float] = (BETA_MIN, BETA_MAX)) -> str:
+        """The `space:` block of a search that starts from this suggestion as a prior."""
+        return (
             "space:\n"
-            f"  # auto-beta: gap {self.gap:.2f} -> beta {self.beta:.3g} "
-            f"(calibration {self.calibration!r}, family {self.family})\n"
-            f"  beta: {{loguniform: [{low!r}, {high!r}]}}\n"
+            f"  # auto-beta: gap {self.gap:.2f} -> {self.describe()} (calibration {self.calibration!r})\n"
+            f"  beta: {{loguniform: [{beta_range[0]:g}, {beta_range[1]:g}], "
+            f"prior: {{centre: {self.beta:.4g}, spread: {self.spread:.3g}}}}}\n"
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -140,12 +161,27 @@ class BetaSuggestion:
             "beta": self.beta,
             "low": self.low,
             "high": self.high,
+            "spread": self.spread,
+            "spread_source": self.spread_source,
             "extrapolated": self.extrapolated,
             "clamped": self.clamped,
             "warnings": list(self.warnings),
             "calibration": self.calibration,
             "family": self.family,
+            "trust": self.trust,
         }
+
+
+def _interval(log_centre: float, spread: float) -> tuple[float, float]:
+    """The 80% interval of N(log_centre, spread) in log2 beta, as betas clamped to [BETA_MIN, BETA_MAX]."""
+    low = min(max(2.0 ** (log_centre - _Z80 * spread), BETA_MIN), BETA_MAX)
+    high = min(max(2.0 ** (log_centre + _Z80 * spread), BETA_MIN), BETA_MAX)
+    return low, high
+
+
+def prior_spread(*errors: float) -> float:
+    """The larger of the measured errors (octaves) and PRIOR_SPREAD_FLOOR; NaNs ignored."""
+    return max([PRIOR_SPREAD_FLOOR] + [e for e in errors if math.isfinite(e)])
 
 
 @dataclass(frozen=True)
@@ -160,15 +196,16 @@ class Calibration:
     slope: float
     slope_held_at_zero: bool
     residual_scale_fitted: float
-    window_k: float = DEFAULT_WINDOW_K
+    window_k: float = DEFAULT_WINDOW_K  # read from version 1 files; the spread replaces the window
     residual_scale_floor: float = DEFAULT_RESIDUAL_SCALE_FLOOR
     evidence: dict[str, Any] | None = field(default=None, compare=False)
-    surface: SurfaceFit | None = None  # a grid's response surface (then the points are its oracle betas)
 
     @property
     def gap_range(self) -> tuple[float, float]:
         gaps = [point.mean_logit_gap for point in self.points]
         return min(gaps), max(gaps)
+
+    predicts_from_gap = True  # `predict(gap)` needs nothing else
 
     @property
     def residual_scale(self) -> float:
@@ -188,13 +225,40 @@ class Calibration:
         errors = self.log_errors()
         return math.sqrt(math.fsum(error * error for error in errors) / len(errors))
 
+    def held_out_errors(self) -> list[float]:
+        """Per point, log2(prediction without that point / its best beta); empty below 3 points (a fit
+        needs 2 distinct gaps among the others)."""
+        errors = []
+        for index, point in enumerate(self.points):
+            others = [p for i, p in enumerate(self.points) if i != index]
+            if len({p.mean_logit_gap for p in others}) < 2:
+                return []
+            fit = fit_calibration(others, self.family, "held out")
+            errors.append(math.log2(fit.predict(point.mean_logit_gap).beta / point.best_beta))
+        return errors
+
+    @property
+    def held_out_rms(self) -> float:
+        """Root-mean-square leave-one-point-out error in octaves (NaN when it cannot be measured)."""
+        errors = self.held_out_errors()
+        return math.sqrt(math.fsum(e * e for e in errors) / len(errors)) if errors else math.nan
+
+    def trust(self) -> str:
+        rms = self.held_out_rms
+        if not math.isfinite(rms):
+            return f"{len(self.points)} points are too few to measure a held-out error"
+        return (
+            f"held out (each of its {len(self.points)} points left out in turn): off by {rms:.2f} octaves RMS; "
+            "no regret measured (points, not grids)"
+        )
+
     def predict(self, gap: float, *, teacher_acc: float | None = None) -> BetaSuggestion:
-        """The beta for a teacher with this mean logit gap, its search window, and warnings.
+        """The beta for a teacher with this mean logit gap, the belief's spread, and warnings.
 
         The fit is never extrapolated: a gap outside the calibrated range is read at the nearest
-        calibrated gap. With `teacher_acc` (test top-1, %) and a calibration that knows the student
-        trained alone, a teacher no better than that student gets the window's smallest beta.
+        calibrated gap. The spread is the leave-one-point-out error (PRIOR_SPREAD_FLOOR at least).
         """
+        del teacher_acc  # a points calibration knows no student to compare the teacher with
         if not _is_finite_number(gap):
             raise UserInputError(f"teacher gap must be a finite number, got {gap!r}")
         gap = float(gap)
@@ -203,19 +267,12 @@ class Calibration:
         warnings = []
         if extrapolated:
             warnings.append(
-                f"gap {gap:.2f} is outside the calibrated range [{low_gap:.2f}, {high_gap:.2f}] of "
-                f"calibration {self.name!r} ({len(self.points)} teachers, family {self.family}); "
-                f"the prediction is the one at gap {min(max(gap, low_gap), high_gap):.2f} (never extrapolated): "
-                "search the whole window"
+                _outside_range_warning(gap, self.gap_range, self.name, len(self.points), self.family)
+                + f"; read at the nearest calibrated gap {min(max(gap, low_gap), high_gap):.2f} (never extrapolated)"
             )
-        if self.surface is not None:
-            return self._predict_on_surface(gap, extrapolated, warnings, teacher_acc)
         log_min, log_max = math.log(BETA_MIN), math.log(BETA_MAX)
         log_raw = self.intercept + self.slope * min(max(gap, low_gap), high_gap)
         log_beta = min(max(log_raw, log_min), log_max)
-        half_width = self.window_k * self.residual_scale * self._leverage(gap)
-        log_low = min(max(log_beta - half_width, log_min), log_max)
-        log_high = min(max(log_beta + half_width, log_min), log_max)
         clamped = log_beta != log_raw
         if clamped:
             reason = (
@@ -227,59 +284,29 @@ class Calibration:
             warnings.append(
                 f"predicted beta {_safe_exp(log_raw):.3g} clamped to [{BETA_MIN:g}, {BETA_MAX:g}]: {reason}"
             )
-        return BetaSuggestion(
-            gap=gap,
-            beta=_beta_from_log(log_beta),
-            low=_beta_from_log(log_low),
-            high=_beta_from_log(log_high),
-            extrapolated=extrapolated,
-            clamped=clamped,
-            warnings=tuple(warnings),
-            calibration=self.name,
-            family=self.family,
-        )
-
-    def _predict_on_surface(
-        self, gap: float, extrapolated: bool, warnings: list[str], teacher_acc: float | None
-    ) -> BetaSuggestion:
-        surface = self.surface
-        assert surface is not None
-        peak, _ = surface.peak(gap)
-        width = surface.half_width()
-        low_x, high_x = surface.log2_beta_range
-        low, high = max(peak - width, low_x), min(peak + width, high_x)
-        student = (self.evidence or {}).get("student_alone_test_acc")
-        if teacher_acc is not None and isinstance(student, (int, float)) and teacher_acc <= student:
+        rms = self.held_out_rms
+        if math.isfinite(rms):
+            spread = prior_spread(rms)
+            source = f"leave-one-point-out error {rms:.2f} octaves (floor {PRIOR_SPREAD_FLOOR:g})"
+        else:
+            spread = DEFAULT_PRIOR_SPREAD
+            source = f"no held-out error (too few points): the wide default {DEFAULT_PRIOR_SPREAD:g} octaves"
             warnings.append(
-                f"the teacher's test top-1 {teacher_acc:.2f}% is no better than the student trained alone in "
-                f"this calibration ({student:.2f}%): DKD may not help; suggesting the window's smallest beta"
+                f"calibration {self.name!r} has no measured held-out error; its spread is a wide default"
             )
-            peak = low
+        beta = _beta_from_log(log_beta)
+        low, high = _interval(math.log2(beta), spread)
         return BetaSuggestion(
-            gap=gap,
-            beta=2.0**peak,
-            low=2.0**low,
-            high=2.0**high,
-            extrapolated=extrapolated,
-            clamped=False,
-            warnings=tuple(warnings),
-            calibration=self.name,
-            family=self.family,
-        )
-
-    def _leverage(self, gap: float) -> float:
-        gaps = [point.mean_logit_gap for point in self.points]
-        mean = math.fsum(gaps) / len(gaps)
-        spread = math.fsum((value - mean) ** 2 for value in gaps)
-        offset = gap - mean
-        # A product overflows to inf (a window clamped to the whole range) where ** would raise.
-        return math.sqrt(1.0 + 1.0 / len(gaps) + offset * offset / spread)
+            gap=gap, beta=beta, low=low, high=high, extrapolated=extrapolated, clamped=clamped,
+            warnings=tuple(warnings), calibration=self.name, family=self.family, spread=spread,
+            spread_source=source, trust=self.trust(),
+        )  # fmt: skip
 
     def report(self) -> str:
-        """Human-readable summary: the fit, then each point's searched beta next to the prediction."""
+        """Human-readable summary: the fit, then each point's best beta next to the prediction."""
         low_gap, high_gap = self.gap_range
         lines = [
-            f"calibration {self.name!r}: family {self.family}, {len(self.points)} teachers, "
+            f"calibration {self.name!r}: family {self.family}, {len(self.points)} teachers (points), "
             f"gaps {low_gap:.2f}..{high_gap:.2f}",
             f"fit: beta = {math.exp(self.intercept):.4g} * exp({self.slope:.4g} * gap)"
             + (
@@ -287,10 +314,9 @@ class Calibration:
                 if self.slope > 0
                 else "  (slope held at 0: the points do not show beta growing with the gap)"
             ),
-            f"window: beta * exp(+-{self.window_k:g} * {self.residual_scale:.3f} * leverage)  "
-            f"(residual scale fitted {self.residual_scale_fitted:.3f}, floor {self.residual_scale_floor:.3f}, log units)",
+            f"trust: {self.trust()}",
         ]
-        header = ("teacher", "gap", "best beta", "predicted", "window", "error (log2)")
+        header = ("teacher", "gap", "best beta", "predicted", "80% interval", "error (log2)")
         rows = []
         for point, error in zip(self.points, self.log_errors(), strict=True):
             suggestion = self.predict(point.mean_logit_gap)
@@ -304,11 +330,7 @@ class Calibration:
                     f"{error:+.2f}",
                 )
             )
-        widths = [max(len(row[column]) for row in [header, *rows]) for column in range(len(header))]
-        for row in [header, *rows]:
-            lines.append(
-                "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-            )
+        lines += _table(header, rows)
         lines.append(f"RMSE {self.rmse_log2:.3f} log2 units (a typical miss of x{2**self.rmse_log2:.2f})")
         return "\n".join(lines)
 
@@ -331,44 +353,258 @@ class Calibration:
                 "rmse_log2": self.rmse_log2,
                 "gap_range": list(self.gap_range),
             },
-            "window": {"k": self.window_k, "residual_scale_floor": self.residual_scale_floor},
         }
-        if self.surface is not None:
-            content["fit"] = {"form": SURFACE_FORM, "formula": SURFACE_FORMULA, **self.surface.to_dict()}
         if self.evidence is not None:
             content["evidence"] = self.evidence
         return content
 
 
 @dataclass(frozen=True)
+class ModelCalibration:
+    """A grid's calibration: its teachers' curves, the hierarchical model on its chosen feature, and the
+    held-out errors and regrets `dkd-tune validate-beta` measured for it."""
+
+    name: str
+    family: str
+    provenance: str
+    teachers: tuple[CalibratedTeacher, ...]
+    feature: str | None
+    log2_beta_range: tuple[float, float]
+    held_out: dict[str, dict[str, Any]] = field(default_factory=dict, compare=False)  # fold kind -> summary
+    evidence: dict[str, Any] | None = field(default=None, compare=False)
+
+    @cached_property
+    def model(self) -> BetaModel:
+        return fit_beta_model(self.teachers, self.feature)
+
+    @property
+    def points(self) -> tuple[CalibrationPoint, ...]:
+        """Each teacher as a (gap, fitted peak) point, for figures and tables."""
+        return tuple(
+            CalibrationPoint(t.label, t.features["gap"], 2.0**t.curve.peak, "fitted peak of its grid curve")
+            for t in self.teachers
+        )
+
+    @property
+    def gap_range(self) -> tuple[float, float]:
+        gaps = [t.features["gap"] for t in self.teachers]
+        return min(gaps), max(gaps)
+
+    @property
+    def predicts_from_gap(self) -> bool:
+        """Whether `predict(gap)` works: the model's feature is the gap (or none)."""
+        return self.feature in (None, "gap")
+
+    @property
+    def student_alone_val_acc(self) -> float | None:
+        value = (self.evidence or {}).get("student_alone_val_acc")
+        return float(value) if isinstance(value, (int, float)) else None
+
+    def trust(self, architecture_known: bool = False) -> str:
+        kind = "teacher" if architecture_known else "architecture"
+        summary = self.held_out.get(kind)
+        if not summary:
+            return "no held-out error was measured for this calibration"
+        what = (
+            "its architecture's other teachers kept"
+            if architecture_known
+            else "its whole architecture left out"
+        )
+        line = (
+            f"held out ({what}; {summary['teachers']} teachers): off by {summary['rms_error_octaves']:.2f} "
+            f"octaves RMS"
+        )
+        if "autobeta_regret" in summary and "constant_regret" in summary:
+            line += (
+                f"; regret {summary['autobeta_regret'][0]:.2f} points against {summary['constant_regret'][0]:.2f} "
+                "for one constant beta"
+            )
+        return line
+
+    def suggest(
+        self, stats: LogitGapStats, architecture: str | None = None, *, teacher_acc: float | None = None
+    ) -> BetaSuggestion:
+        """The belief for a teacher measured by `stats` (its gap pass); `architecture` its model name."""
+        features = feature_values(stats, self.student_alone_val_acc)
+        warnings = []
+        low_gap, high_gap = self.gap_range
+        extrapolated = not low_gap <= stats.mean <= high_gap
+        if extrapolated:
+            warnings.append(
+                _outside_range_warning(stats.mean, self.gap_range, self.name, len(self.teachers), self.family)
+                + "; the model extrapolates: trust its spread more than its centre"
+            )
+        if self.feature is not None and not math.isfinite(features.get(self.feature, math.nan)):
+            raise UserInputError(
+                f"calibration {self.name!r} predicts from {FEATURES[self.feature]}, which this teacher's "
+                "measurement lacks (measure it with this dkd-tune version)"
+            )
+        known = architecture in self.model.architectures
+        predictive = self.model.predict(features, architecture)
+        low_x, high_x = self.log2_beta_range
+        candidates = [low_x + k * (high_x - low_x) / 120 for k in range(121)]
+        centre = predictive.pick(candidates, self.model.k_left, self.model.k_right)
+        student = self.student_alone_val_acc
+        if teacher_acc is not None and student is not None and teacher_acc <= student:
+            warnings.append(
+                f"the teacher's top-1 {teacher_acc:.2f}% is no better than the calibration's student alone "
+                f"({student:.2f}%): DKD may not help; suggesting the calibrated range's smallest beta"
+            )
+            centre = low_x
+        summary = self.held_out.get("teacher" if known else "architecture")
+        if summary:
+            spread = prior_spread(summary["rms_error_octaves"], predictive.sd)
+            source = (
+                f"held-out error {summary['rms_error_octaves']:.2f} octaves RMS "
+                f"({'leave one teacher out' if known else 'leave one architecture out'}), model sd "
+                f"{predictive.sd:.2f}, floor {PRIOR_SPREAD_FLOOR:g}"
+            )
+        else:
+            spread = max(DEFAULT_PRIOR_SPREAD, predictive.sd)
+            source = f"no held-out error: the wide default {DEFAULT_PRIOR_SPREAD:g} octaves"
+            warnings.append(
+                f"calibration {self.name!r} has no measured held-out error; its spread is a wide default"
+            )
+        beta = min(max(2.0**centre, BETA_MIN), BETA_MAX)
+        low, high = _interval(math.log2(beta), spread)
+        return BetaSuggestion(
+            gap=stats.mean, beta=beta, low=low, high=high, extrapolated=extrapolated, clamped=False,
+            warnings=tuple(warnings), calibration=self.name, family=self.family, spread=spread,
+            spread_source=source, trust=self.trust(known),
+        )  # fmt: skip
+
+    def predict(self, gap: float, *, teacher_acc: float | None = None) -> BetaSuggestion:
+        """A suggestion from the gap alone (for figures): only when the model's feature is the gap or none."""
+        if self.feature not in (None, "gap"):
+            raise UserInputError(
+                f"calibration {self.name!r} predicts from {FEATURES[self.feature]}, not from the gap alone"
+            )
+        return self.suggest(LogitGapStats(gap, gap, 0.0, 0.0, math.nan, math.nan, 0), teacher_acc=teacher_acc)
+
+    def report(self) -> str:
+        low_gap, high_gap = self.gap_range
+        slope, slope_sd = self.model.slope()
+        feature = FEATURES.get(self.feature, "none") if self.feature else "none (one peak for all)"
+        lines = [
+            f"calibration {self.name!r}: family {self.family}, {len(self.teachers)} teachers of "
+            f"{len(self.model.architectures)} architectures (a grid's model), gaps {low_gap:.2f}..{high_gap:.2f}",
+            f"model: peak log2(beta) from {feature}"
+            + (f", slope {slope:+.3f} +- {slope_sd:.3f} octaves per unit" if self.feature else "")
+            + f"; curvatures {self.model.k_left:.2f} (smaller beta) / {self.model.k_right:.2f} (larger beta) "
+            "points per squared octave",
+            f"trust, a teacher of another architecture: {self.trust(False)}",
+            f"trust, a teacher of a calibrated architecture: {self.trust(True)}",
+        ]
+        header = ("teacher", "architecture", "gap", "fitted peak beta", "peak se (octaves)")
+        rows = [
+            (
+                t.label,
+                t.architecture,
+                f"{t.features['gap']:.2f}",
+                f"{2.0**t.curve.peak:.2f}",
+                f"{t.curve.peak_se:.2f}",
+            )
+            for t in self.teachers
+        ]
+        return "\n".join(lines + _table(header, rows))
+
+    def to_dict(self) -> dict[str, Any]:
+        slope, slope_sd = self.model.slope()
+        content: dict[str, Any] = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "name": self.name,
+            "family": self.family,
+            "provenance": self.provenance,
+            "points": [
+                {
+                    "teacher": t.label,
+                    "architecture": t.architecture,
+                    "features": t.features,
+                    "curve": dataclasses.asdict(t.curve),
+                }
+                for t in self.teachers
+            ],
+            "fit": {
+                "form": MODEL_FORM,
+                "formula": MODEL_FORMULA,
+                "feature": self.feature,
+                "log2_beta_range": list(self.log2_beta_range),
+                "slope": slope,
+                "slope_sd": slope_sd,
+            },
+            "held_out": self.held_out,
+        }
+        if self.evidence is not None:
+            content["evidence"] = self.evidence
+        return content
+
+
+AnyCalibration = Calibration | ModelCalibration
+
+
+def suggest_beta(
+    calibration: AnyCalibration, stats: LogitGapStats, architecture: str | None = None
+) -> BetaSuggestion:
+    """One teacher's suggestion from its gap pass: the one place `suggest-beta` and `beta: auto` get it from."""
+    teacher_acc = stats.val_acc if math.isfinite(stats.val_acc) else stats.test_acc
+    teacher_acc = teacher_acc if math.isfinite(teacher_acc) else None
+    if isinstance(calibration, ModelCalibration):
+        return calibration.suggest(stats, architecture, teacher_acc=teacher_acc)
+    return calibration.predict(stats.mean, teacher_acc=teacher_acc)
+
+
+def _outside_range_warning(
+    gap: float, gap_range: tuple[float, float], name: str, count: int, family: str
+) -> str:
+    low, high = gap_range
+    return (
+        f"gap {gap:.2f} is outside the calibrated range [{low:.2f}, {high:.2f}] of calibration {name!r} "
+        f"({count} teachers, family {family})"
+    )
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max(len(row[column]) for row in [header, *rows]) for column in range(len(header))]
+    return [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
+    ]
+
+
+@dataclass(frozen=True)
 class BetaPrior:
-    """Auto-beta as a search's prior: the trials to start from, and the whole calibrated range to search after."""
+    """Auto-beta as a search's prior: the suggestion (a centre and a spread) and the beta range searched."""
 
     suggestion: BetaSuggestion
     beta_range: tuple[float, float]
 
-    def first_betas(self) -> list[float]:
-        """The predicted beta first (Optuna's first trial), then the window's ends, each once."""
-        betas: list[float] = []
-        for beta in (self.suggestion.beta, self.suggestion.low, self.suggestion.high):
-            beta = min(max(beta, self.beta_range[0]), self.beta_range[1])
-            if all(not math.isclose(beta, seen, rel_tol=1e-6) for seen in betas):
-                betas.append(beta)
-        return betas
+    @property
+    def centre(self) -> float:
+        """The first trial's beta (the suggestion, inside the searched range)."""
+        return min(max(self.suggestion.beta, self.beta_range[0]), self.beta_range[1])
+
+    @property
+    def spread(self) -> float:
+        return self.suggestion.spread
 
     def describe(self) -> str:
         s = self.suggestion
         return (
-            f"beta {s.beta:.3g}, window [{s.low:.3g}, {s.high:.3g}] (calibration {s.calibration!r}, gap {s.gap:.2f}); "
-            f"then TPE over [{self.beta_range[0]:g}, {self.beta_range[1]:g}]"
+            f"{s.describe()} from calibration {s.calibration!r} (gap {s.gap:.2f}); the first trial at beta "
+            f"{self.centre:.3g}, then the prior-guided sampler over [{self.beta_range[0]:g}, {self.beta_range[1]:g}]"
         )
 
 
-def beta_prior(calibration: Calibration, gap: float, teacher_acc: float | None = None) -> BetaPrior:
+def beta_prior(
+    calibration: AnyCalibration, stats: LogitGapStats | float, architecture: str | None = None
+) -> BetaPrior:
     """The prior `beta: auto` gives a teacher: its suggestion, and the range the calibration covers."""
-    suggestion = calibration.predict(gap, teacher_acc=teacher_acc)
-    if calibration.surface is not None:
-        low, high = calibration.surface.log2_beta_range
+    if not isinstance(stats, LogitGapStats):
+        stats = LogitGapStats(float(stats), float(stats), 0.0, 0.0, math.nan, math.nan, 0)
+    suggestion = suggest_beta(calibration, stats, architecture)
+    if isinstance(calibration, ModelCalibration):
+        low, high = calibration.log2_beta_range
         beta_range = (2.0**low, 2.0**high)
     else:
         beta_range = (BETA_MIN, BETA_MAX)
@@ -431,8 +667,9 @@ def fit_calibration(
     )
 
 
-def default_calibration(family: str) -> Calibration:
-    """The calibration dkd-tune ships for a dataset family (only "cifar", from the paper's Table A.2)."""
+def default_calibration(family: str) -> AnyCalibration:
+    """The calibration dkd-tune ships for a dataset family ("cifar": the paper's Table A.2; "synthetic": the
+    all-CNN validation grid)."""
     _check_family(family, "family")
     if family not in _DEFAULT_FILES:
         raise UserInputError(
@@ -446,13 +683,13 @@ def default_calibration(family: str) -> Calibration:
         return read_calibration(path)
 
 
-def default_calibration_or_none(family: str) -> Calibration | None:
-    """The calibration dkd-tune ships for `family`, or None when it ships none (imagenet, synthetic)."""
+def default_calibration_or_none(family: str) -> AnyCalibration | None:
+    """The calibration dkd-tune ships for `family`, or None when it ships none (imagenet, coco)."""
     _check_family(family, "family")
     return default_calibration(family) if family in _DEFAULT_FILES else None
 
 
-def load_calibration(path: str | os.PathLike | None, family: str) -> Calibration:
+def load_calibration(path: str | os.PathLike | None, family: str) -> AnyCalibration:
     """The user's calibration file if a path is given, else the family's default; either must match `family`."""
     _check_family(family, "family")
     if path is None:
@@ -479,20 +716,19 @@ def describe_calibration(
     sections = [calibration.report()]
     for gap in gaps:
         suggestion = calibration.predict(gap)
-        low, high = suggestion.search_window()
-        lines = [f"gap {suggestion.gap:.2f}: beta {suggestion.beta:.3g}, search window [{low:g}, {high:g}]"]
+        lines = [f"gap {suggestion.gap:.2f}: {suggestion.describe()}", f"spread: {suggestion.spread_source}"]
         lines += [f"warning: {warning}" for warning in suggestion.warnings]
         lines.append(suggestion.search_space_yaml().rstrip("\n"))
         sections.append("\n".join(lines))
     return "\n\n".join(sections)
 
 
-def save_calibration(calibration: Calibration, path: str | os.PathLike) -> None:
+def save_calibration(calibration: AnyCalibration, path: str | os.PathLike) -> None:
     """Write the calibration as human-readable JSON, atomically."""
     atomic_write_text(path, _format_json(calibration.to_dict()) + "\n")
 
 
-def read_calibration(path: str | os.PathLike) -> Calibration:
+def read_calibration(path: str | os.PathLike) -> AnyCalibration:
     """Read and validate a calibration file; the stored fit must be the one its points give."""
     path = Path(path)
     try:
@@ -510,27 +746,41 @@ def read_calibration(path: str | os.PathLike) -> Calibration:
     return _calibration_from_content(content, path)
 
 
-def _calibration_from_content(content: Any, path: Path) -> Calibration:
+def _calibration_from_content(content: Any, path: Path) -> AnyCalibration:
     reader = _FileReader(path)
     reader.require_object(content, "")
     reader.require_keys(
         content,
         "",
-        required=("format", "format_version", "name", "family", "provenance", "points", "fit", "window"),
-        optional=("evidence",),
+        required=("format", "format_version", "name", "family", "provenance", "points", "fit"),
+        optional=("evidence", "window", "held_out"),
     )
     if content["format"] != FORMAT:
         raise UserInputError(f"{path}: key format is {content['format']!r}, expected {FORMAT!r}")
     version = content["format_version"]
-    if version != FORMAT_VERSION or isinstance(version, bool):
+    if version not in READABLE_VERSIONS or isinstance(version, bool):
         raise UserInputError(
-            f"{path}: key format_version is {version!r}; this dkd-tune reads version {FORMAT_VERSION}"
+            f"{path}: key format_version is {version!r}; this dkd-tune reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}"
         )
     name = reader.string(content, "name")
     family = reader.string(content, "family")
     if family not in FAMILIES:
         raise UserInputError(f"{path}: key family is {family!r}, expected one of {', '.join(FAMILIES)}")
     provenance = reader.string(content, "provenance")
+    stored = content["fit"]
+    reader.require_object(stored, "fit")
+    evidence = content.get("evidence")
+    if evidence is not None:
+        reader.require_object(evidence, "evidence")
+    form = stored.get("form")
+    if form == MODEL_FORM:
+        return _model_calibration_from(content, reader, name, family, provenance, evidence)
+    if form != FIT_FORM:
+        raise UserInputError(
+            f"{path}: key fit.form is {form!r}; this dkd-tune reads {FIT_FORM!r} and {MODEL_FORM!r} "
+            "(a 'response_surface' file was written by an older validate-beta: run it again to refit)"
+        )
     raw_points = content["points"]
     if not isinstance(raw_points, list) or len(raw_points) < 2:
         raise UserInputError(f"{path}: key points must be a list of at least 2 points")
@@ -547,12 +797,12 @@ def _calibration_from_content(content: Any, path: Path) -> Calibration:
                 source=reader.string(raw, "source", where),
             )
         )
-    window = content["window"]
+    window = content.get("window") or {
+        "k": DEFAULT_WINDOW_K,
+        "residual_scale_floor": DEFAULT_RESIDUAL_SCALE_FLOOR,
+    }
     reader.require_object(window, "window")
     reader.require_keys(window, "window", required=("k", "residual_scale_floor"))
-    evidence = content.get("evidence")
-    if evidence is not None:
-        reader.require_object(evidence, "evidence")
     try:
         calibration = fit_calibration(
             points,
@@ -565,39 +815,73 @@ def _calibration_from_content(content: Any, path: Path) -> Calibration:
         )
     except UserInputError as error:
         raise UserInputError(f"{path}: {error}") from None
-    stored = content["fit"]
-    if isinstance(stored, dict) and stored.get("form") == SURFACE_FORM:
-        return surface_calibration(calibration, _surface_from(stored, reader))
     _check_stored_fit(stored, calibration, reader)
     return calibration
 
 
-def surface_calibration(calibration: Calibration, surface: SurfaceFit) -> Calibration:
-    """`calibration` predicting from a grid's response surface (its points are then the grid's oracle betas)."""
-    ln2 = math.log(2.0)
-    return dataclasses.replace(
-        calibration,
-        surface=surface,
-        intercept=surface.intercept * ln2,
-        slope=surface.slope * ln2,
-        slope_held_at_zero=surface.slope == 0,
+def _model_calibration_from(
+    content, reader: _FileReader, name, family, provenance, evidence
+) -> ModelCalibration:
+    stored = content["fit"]
+    reader.require_keys(
+        stored, "fit", required=("form", "formula", "feature", "log2_beta_range", "slope", "slope_sd")
     )
-
-
-def _surface_from(stored: dict, reader: _FileReader) -> SurfaceFit:
-    keys = ("intercept", "slope", "curvature", "gap_range", "log2_beta_range", "noise_variance", "teachers")
-    reader.require_keys(stored, "fit", required=("form", "formula", *keys))
-    for key in ("intercept", "slope", "curvature", "noise_variance"):
-        reader.number(stored, key, "fit")
-    for key in ("gap_range", "log2_beta_range"):
-        value = stored[key]
-        if not (isinstance(value, list) and len(value) == 2 and all(_is_finite_number(v) for v in value)):
-            raise UserInputError(f"{reader.path}: key fit.{key} must be a list [low, high] of numbers")
-        if value[0] > value[1]:
-            raise UserInputError(f"{reader.path}: key fit.{key} is {value}; expected low <= high")
-    if stored["curvature"] < 0:
-        raise UserInputError(f"{reader.path}: key fit.curvature is {stored['curvature']!r}; expected >= 0")
-    return SurfaceFit.from_dict(stored)
+    feature = stored["feature"]
+    if feature is not None and feature not in FEATURES:
+        raise UserInputError(
+            f"{reader.path}: key fit.feature is {feature!r}, expected null or one of {', '.join(FEATURES)}"
+        )
+    beta_range = stored["log2_beta_range"]
+    if not (
+        isinstance(beta_range, list)
+        and len(beta_range) == 2
+        and all(_is_finite_number(v) for v in beta_range)
+    ):
+        raise UserInputError(f"{reader.path}: key fit.log2_beta_range must be a list [low, high] of numbers")
+    raw_points = content["points"]
+    if not isinstance(raw_points, list) or len(raw_points) < 2:
+        raise UserInputError(f"{reader.path}: key points must be a list of at least 2 teachers")
+    teachers = []
+    curve_keys = tuple(f.name for f in dataclasses.fields(TeacherCurve))
+    for index, raw in enumerate(raw_points):
+        where = f"points[{index}]"
+        reader.require_object(raw, where)
+        reader.require_keys(raw, where, required=("teacher", "architecture", "features", "curve"))
+        reader.require_object(raw["features"], f"{where}.features")
+        reader.require_object(raw["curve"], f"{where}.curve")
+        reader.require_keys(raw["curve"], f"{where}.curve", required=curve_keys)
+        features = {key: reader.number(raw["features"], key, f"{where}.features") for key in raw["features"]}
+        if "gap" not in features:
+            raise UserInputError(f"{reader.path}: missing key {where}.features.gap")
+        curve = TeacherCurve(
+            **{key: reader.number(raw["curve"], key, f"{where}.curve") for key in curve_keys}
+        )
+        teachers.append(
+            CalibratedTeacher(
+                reader.string(raw, "teacher", where),
+                reader.string(raw, "architecture", where),
+                features,
+                curve,
+            )
+        )
+    held_out = content.get("held_out") or {}
+    reader.require_object(held_out, "held_out")
+    calibration = ModelCalibration(
+        name=name, family=family, provenance=provenance, teachers=tuple(teachers), feature=feature,
+        log2_beta_range=(float(beta_range[0]), float(beta_range[1])), held_out=held_out, evidence=evidence,
+    )  # fmt: skip
+    try:
+        slope, slope_sd = calibration.model.slope()
+    except ValueError as error:
+        raise UserInputError(f"{reader.path}: {error}") from None
+    for key, value in (("slope", slope), ("slope_sd", slope_sd)):
+        given = stored[key]
+        if not (_is_finite_number(given) and math.isclose(given, value, rel_tol=1e-6, abs_tol=1e-9)):
+            raise UserInputError(
+                f"{reader.path}: key fit.{key} is {_short(given)} but the file's teachers give {value:.6g}; "
+                "the fit must come from the points (run `dkd-tune validate-beta` again to refit)"
+            )
+    return calibration
 
 
 def _check_stored_fit(stored: Any, calibration: Calibration, reader: _FileReader) -> None:

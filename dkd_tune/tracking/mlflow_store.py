@@ -233,10 +233,15 @@ _RAY_BOOKKEEPING = frozenset(
 LEADING_METRICS = ("test_acc", "val_acc", "test_ap", "val_ap")
 
 
+def result_time_ms(result: Mapping[str, Any]) -> int:
+    """When a trial reported `result` (Ray's `timestamp`, seconds), in ms; now when it carries none."""
+    return int(1000 * float(result.get("timestamp", 0) or 0)) or now_ms()
+
+
 def epoch_metrics(result: Mapping[str, Any]) -> tuple[int, dict[str, float], int]:
     """A trial's result as MLflow takes it: (step = epoch, its finite metrics, timestamp in ms)."""
     step = int(result.get("epoch", result.get("training_iteration", 0)))
-    timestamp_ms = int(1000 * float(result.get("timestamp", 0) or 0)) or now_ms()
+    timestamp_ms = result_time_ms(result)
     metrics = numeric_metrics({k: v for k, v in result.items() if k not in _RAY_BOOKKEEPING})
     leading = {key: metrics[key] for key in LEADING_METRICS if key in metrics}
     return step, {**leading, **metrics}, timestamp_ms
