@@ -334,12 +334,18 @@ def _precondition_lines(grid: BetaGrid) -> list[str]:
             "The student alone did not run: the precondition (every teacher better than it) is unchecked.",
             "",
         ]
-    margin = 2 * sd if math.isfinite(sd) else 0.0
+    source = "its seeds"
+    if not math.isfinite(sd):  # one run of the student alone: the grid's cells give the seed noise
+        sd, source = float(np.sqrt(grid.test.var(axis=2, ddof=1).mean())), "the grid's cells"
+    margin = 2 * sd
     weak = [t for t in grid.teachers if not grid.teacher_test_acc.get(t, math.inf) > alone + margin]
-    text = f"Precondition: the student alone reaches {alone:.2f}% test top-1 (seed sd {sd:.2f}); " + (
-        f"every teacher beats it by more than 2 seed sds ({margin:.2f} points)."
-        if not weak
-        else f"NOT every teacher beats it by 2 seed sds ({margin:.2f} points): {', '.join(weak)}."
+    text = (
+        f"Precondition: the student alone reaches {alone:.2f}% test top-1 (seed sd {sd:.2f}, from {source}); "
+        + (
+            f"every teacher beats it by more than 2 seed sds ({margin:.2f} points)."
+            if not weak
+            else f"NOT every teacher beats it by 2 seed sds ({margin:.2f} points): {', '.join(weak)}."
+        )
     )
     return [text, ""]
 

@@ -447,9 +447,9 @@ def analyze_command(name_or_path, out, storage, tracking_uri, no_mlflow) -> None
 @click.option(
     "--resamples",
     type=click.IntRange(min=100),
-    default=1000,
+    default=2000,
     show_default=True,
-    help="Bootstrap resamples (over teachers and seeds, the models refitted in each).",
+    help="Bootstrap resamples (over teachers as clusters, each with all its seeds).",
 )
 @click.option(
     "--search-trials",

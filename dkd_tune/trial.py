@@ -196,7 +196,12 @@ def run_detection_trial(
     if LOSS_MODES[loss_mode].needs_teacher:
         if plan.teacher is None:
             raise ValueError("a distillation trial needs teacher artifacts")
-        teacher = load_detector(plan.teacher.model, plan.teacher.checkpoint, categories=data.category_names)
+        teacher = load_detector(
+            plan.teacher.model,
+            plan.teacher.checkpoint,
+            categories=data.category_names,
+            category_ids=data.category_ids,
+        )
     return fit_detector(
         run.model, run.train_loader, run.evaluations, recipe,
         identity=run.identity, loss_mode=loss_mode, teacher=teacher, device=device, reporter=reporter,

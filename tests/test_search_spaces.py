@@ -204,9 +204,9 @@ def test_asha_rungs_follow_the_scheduler_settings(tmp_path):
 
     space, _, plan = demo_part(tmp_path)
     scheduler = asha_scheduler(space, plan.max_epochs)
-    assert scheduler._time_attr == "epoch" and scheduler._max_t == 30
+    assert scheduler._time_attr == "epoch" and scheduler._max_t == 20
     (bracket,) = scheduler._brackets
-    assert sorted(milestone for milestone, _ in bracket._rungs) == [6, 12, 24]  # grace 6, factor 2, max_t 30
+    assert sorted(milestone for milestone, _ in bracket._rungs) == [5, 10, 20]  # grace 5, factor 2, max_t 20
     assert (
         asha_scheduler(
             space.model_copy(update={"scheduler": space.scheduler.model_copy(update={"type": "none"})}), 8

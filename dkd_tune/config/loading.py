@@ -262,13 +262,14 @@ def check_teacher_checkpoints(space: SearchSpaceFile, data: Any, path: Path) -> 
     if not given:
         return
     if data.is_detection:
-        from dkd_tune.data.splits import coco_category_names
+        from dkd_tune.data.splits import coco_categories
         from dkd_tune.models.detection import matching_detector_state_dict
 
-        categories = coco_category_names(data)
+        listed = coco_categories(data)
+        categories, ids = tuple(name for _, name in listed), tuple(i for i, _ in listed)
         for index, teacher in given:
             try:
-                matching_detector_state_dict(teacher.model, resolve_path(teacher.checkpoint), categories)
+                matching_detector_state_dict(teacher.model, resolve_path(teacher.checkpoint), categories, ids)
             except UserInputError as error:
                 raise UserInputError(f"{path}: teachers[{index}].checkpoint: {error}") from None
         return

@@ -101,6 +101,11 @@ def load_coco_data(spec: DataSpec, workers: int = 0) -> CocoData:
 
 def coco_category_names(spec: DataSpec) -> tuple[str, ...]:
     """A COCO-format spec's category names in label order (by id), read from its training annotations only."""
+    return tuple(name for _, name in coco_categories(spec))
+
+
+def coco_categories(spec: DataSpec) -> tuple[tuple[int, str], ...]:
+    """A COCO-format spec's (category id, name) pairs in label order (by id), from its training annotations."""
     import json
 
     from dkd_tune.data.synthetic_coco import categories
@@ -113,7 +118,7 @@ def coco_category_names(spec: DataSpec) -> tuple[str, ...]:
             listed = json.loads(path.read_text())["categories"]
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise UserInputError(f"{path}: not a readable COCO annotation file ({error})") from None
-    return tuple(str(c["name"]) for c in sorted(listed, key=lambda c: int(c["id"])))
+    return tuple((int(c["id"]), str(c["name"])) for c in sorted(listed, key=lambda c: int(c["id"])))
 
 
 def _download_cifar100(spec: DataSpec) -> None:

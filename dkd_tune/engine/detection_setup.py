@@ -59,7 +59,13 @@ def prepare_detection_run(
         )
     torch.manual_seed(recipe.seed)
     model = create_detector(arch, data.num_classes, pretrained_backbone=True)
+    settings = getattr(model, "detector_settings", None)
     identity = RunIdentity(
-        arch=arch, num_classes=data.num_classes, dataset=data.name, categories=data.category_names
+        arch=arch,
+        num_classes=data.num_classes,
+        dataset=data.name,
+        categories=data.category_names,
+        category_ids=data.category_ids,
+        detector=settings.to_dict() if settings is not None else None,
     )
     return PreparedDetectionRun(model, train_loader, evaluations, identity)

@@ -23,6 +23,8 @@ class RunIdentity:
     mean: tuple[float, ...] = ()  # the input normalisation it was trained with (used by the probe)
     std: tuple[float, ...] = ()
     categories: tuple[str, ...] = ()  # a detector's category names, label 1 first (0 is the background)
+    category_ids: tuple[int, ...] = ()  # ... their COCO category ids, so a teacher maps to other data by id
+    detector: dict[str, Any] | None = None  # a detector's settings (`DetectorSettings.to_dict()`)
 
 
 @dataclass

@@ -36,6 +36,8 @@ class ModelCheckpoint:
     mean: tuple[float, ...] | None = None  # input normalisation the network was trained with, when recorded
     std: tuple[float, ...] | None = None
     categories: tuple[str, ...] | None = None  # a detector's category names, in label order
+    category_ids: tuple[int, ...] | None = None  # ... and their COCO category ids, when recorded
+    detector: dict[str, Any] | None = None  # a detector's settings (DetectorSettings.to_dict), when recorded
 
 
 def read_model_checkpoint(path: str | os.PathLike) -> ModelCheckpoint:
@@ -56,7 +58,17 @@ def read_model_checkpoint(path: str | os.PathLike) -> ModelCheckpoint:
             )
         metadata = {
             key: payload.get(key)
-            for key in ("arch", "num_classes", "dataset", "input_size", "mean", "std", "categories")
+            for key in (
+                "arch",
+                "num_classes",
+                "dataset",
+                "input_size",
+                "mean",
+                "std",
+                "categories",
+                "category_ids",
+                "detector",
+            )
         }
         metadata.update(recipe=payload.get("recipe"), metrics=payload.get("metrics"))
         source_format = "dkd-tune"
@@ -93,4 +105,8 @@ def read_model_checkpoint(path: str | os.PathLike) -> ModelCheckpoint:
         mean=tuple(metadata["mean"]) if metadata.get("mean") else None,
         std=tuple(metadata["std"]) if metadata.get("std") else None,
         categories=tuple(metadata["categories"]) if metadata.get("categories") else None,
+        category_ids=tuple(int(i) for i in metadata["category_ids"])
+        if metadata.get("category_ids")
+        else None,
+        detector=dict(metadata["detector"]) if isinstance(metadata.get("detector"), dict) else None,
     )

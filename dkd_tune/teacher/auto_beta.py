@@ -434,16 +434,20 @@ class ModelCalibration:
                 _outside_range_warning(stats.mean, self.gap_range, self.name, len(self.teachers), self.family)
                 + "; the model extrapolates: trust its spread more than its centre"
             )
+        model = self.model
         if self.feature is not None and not math.isfinite(features.get(self.feature, math.nan)):
-            raise UserInputError(
+            # E.g. the accuracy margin of a teacher measured without a validation split: the gap, always
+            # measured, stands in (the held-out error below is then the chosen feature's, a lower bound).
+            model = fit_beta_model(self.teachers, "gap")
+            warnings.append(
                 f"calibration {self.name!r} predicts from {FEATURES[self.feature]}, which this teacher's "
-                "measurement lacks (measure it with this dkd-tune version)"
+                "measurement lacks (a validation split gives it); predicting from the raw gap instead"
             )
-        known = architecture in self.model.architectures
-        predictive = self.model.predict(features, architecture)
+        known = architecture in model.architectures
+        predictive = model.predict(features, architecture)
         low_x, high_x = self.log2_beta_range
         candidates = [low_x + k * (high_x - low_x) / 120 for k in range(121)]
-        centre = predictive.pick(candidates, self.model.k_left, self.model.k_right)
+        centre = predictive.pick(candidates, model.k_left, model.k_right)
         student = self.student_alone_val_acc
         if teacher_acc is not None and student is not None and teacher_acc <= student:
             warnings.append(

@@ -49,7 +49,9 @@ def prepare_detection_teacher(
         )
     else:
         raise UserInputError(f"teacher {label!r}: give a checkpoint or a train: recipe")
-    teacher = load_detector(model, weights, categories=data.category_names, device=device)
+    teacher = load_detector(
+        model, weights, categories=data.category_names, category_ids=data.category_ids, device=device
+    )
     log(f"dkd-tune: teacher '{label}': measuring the logit gap of its R-CNN head on its proposals")
     gap = measure_detection_gap(teacher, data, device=device)
     log(
