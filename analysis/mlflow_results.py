@@ -136,7 +136,7 @@ def _trial_row(parent: ParentRun, run: Any, searched: dict[str, list[str]]) -> d
     params, tags, metrics = run.data.params, run.data.tags, run.data.metrics
     part = tags.get(tracking.TAG_TEACHER, params.get("teacher", ""))
     teacher = params.get("teacher", "none")
-    gap = parent.tags.get(f"teacher_gap.{teacher}", params.get("teacher_gap"))
+    gap = parent.tags.get(tracking.tag_key(f"teacher_gap.{teacher}"), params.get("teacher_gap"))
     duration = (run.info.end_time - run.info.start_time) / 1000 if run.info.end_time else None
     config = {name: _param_value(params[name]) for name in searched.get(part, []) if name in params}
     stop_epoch = tags.get(tracking.TAG_STOP_EPOCH)
@@ -146,7 +146,7 @@ def _trial_row(parent: ParentRun, run: Any, searched: dict[str, list[str]]) -> d
         "teacher": teacher,
         "teacher_model": params.get("teacher_model", "none"),
         "teacher_gap": gap if teacher != "none" else None,
-        "predicted_beta": parent.tags.get(f"predicted_beta.{teacher}"),
+        "predicted_beta": parent.tags.get(tracking.tag_key(f"predicted_beta.{teacher}")),
         "dataset": params.get("dataset", parent.tags.get("dataset")),
         "dataset_family": parent.tags.get("dataset_family"),
         "student": params.get("student", parent.tags.get("student")),

@@ -307,6 +307,16 @@ def run_command(
     _print_outcome(run_search(space, space_file, options))
 
 
+@cli.command("check")
+@click.argument("space_file", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--set", "set_values", multiple=True, metavar="KEY=VALUE", help="Override a field, as for run.")
+def check_command(space_file, set_values) -> None:
+    """Check a search file as `run` would (teacher checkpoints and data opened), train and write nothing."""
+    from dkd_tune.commands.check import check_search_file
+
+    click.echo(check_search_file(space_file, set_values))
+
+
 @cli.command("resume")
 @click.argument("name_or_path")
 @click.option("--storage", help="Storage the search was run with (default: ./dkd_runs).")
@@ -516,10 +526,27 @@ def validate_beta_command(
 @click.option(
     "--url", default=None, help="Another copy of cifar_teachers.tar (default: mdistiller's release)."
 )
-def download_teachers_command(destination: str, url: str | None) -> None:
-    """Download the paper's CIFAR-100 teachers (mdistiller's cifar_teachers.tar), check and unpack them."""
-    from dkd_tune.commands.download_teachers import CIFAR_TEACHERS_URL, download_teachers
+@click.option(
+    "--detection",
+    is_flag=True,
+    help="The COCO teachers instead: Detectron2's R101-FPN and R50-FPN (3x), converted into <to>/coco_teachers/.",
+)
+def download_teachers_command(destination: str, url: str | None, detection: bool) -> None:
+    """Download the paper's CIFAR-100 teachers (mdistiller's cifar_teachers.tar), check and unpack them;
+    with --detection its COCO teachers, converted into this project's checkpoints."""
+    from dkd_tune.commands.download_teachers import (
+        CIFAR_TEACHERS_URL,
+        download_detection_teachers,
+        download_teachers,
+    )
 
+    if detection:
+        if url:
+            raise UserInputError(
+                "--url names a copy of cifar_teachers.tar; it does not apply with --detection"
+            )
+        download_detection_teachers(destination, log=click.echo)
+        return
     download_teachers(destination, url=url or CIFAR_TEACHERS_URL, log=click.echo)
 
 

@@ -363,9 +363,10 @@ def test_detection_trials_of_two_ddp_workers(tmp_path):
     assert frame["final_test_ap"].notna().all() and Path(frame["checkpoint_path"].iloc[0]).is_file()
 
 
-def test_the_coco_1x_recipe_is_a2s_detection_schedule():
-    recipe = resolve_recipe("coco-1x")
-    assert (recipe.epochs, recipe.batch_size, recipe.lr, recipe.lr_milestones) == (12, 16, 0.02, (8, 11))
+def test_the_coco_1x_recipe_is_the_official_dkd_detection_schedule():
+    recipe = resolve_recipe("coco-1x")  # mdistiller's DKD configs: batch 8, lr 0.01, 180k iterations
+    assert (recipe.epochs, recipe.batch_size, recipe.lr, recipe.lr_milestones) == (12, 8, 0.01, (8, 11))
+    assert recipe.warmup_epochs == 0 and recipe.warmup_factor_at(0) == 1.0  # no ramp of DKD's weight
     assert (recipe.weight_decay, recipe.momentum, recipe.lr_decay) == (1e-4, 0.9, 0.1)
     assert (recipe.alpha, recipe.beta, recipe.temperature, recipe.ce_weight) == (1.0, 0.25, 1.0, 1.0)
     assert resolve_recipe("coco-1x", overrides={"beta": 1}).beta == 1.0
@@ -386,3 +387,61 @@ def test_an_imagenet_backbone_that_cannot_be_downloaded_is_one_line(monkeypatch,
     assert (
         create_detector("frcnn_tiny", 7, pretrained_backbone=True) is not None
     )  # has no pretrained backbone
+
+
+def test_flips_follow_the_seed_and_epoch_so_workers_and_a_resume_see_the_same_images(coco):
+    """Workers kept alive across epochs flip exactly as the main process does, epoch after epoch: a resumed
+    run (a fresh loader set to the epoch) sees the images an uninterrupted one saw."""
+    from dkd_tune.data.coco import detection_loader
+
+    def epochs(workers: int, start: int = 0) -> list[list[list[float]]]:
+        loader = detection_loader(coco.dataset("train", train=True), 8, seed=5, shuffle=True, workers=workers)
+        seen = []
+        for epoch in range(start, 3):
+            loader.sampler.set_epoch(epoch)
+            seen.append([t["boxes"].flatten().tolist() for _, batch in loader for t in batch][:24])
+        return seen
+
+    in_process, with_workers = epochs(0), epochs(2)
+    assert in_process == with_workers
+    assert in_process[0] != in_process[1]  # another epoch, other flips and order
+    assert epochs(2, start=1) == in_process[1:]  # resumed at epoch 1
+
+
+def test_train_teacher_and_distill_take_detectors_and_a_resumed_run_ends_where_an_uninterrupted_one_does(
+    coco_root, tmp_path, capsys
+):
+    """`dkd-tune train-teacher` and `dkd-tune distill` for detectors, as for classifiers; a run stopped after
+    its first epoch and resumed gives the weights of one run straight through (same images, same flips)."""
+    from dkd_tune.cli import main
+    from dkd_tune.models.weights_file import read_model_checkpoint
+
+    data = f"synthetic-coco:{coco_root}"
+    common = ["--recipe", "coco-1x", "--data", data, "--device", "cpu", "--set", "batch_size=8"]
+    main(
+        ["train-teacher", "--model", "frcnn_tiny", "--out", str(tmp_path / "t"), "--set", "epochs=1", *common]
+    )
+    teacher = tmp_path / "t" / "best.pt"
+    assert read_model_checkpoint(teacher).categories == tuple(load_coco(coco_root, name="synthetic-coco",
+                                                                         validation=0, augment="standard").category_names)  # fmt: skip
+    distill = ["distill", "--student", "frcnn_tiny", "--teacher-model", "frcnn_tiny", "--teacher-checkpoint",
+               str(teacher), *common]  # fmt: skip
+    main([*distill, "--out", str(tmp_path / "straight"), "--set", "epochs=2"])
+    main([*distill, "--out", str(tmp_path / "resumed"), "--set", "epochs=1"])
+    # Continue the one-epoch run to two epochs: the same schedule as the straight run from epoch 2 on.
+    from dkd_tune.engine.checkpoints import LAST_CHECKPOINT
+
+    assert (tmp_path / "resumed" / LAST_CHECKPOINT).is_file()
+    with pytest.raises(SystemExit) as stopped:
+        main([*distill, "--out", str(tmp_path / "resumed"), "--set", "epochs=2"])
+    assert stopped.value.code == 2 and "pass --resume" in capsys.readouterr().err
+    main([*distill, "--out", str(tmp_path / "resumed"), "--set", "epochs=2", "--resume"])
+    straight = read_model_checkpoint(tmp_path / "straight" / "last.pt").state_dict
+    resumed = read_model_checkpoint(tmp_path / "resumed" / "last.pt").state_dict
+    for key, value in straight.items():
+        torch.testing.assert_close(resumed[key], value, rtol=1e-5, atol=1e-6)
+    with pytest.raises(SystemExit) as stopped:
+        main(
+            ["train-teacher", "--model", "frcnn_tiny", "--out", str(tmp_path / "x"), "--data", "synthetic:/x"]
+        )
+    assert stopped.value.code == 2 and "needs COCO-format data" in capsys.readouterr().err

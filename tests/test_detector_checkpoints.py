@@ -4,14 +4,20 @@ distil."""
 
 from __future__ import annotations
 
+import http.server
 import pickle
 import re
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
+from dkd_tune.commands.download_teachers import download_detection_teachers
 from dkd_tune.core.errors import UserInputError
 from dkd_tune.core.recipes import resolve_recipe
 from dkd_tune.data.coco import collate_detections, load_coco
@@ -26,6 +32,8 @@ from dkd_tune.models.detection import (
     load_detector,
     matching_detector_weights,
 )
+from tests.test_download_teachers import Handler
+from tests.test_search_spaces import placeholder_inputs
 
 CATEGORIES = ("person", "bicycle", "car")
 CATEGORY_IDS = (1, 2, 3)
@@ -317,3 +325,72 @@ def test_a_detectron2_teacher_distils_a_student_on_generated_coco_data(detectron
     assert torch.isfinite(loss) and parts["nckd"] >= 0 and parts["tckd"] >= 0
     loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+
+
+# ------------------------------------------------------------------------------------------------
+# download-teachers --detection, and the COCO search files checked with the teachers it writes
+
+
+def check(file: Path, overrides: list[str]) -> subprocess.CompletedProcess:
+    """`dkd-tune check FILE --set ...` in a subprocess (exit code and both streams)."""
+    root = Path(__file__).resolve().parents[1]
+    command = [
+        sys.executable,
+        "-m",
+        "dkd_tune",
+        "check",
+        str(file),
+        *[a for o in overrides for a in ("--set", o)],
+    ]
+    return subprocess.run(command, capture_output=True, text=True, cwd=root)
+
+
+def test_download_teachers_detection_converts_the_zoo_file_and_every_coco_file_checks(
+    detectron2_file, tmp_path
+):
+    path, source = detectron2_file
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.files, httpd.truncate = {"/model_final_280758.pkl": path.read_bytes()}, False
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        address = f"http://127.0.0.1:{httpd.server_address[1]}/model_final_280758.pkl"
+        folder = download_detection_teachers(tmp_path / "ckpt", urls={"frcnn_r50_fpn": address}, log=print)
+        httpd.truncate = True  # a download cut short writes nothing
+        with pytest.raises(UserInputError, match="nothing was written"):
+            download_detection_teachers(tmp_path / "other", urls={"frcnn_r50_fpn": address}, log=print)
+        assert not (tmp_path / "other" / "coco_teachers" / "frcnn_r50_fpn.pt").exists()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    written = folder / "frcnn_r50_fpn.pt"
+    # A subset of COCO's categories, mapped by id.
+    loaded = load_detector("frcnn_r50_fpn", written, categories=("car", "person"), category_ids=(3, 1))
+    assert loaded.detector_settings == detector_conversion.DETECTRON2_SETTINGS
+    assert torch.equal(
+        loaded.roi_heads.box_predictor.cls_score.weight[1], source.roi_heads.box_predictor.cls_score.weight[3]
+    )
+    # Every shipped COCO file passes `dkd-tune check` with a project-written teacher of its architecture
+    # (r50 from the conversion; r101 as the project's training saves a detector).
+    torch.manual_seed(0)
+    r101 = create_detector("frcnn_r101_fpn", 81)
+    ids = detector_conversion.COCO_THING_IDS
+    identity = RunIdentity("frcnn_r101_fpn", 81, "coco", categories=tuple(f"c{i}" for i in ids),
+                           category_ids=ids, detector=r101.detector_settings.to_dict())  # fmt: skip
+    save_best_model(folder / "frcnn_r101_fpn.pt", r101, identity, resolve_recipe("coco-1x"), {})
+    root = Path(__file__).resolve().parents[1]
+    for name in ("coco_frcnn_r101_r18", "coco_frcnn_r101_r50", "coco_frcnn_r50_mv2"):
+        file = root / "search_spaces" / f"{name}.yaml"
+        teacher = yaml.safe_load(file.read_text())["teachers"][0]
+        assert teacher["checkpoint"] == f"~/checkpoints/coco_teachers/{teacher['model']}.pt"
+        overrides = [o for o in placeholder_inputs(file, tmp_path / name) if not o.startswith("teachers.")]
+        result = check(file, [*overrides, f"teachers.0.checkpoint={folder / (teacher['model'] + '.pt')}"])
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert (
+            result.stdout.startswith(f"ok: {file}: search '{name}' would run")
+            and "checkpoint ok" in result.stdout
+        )
+    file = root / "search_spaces" / "coco_frcnn_r50_mv2.yaml"
+    overrides = [o for o in placeholder_inputs(file, tmp_path / "x") if not o.startswith("teachers.")]
+    bad = check(file, [*overrides, f"teachers.0.checkpoint={folder / 'frcnn_r101_fpn.pt'}"])
+    assert bad.returncode == 2 and "holds a frcnn_r101_fpn" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1

@@ -37,7 +37,9 @@ def placeholder_inputs(path: Path, tmp_path: Path) -> list[str]:
             (root / split / "n01440764").mkdir(parents=True)
     elif name == "coco":
         (root / "annotations").mkdir(parents=True)
-        categories = [{"id": i, "name": f"category{i}"} for i in range(1, 81)]
+        from dkd_tune.models.detector_conversion import COCO_THING_IDS  # COCO's ids, with their gaps
+
+        categories = [{"id": i, "name": f"category{i}"} for i in COCO_THING_IDS]
         for split in ("train2017", "val2017"):
             (root / split).mkdir()
             instances = {"images": [], "annotations": [], "categories": categories}

@@ -1,5 +1,6 @@
-"""`dkd-tune download-teachers`: the paper's CIFAR-100 teachers (mdistiller's `cifar_teachers.tar`),
-fetched, checked and unpacked where the shipped search files look, or nothing at all."""
+"""`dkd-tune download-teachers`: the paper's CIFAR-100 teachers (mdistiller's `cifar_teachers.tar`), and with
+--detection its COCO teachers (Detectron2's model zoo, converted), fetched, checked and put where the shipped
+search files look, or nothing at all."""
 
 from __future__ import annotations
 
@@ -130,3 +131,77 @@ def _check_checkpoint(model: str, path: Path, url: str) -> None:
             f"{url}: {ARCHIVE_FOLDER}/{path.parent.name}/{CHECKPOINT_NAME} is not a usable {model} teacher "
             f"({error}); nothing was written"
         ) from None
+
+
+DETECTION_FOLDER = (
+    "coco_teachers"  # where search_spaces/coco_*.yaml look: <destination>/coco_teachers/<model>.pt
+)
+
+
+def download_detection_teachers(
+    destination: str | os.PathLike = DEFAULT_DESTINATION,
+    *,
+    urls: dict[str, str] | None = None,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """The paper's COCO teachers (Detectron2's model zoo, 3x schedule) as this project's checkpoints:
+    `destination/coco_teachers/frcnn_r101_fpn.pt` and `frcnn_r50_fpn.pt`, for COCO's 80 categories.
+
+    Each pickle is downloaded into a temporary folder, read with the arrays-only unpickler, converted
+    (`dkd_tune.models.detector_conversion`), loaded into its detector and written as a dkd-tune
+    checkpoint; a file is moved into place only once it is complete, and nothing is written on failure.
+    """
+    from dkd_tune.models.detection import create_detector
+    from dkd_tune.models.detector_conversion import (
+        COCO_THING_IDS,
+        DETECTRON2_TEACHERS,
+        for_categories,
+        read_detectron2,
+    )
+
+    urls = urls or DETECTRON2_TEACHERS
+    target = Path(destination).expanduser() / DETECTION_FOLDER
+    target.mkdir(parents=True, exist_ok=True)
+    names = _coco_category_names()
+    for model, url in urls.items():
+        final = target / f"{model}.pt"
+        if final.is_file():
+            log(f"dkd-tune download-teachers: {final} is there already; kept")
+            continue
+        with tempfile.TemporaryDirectory(prefix=".download-teachers-", dir=target) as scratch:
+            pickle_path = Path(scratch) / Path(url).name
+            _fetch(url, pickle_path, log)
+            try:
+                converted = read_detectron2(pickle_path, model)
+            except UserInputError as error:
+                raise UserInputError(f"{url}: {error}; nothing was written") from None
+            weights = for_categories(converted, model, url, names, COCO_THING_IDS)
+            detector = create_detector(model, len(names) + 1, settings=weights.settings)
+            detector.load_state_dict(weights.state_dict, strict=True)
+            _save_detector(Path(scratch) / final.name, detector, model, names, url)
+            os.replace(Path(scratch) / final.name, final)
+        log(f"dkd-tune download-teachers: {model} (Detectron2 model zoo) converted into {final}")
+    return target
+
+
+def _coco_category_names() -> tuple[str, ...]:
+    """COCO's 80 category names in id order (torchvision's COCO metadata, which ships with it)."""
+    from torchvision.models.detection import FasterRCNN_ResNet50_FPN_Weights
+
+    from dkd_tune.models.detector_conversion import COCO_THING_IDS
+
+    listed = FasterRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"]
+    return tuple(listed[i] for i in COCO_THING_IDS)
+
+
+def _save_detector(path: Path, detector, model: str, names: tuple[str, ...], url: str) -> None:
+    from dkd_tune.core.recipes import resolve_recipe
+    from dkd_tune.engine.checkpoints import save_best_model
+    from dkd_tune.engine.run_setup import RunIdentity
+    from dkd_tune.models.detector_conversion import COCO_THING_IDS
+
+    identity = RunIdentity(
+        arch=model, num_classes=len(names) + 1, dataset=f"coco (converted from {url})", categories=names,
+        category_ids=COCO_THING_IDS, detector=detector.detector_settings.to_dict(),
+    )  # fmt: skip
+    save_best_model(path, detector, identity, resolve_recipe("coco-1x"), {})

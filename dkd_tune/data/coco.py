@@ -85,19 +85,27 @@ def _has_box(coco, image_id: int) -> bool:
 
 
 class CocoSplit(torch.utils.data.Dataset):
-    """One split through `torchvision.datasets.CocoDetection`: (image tensor in [0, 1], target dict)."""
+    """One split through `torchvision.datasets.CocoDetection`: (image tensor in [0, 1], target dict).
+
+    An item is an index, or (index, flip) as `EpochOrder` yields them in training: whether an image is
+    flipped is decided with the order, from the seed, the epoch and the image, in the main process.
+    Workers (kept alive across epochs) then flip exactly as a run without workers, and a resumed run
+    exactly as an uninterrupted one.
+    """
 
     def __init__(self, data: CocoData, split: str, ground_truth, image_ids: list[int], flip: bool):
-        self.source = _loaded_coco_detection(
-            str(data.image_dir(split)), ground_truth, CocoTargets(data.category_ids, flip)
-        )
+        self.source = _loaded_coco_detection(str(data.image_dir(split)), ground_truth, None)
         self.source.ids = list(image_ids)
+        self.targets = CocoTargets(data.category_ids)
+        self.flip = flip
 
     def __len__(self) -> int:
         return len(self.source.ids)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
-        image, target = self.source[index]
+    def __getitem__(self, item: int | tuple[int, bool]) -> tuple[torch.Tensor, dict[str, Any]]:
+        index, flip = item if isinstance(item, tuple) else (item, False)
+        image, annotations = self.source[index]
+        image, target = self.targets(image, annotations, flip=flip and self.flip)
         target["image_id"] = self.source.ids[index]
         return image, target
 
@@ -118,17 +126,18 @@ def _loaded_coco_detection(root: str, ground_truth, transforms):
 class CocoTargets:
     """CocoDetection's `transforms`: COCO annotations to torchvision detection targets, then transforms v2."""
 
-    def __init__(self, category_ids: tuple[int, ...], flip: bool):
+    def __init__(self, category_ids: tuple[int, ...]):
         from torchvision.transforms import v2
 
         self.label_of = {category_id: label for label, category_id in enumerate(category_ids, start=1)}
-        steps = [v2.ToImage()]
-        if flip:
-            steps.append(v2.RandomHorizontalFlip())
-        steps += [v2.ToDtype(torch.float32, scale=True), v2.SanitizeBoundingBoxes()]
-        self.pipeline = v2.Compose(steps)
+        self.pipeline = v2.Compose(
+            [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.SanitizeBoundingBoxes()]
+        )
+        self.flipped = v2.Compose([v2.ToImage(), v2.RandomHorizontalFlip(p=1.0), self.pipeline])
 
-    def __call__(self, image: Any, annotations: list[dict]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def __call__(
+        self, image: Any, annotations: list[dict], *, flip: bool = False
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         from torchvision import tv_tensors
 
         kept = [a for a in annotations if not a.get("iscrowd", 0)]
@@ -138,7 +147,7 @@ class CocoTargets:
             "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(image.height, image.width)),
             "labels": torch.tensor([self.label_of[a["category_id"]] for a in kept], dtype=torch.int64),
         }
-        image, target = self.pipeline(image, target)
+        image, target = (self.flipped if flip else self.pipeline)(image, target)
         target["boxes"] = target["boxes"].as_subclass(torch.Tensor)
         return image, target
 
@@ -149,10 +158,20 @@ def collate_detections(batch: list) -> tuple[list[torch.Tensor], list[dict[str, 
 
 
 class EpochOrder(torch.utils.data.Sampler):
-    """A shuffled order that depends on the seed and the epoch alone; each DDP rank takes every world_size-th image."""
+    """A shuffled order and (with `flips`) each image's flip that depend on the seed and the epoch alone,
+    yielded as indices or (index, flip); each DDP rank takes every world_size-th image."""
 
-    def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1, shuffle: bool = True):
+    def __init__(
+        self,
+        size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+        flips: bool = False,
+    ):
         self.size, self.seed, self.rank, self.world_size, self.shuffle = size, seed, rank, world_size, shuffle
+        self.flips = flips
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -160,9 +179,14 @@ class EpochOrder(torch.utils.data.Sampler):
 
     def __iter__(self):
         order = list(range(self.size))
+        generator = random.Random(self.seed * 1_000_003 + self.epoch)
         if self.shuffle:
-            random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
-        return iter(order[self.rank :: self.world_size])
+            generator.shuffle(order)
+        mine = order[self.rank :: self.world_size]
+        if not self.flips:
+            return iter(mine)
+        flips = [generator.random() < 0.5 for _ in range(self.size)]
+        return iter([(index, flips[index]) for index in mine])
 
     def __len__(self) -> int:
         return len(range(self.rank, self.size, self.world_size))
@@ -179,7 +203,7 @@ def detection_loader(
     world_size: int = 1,
 ) -> torch.utils.data.DataLoader:
     """Batches of (images, targets); `loader.sampler.set_epoch(e)` fixes an epoch's order and flips."""
-    sampler = EpochOrder(len(dataset), seed, rank, world_size, shuffle)
+    sampler = EpochOrder(len(dataset), seed, rank, world_size, shuffle, flips=getattr(dataset, "flip", False))
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,

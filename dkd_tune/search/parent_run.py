@@ -258,7 +258,8 @@ def announce_prior(prior, label: str, state, experiment_dir: Path, options) -> N
     }
 
     def tag(client) -> None:
-        for key, value in tags.items():
-            client.set_tag(state["parent_run_id"], key, value)
+        from dkd_tune.tracking import mlflow_store as tracking
+
+        tracking.set_tags(client, state["parent_run_id"], tags)
 
     tracking_step(state, experiment_dir, options, tag)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import subprocess
 import time
 from collections.abc import Iterator, Mapping
@@ -171,8 +172,14 @@ def log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> 
         client.log_batch(run_id, params=items[start : start + BATCH_LIMIT])
 
 
+def tag_key(key: str) -> str:
+    """`key` as MLflow accepts a tag name: characters other than letters, digits, `_-. :/` become `_`
+    (a teacher named `resnet20-target+2` is tagged `teacher_gap.resnet20-target_2`)."""
+    return re.sub(r"[^\w\-. :/]", "_", key)
+
+
 def set_tags(client: MlflowClient, run_id: str, tags: Mapping[str, Any]) -> None:
-    items = [RunTag(key, str(value)) for key, value in tags.items() if value is not None]
+    items = [RunTag(tag_key(key), str(value)) for key, value in tags.items() if value is not None]
     for start in range(0, len(items), BATCH_LIMIT):
         client.log_batch(run_id, tags=items[start : start + BATCH_LIMIT])
 
