@@ -32,7 +32,9 @@ from torch import nn
 from torchvision.ops import MultiScaleRoIAlign
 
 from dkd_tune.core.errors import UserInputError
+from dkd_tune.models import detector_conversion
 from dkd_tune.models.checkpoints import ArchitectureMismatchError, ClassCountMismatchError
+from dkd_tune.models.detector_settings import DEFAULT_SETTINGS, DetectorSettings, DetectorWeights
 from dkd_tune.models.weights_file import read_model_checkpoint
 
 
@@ -44,9 +46,6 @@ class DetectorInfo:
     image_size: str  # the images it is built for
 
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-ROI_ALIGN_KINDS = ("v2", "torchvision")
 # Detectron2's multi-scale training (mdistiller's Base-Distillation.yaml: MIN_SIZE_TRAIN); 800 at test.
 TRAIN_SHORT_SIDES = (640, 672, 704, 736, 768, 800)
 MAX_SIDE = 1333
@@ -54,42 +53,6 @@ POST_NMS_PROPOSALS_TRAIN = 1000  # Detectron2's RPN.POST_NMS_TOPK_TRAIN for FPN 
 MOBILENET_V2_TAPS = {"3": "0", "6": "1", "13": "2", "17": "3"}  # the last block of each stage
 MOBILENET_V2_CHANNELS = [24, 32, 96, 320]
 BATCH_COUNTER = "num_batches_tracked"  # a batch norm's step counter: no parameter, not compared or stored
-
-
-@dataclass(frozen=True)
-class DetectorSettings:
-    """What can differ between two detectors of the same parameters; recorded in their checkpoints."""
-
-    image_mean: tuple[float, ...] = IMAGENET_MEAN  # the transform's normalisation, RGB in [0, 1]
-    image_std: tuple[float, ...] = IMAGENET_STD
-    stride_in_1x1: bool = False  # MSRA ResNets (Detectron2's): a stage's first block strides in its 1x1 conv
-    roi_align: str = "v2"  # "v2": Detectron2's ROIAlignV2; "torchvision": torchvision's own RoIAlign
-
-    def __post_init__(self) -> None:
-        if self.roi_align not in ROI_ALIGN_KINDS:
-            raise ValueError(f"roi_align must be one of {ROI_ALIGN_KINDS}, got {self.roi_align!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "image_mean": list(self.image_mean),
-            "image_std": list(self.image_std),
-            "stride_in_1x1": self.stride_in_1x1,
-            "roi_align": self.roi_align,
-        }
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any] | None) -> DetectorSettings:
-        if not values:
-            return cls()
-        return cls(
-            image_mean=tuple(float(v) for v in values.get("image_mean", IMAGENET_MEAN)),
-            image_std=tuple(float(v) for v in values.get("image_std", IMAGENET_STD)),
-            stride_in_1x1=bool(values.get("stride_in_1x1", False)),
-            roi_align=str(values.get("roi_align", "v2")),
-        )
-
-
-DEFAULT_SETTINGS = DetectorSettings()
 
 
 def _faster_rcnn(backbone: nn.Module, num_classes: int, settings: DetectorSettings) -> nn.Module:
@@ -339,15 +302,6 @@ def load_detector(
     return model.eval().requires_grad_(False).to(device)
 
 
-@dataclass
-class DetectorWeights:
-    """A detector's parameters for the data's categories, and the settings they were trained under."""
-
-    state_dict: dict[str, torch.Tensor]
-    settings: DetectorSettings
-    source: str  # what the file was: "dkd-tune", "state_dict", "torchvision-coco" or "detectron2"
-
-
 def matching_detector_state_dict(
     name: str,
     path: str | os.PathLike,
@@ -371,8 +325,6 @@ def matching_detector_weights(
     `dkd_tune.models.detector_conversion`). One line when the file holds another architecture (named
     when it is a known detector), other categories, or another number of classes.
     """
-    from dkd_tune.models import detector_conversion
-
     detector_info(name)
     if detector_conversion.is_detectron2_file(path):
         converted = detector_conversion.read_detectron2(path, name)

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from dkd_tune.core.errors import UserInputError
-from dkd_tune.models.detection import DetectorSettings, DetectorWeights
+from dkd_tune.models.detector_settings import DetectorSettings, DetectorWeights
 
 TORCHVISION_COCO_CLASSES = 91
 TORCHVISION_SETTINGS = DetectorSettings(roi_align="torchvision")
