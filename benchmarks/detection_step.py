@@ -28,7 +28,11 @@ from dkd_tune.core.recipes import resolve_recipe
 from dkd_tune.engine.detection_loop import StudentForward, detection_step
 from dkd_tune.models.detection import create_detector
 
-PAIRS = (("frcnn_r101_fpn", "frcnn_r18_fpn"), ("frcnn_r101_fpn", "frcnn_r50_fpn"), ("frcnn_r50_fpn", "frcnn_mv2_fpn"))
+PAIRS = (
+    ("frcnn_r101_fpn", "frcnn_r18_fpn"),
+    ("frcnn_r101_fpn", "frcnn_r50_fpn"),
+    ("frcnn_r50_fpn", "frcnn_mv2_fpn"),
+)
 COCO_TRAIN_IMAGES = 117_266  # train2017 images with at least one box
 EPOCHS = 12
 

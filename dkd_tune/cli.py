@@ -562,6 +562,7 @@ def schema_command(as_json: bool) -> None:
         click.echo(json.dumps(SearchSpaceFile.model_json_schema(by_alias=True), indent=2))
         return
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from dkd_tune.config.schema_table import schema_rows
@@ -574,7 +575,8 @@ def schema_command(as_json: bool) -> None:
     table.add_column("default", max_width=22, overflow="fold")
     table.add_column("meaning", ratio=1, overflow="fold")
     for row in schema_rows():
-        table.add_row(row.key, row.type, row.default, row.meaning)
+        # Literal text: "[low, high]" is not rich markup.
+        table.add_row(*(escape(str(cell)) for cell in (row.key, row.type, row.default, row.meaning)))
     Console(width=max(Console().width, 140), soft_wrap=False).print(table)
 
 

@@ -146,9 +146,12 @@ def test_ctrl_c_while_trials_run_stops_resumably_and_resume_finishes_the_rest(tm
         if run.data.tags[TAG_TRIAL_ID] not in finished_now:
             assert run.info.status == "KILLED" and run.data.tags[TAG_STATUS] == "interrupted"
     assert len(finished_now) < 6, "every trial had finished: nothing was interrupted"
+    for notice in ("Failed to fetch metrics", "performance bottleneck"):  # Ray's, shown only with -v
+        assert notice not in search.output()
 
     result = cli("resume", str(experiment), cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stderr == ""  # a resumed search prints nothing on stderr
     for trial_id, epochs in finished_now.items():
         assert result_lines(experiment / "teacher", trial_id) == epochs  # not run again
     check_finished_and_agreeing(tmp_path, experiment, trials=6)

@@ -167,7 +167,7 @@ def check_search_space(space: SearchSpaceFile, path: Path) -> None:
         raise UserInputError(f"{path}: {error}") from None
     models = list(DETECTOR_NAMES) if data.is_detection else list_models()
     if space.student not in models:
-        fail("student", f"unknown model {space.student!r}{did_you_mean(space.student, models)}")
+        fail("student", f"unknown model{did_you_mean(space.student, models)}")
     if LOSS_MODES[space.loss].needs_teacher and not space.teachers:
         fail("teachers", f"loss {space.loss!r} needs at least one teacher")
     labels = [teacher.label for teacher in space.teachers]
@@ -176,7 +176,7 @@ def check_search_space(space: SearchSpaceFile, path: Path) -> None:
         if labels.count(teacher.label) > 1:
             fail(f"{key}.name", f"label {teacher.label!r} is used by two teachers; give each a distinct name")
         if teacher.model not in models:
-            fail(f"{key}.model", f"unknown model {teacher.model!r}{did_you_mean(teacher.model, models)}")
+            fail(f"{key}.model", f"unknown model{did_you_mean(teacher.model, models)}")
         if teacher.checkpoint is not None and not resolve_path(teacher.checkpoint).is_file():
             missing = resolve_path(teacher.checkpoint)
             hint = ""
@@ -325,7 +325,7 @@ def check_distribution(
         )
     if name not in RECIPE_FIELDS or name == "lr_milestones":
         searchable = [field for field in RECIPE_FIELDS if field != "lr_milestones"] + ["loss"]
-        fail(key, f"cannot search {name!r}{did_you_mean(name, searchable)}")
+        fail(key, f"cannot search{did_you_mean(name, searchable)}")
     if distribution.kind == "grid" and algorithm == "optuna":
         fail(key, "grid values need search.algorithm 'grid' or 'random'; use choice with optuna")
     if algorithm == "grid" and distribution.kind not in ("grid", "choice", "fixed"):

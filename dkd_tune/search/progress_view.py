@@ -10,6 +10,8 @@ from typing import Any
 
 from ray.tune import Callback
 
+from analysis.tables import format_cell
+
 
 class TrialProgress(Callback):
     """A Ray Tune callback: after each trial of a part, one line with the counts, the best trial by
@@ -78,8 +80,8 @@ class TrialProgress(Callback):
 
     def _params(self, trial: Any) -> str:
         config = trial.config or {}
-        shown = [f"{name} {config[name]:.3g}" if isinstance(config.get(name), float) else f"{name} {config.get(name)}"
-                 for name in self.searched if name in config]  # fmt: skip
+        # Formatted as the summary table formats them, so one trial's beta reads the same in both.
+        shown = [f"{name} {format_cell(config.get(name))}" for name in self.searched if name in config]
         return ", ".join(shown) or "fixed settings"
 
     def _left(self, total: int) -> str:

@@ -17,6 +17,27 @@ CHATTY_LOGGERS = (
 )
 
 
+# Ray Tune warnings that are no news to a user: results Ray could not read back for trials an
+# interruption stopped mid-epoch (the search resumes them; its own results come from its folder), and
+# a bookkeeping step that took half a second on a loaded machine. -v shows them.
+NOISY_WARNINGS = {
+    "ray.tune.analysis.experiment_analysis": "Failed to fetch metrics",
+    "ray.tune.utils.util": "may be a performance bottleneck",
+    "ray.tune.execution.tune_controller": "may be a performance bottleneck",
+}
+
+
+class _Without(logging.Filter):
+    """Drops the records whose message contains `text`."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
 def quiet_libraries(verbosity: int) -> None:
     """Below VERBOSE, the libraries' start-up lines are not shown (their warnings about failures are)."""
     if verbosity >= VERBOSE:
@@ -25,4 +46,8 @@ def quiet_libraries(verbosity: int) -> None:
 
     for name in CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    for name, text in NOISY_WARNINGS.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _Without) and f.text == text for f in logger.filters):
+            logger.addFilter(_Without(text))
     optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -108,7 +108,7 @@ def measure_logit_gap(
 
     One pass of the teacher in eval mode over unaugmented images (and over `test` and `validation`
     for its top-1 there), batched on `device`. `train` and `test` are in-memory datasets, or loaders
-    of unaugmented batches for data read from folders (ImageNet). The teacher's mode is restored.
+    of unaugmented batches for data read from folders (ImageNet). The teacher's mode is restored. The progress bar counts the images of every split.
     With `intervention` (a `LogitIntervention`) the training logits are measured as the student will
     see them; the top-1 on the held-out splits is always the teacher's own (they have no labels to
     intervene with at inference).
@@ -119,7 +119,10 @@ def measure_logit_gap(
     held_out = [source for source in (test, validation) if source is not None]
     total = _image_count(train) + sum(_image_count(source) for source in held_out)
     try:
-        label = "teacher logit gap (train) and top-1 (test)" if test is not None else "teacher logit gap"
+        splits = " and ".join(
+            name for name, source in (("test", test), ("val", validation)) if source is not None
+        )
+        label = f"teacher logit gap (train) and top-1 ({splits})" if splits else "teacher logit gap"
         with Progress(label, total, unit="img", enabled=progress) as bar:
             train_pass = _gap_pass(teacher, train, device, batch_size, bar, intervention, class_groups)
             test_acc, val_acc = (

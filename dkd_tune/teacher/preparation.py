@@ -155,9 +155,10 @@ def prepare_teacher(
     else:
         raise UserInputError(f"teacher {label!r}: give a checkpoint or a train: recipe")
     teacher = load_teacher(model, weights, num_classes=train_set.num_classes, device=device)
+    held_out = f"{len(test_set)} test" + (f" and {len(validation_set)} validation" if validation_set else "")
     log(
-        f"dkd-tune: teacher '{label}': measuring the logit gap on {len(train_set)} training images "
-        f"(and its top-1 on {len(test_set)} test images)"
+        f"dkd-tune: teacher '{label}': measuring the logit gap on {len(train_set)} training images and its "
+        f"top-1 on {held_out} images ({len(train_set) + len(test_set) + len(validation_set or [])} images in all)"
     )
     gap = measure_logit_gap(
         teacher, train_set, test_set, validation=validation_set, device=device, progress=progress,
