@@ -12,6 +12,7 @@ import pandas as pd
 
 from dkd_tune import __version__
 from dkd_tune.core.errors import UserInputError
+from dkd_tune.core.selection import SPLIT_METRICS, selection_metric
 from dkd_tune.core.files import file_sha256
 from dkd_tune.teacher.auto_beta import (
     FAMILIES,
@@ -35,7 +36,10 @@ REQUIRED_COLUMNS = (
 )
 # The score a trial is chosen by, in order of preference: the validation split when the search held
 # one out (choose on validation, report on test), the test split only when it did not.
-SELECTION_SCORES = ("final_val_acc", "final_val_ap", "final_test_acc", "final_test_ap")
+# The project's rule (dkd_tune.core.selection), most preferred first: validation scores, then test ones.
+SELECTION_SCORES = tuple(
+    f"final_{selection_metric(task, validated)}" for validated in (True, False) for task in SPLIT_METRICS
+)
 SELECTION_RULE = (
     "each point is the beta of the DKD trial with the highest final validation score (final_val_acc, "
     "or final_val_ap for detection; the test split's score only for a search without a validation "

@@ -297,10 +297,25 @@ def results_table(frame: pd.DataFrame, metric: str = "test_acc", limit: int = 20
                    "final_test_ap50", "final_val_ap"]  # fmt: skip
         shown = frame.sort_values(["teacher", "final_test_ap"], ascending=[True, False]).head(limit)[columns]
         return markdown_table(shown)
-    columns = ["teacher", "trial_id", "loss", "status", "stop_epoch", "beta", "alpha", "temperature", "warmup_epochs"]
+    columns = [
+        "teacher",
+        "trial_id",
+        "loss",
+        "status",
+        "stop_epoch",
+        "beta",
+        "alpha",
+        "temperature",
+        "warmup_epochs",
+    ]
+    from analysis.trial_choice import selection_column
+
     # Ranked as the search ranks them: on the validation split when there is one; the test split reports.
-    ranked_by = "final_val_acc" if frame["final_val_acc"].notna().any() else "final_test_acc"
-    columns += (["final_val_acc"] if ranked_by == "final_val_acc" else []) + ["final_test_acc", "best_test_acc"]
+    ranked_by = selection_column(frame)
+    columns += (["final_val_acc"] if ranked_by == "final_val_acc" else []) + [
+        "final_test_acc",
+        "best_test_acc",
+    ]
     shown = frame.sort_values(["teacher", ranked_by], ascending=[True, False]).head(limit)[columns].copy()
     # A trial without distillation (the CE baseline) has no beta, alpha, T or warm-up: show none.
     no_teacher = shown["loss"] == "ce"

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 from ray.tune import ExperimentAnalysis
@@ -153,6 +154,7 @@ def test_run_end_to_end_through_the_cli(tmp_path):
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"results.parquet", "search.yaml", "probes.parquet"} <= artifacts
     check_optuna_was_told_the_truth(experiment, searched)
+    check_the_best_student_is_a_registered_model(tmp_path, frame)
 
     # The best two trials were probed on STL-10, each probe run nested under its trial's run.
     probes = pd.read_parquet(experiment / "probes.parquet")
@@ -164,6 +166,26 @@ def test_run_end_to_end_through_the_cli(tmp_path):
         assert run.data.tags[TAG_KIND] == "probe"
         assert run.data.tags[TAG_PARENT] == by_trial[probe["trial_id"]].info.run_id
         assert len(client.get_metric_history(run.info.run_id, "test_acc")) == 40
+
+
+def check_the_best_student_is_a_registered_model(tmp_path: Path, frame: pd.DataFrame) -> None:
+    """The teacher's best student (chosen on validation) is registered; loaded back from the Model
+    Registry with mlflow.pytorch it gives the checkpoint's logits."""
+    import mlflow
+    import mlflow.pytorch
+
+    from analysis.trial_choice import best_trials_per_teacher
+    from dkd_tune.models import load_teacher
+
+    best = best_trials_per_teacher(frame).iloc[0]
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    served = mlflow.pytorch.load_model("models:/e2e-teacher-student/1")
+    checkpoint = load_teacher("resnet8", best["checkpoint_path"])
+    images = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(served(images), checkpoint(images))
+    version = MlflowClient().get_model_version("e2e-teacher-student", "1")
+    assert MlflowClient().get_run(version.run_id).data.tags[TAG_TRIAL_ID] == best["trial_id"]
 
 
 def check_optuna_was_told_the_truth(experiment: Path, searched: pd.DataFrame) -> None:

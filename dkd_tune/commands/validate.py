@@ -427,6 +427,7 @@ def _finished_search(space, folder: Path, name: str, source: Path, run_id: str, 
         log=options.log,
         parent_run_id=run_id,
         teachers_dir=str(folder.parent / "teachers"),  # shared with the storage's other validations
+        register_students=False,  # a grid's cells are ground truth, not students to serve
     )
     if not (search_dir / "state.json").is_file():
         return run_search(space, source, search_options).experiment_dir

@@ -25,6 +25,7 @@ from torch import nn
 
 from dkd_tune.core.losses import LOSS_MODES, LossMode
 from dkd_tune.core.recipes import Recipe
+from dkd_tune.core.selection import epoch_selection_metric
 from dkd_tune.engine.detection_eval import EvaluationSplit
 from dkd_tune.engine.loop import EpochRecorder, FitResult, Reporter, checked_loss_mode
 from dkd_tune.engine.run_setup import RunIdentity
@@ -168,7 +169,7 @@ def fit_detector(
     last_epoch = recipe.epochs if stop_after_epochs is None else min(recipe.epochs, stop_after_epochs)
     record = EpochRecorder(
         student, optimizer, identity, recipe, loss_mode, checkpoint_dir, reporter, last_epoch, "test_ap",
-        chosen_by="val_ap" if "val" in evaluations else None,
+        chosen_by=epoch_selection_metric("detection", "val" in evaluations),
     )  # fmt: skip
     if resume_from is not None:
         record.resume(resume_from, device)

@@ -23,6 +23,7 @@ from torch import nn
 from dkd_tune.core.errors import UserInputError
 from dkd_tune.core.losses import LOGGED_TERMS, LOSS_MODE_NAMES, LOSS_MODES, LossMode
 from dkd_tune.core.recipes import Recipe
+from dkd_tune.core.selection import epoch_selection_metric
 from dkd_tune.engine.acceleration import Acceleration, memory_format
 from dkd_tune.engine.checkpoints import (
     BEST_CHECKPOINT,
@@ -155,7 +156,7 @@ def fit(
     last_epoch = recipe.epochs if stop_after_epochs is None else min(recipe.epochs, stop_after_epochs)
     record = EpochRecorder(
         student, optimizer, identity, recipe, loss_mode, checkpoint_dir, reporter, last_epoch, "test_acc",
-        chosen_by="val_acc" if val_loader is not None else None,
+        chosen_by=epoch_selection_metric("classification", val_loader is not None),
     )  # fmt: skip
     if resume_from is not None:
         record.resume(resume_from, device)

@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from analysis.trial_choice import best_trial
 from dkd_tune.config.folders import (
     CONFIG_FILE,
     PROBES_FILE,
@@ -197,7 +198,7 @@ def _search_phases(space, experiment_dir, state, options, data_spec, shared, sav
     options.log("dkd-tune: writing the results")
     frame = load_search_results(experiment_dir, space=space, teachers=teachers, state=state)
     results_path = write_results(frame, experiment_dir / RESULTS_FILE)
-    best = _best_row(frame, space)
+    best = best_trial(frame)
     tracked = sync_trial_runs(space, state, teachers, experiment_dir, frame, options)
     if space.probe is not None and not state.get("probes_done"):
         if tracked:  # probe runs nest under the trials' runs
@@ -341,9 +342,7 @@ def sync_search(name_or_path: str, options: SearchOptions) -> bool:
     teachers = {label: TeacherArtifacts.from_dict(entry) for label, entry in state["teachers"].items()}
     frame = pd.read_parquet(experiment_dir / RESULTS_FILE)
     tracked = sync_trial_runs(space, state, teachers, experiment_dir, frame, options)
-    tracked = tracked and close_search_run(
-        state, experiment_dir, frame, _best_row(frame, space), space, options
-    )
+    tracked = tracked and close_search_run(state, experiment_dir, frame, best_trial(frame), space, options)
     state["tracking"] = "synced" if tracked else "pending"
     atomic_write_json(experiment_dir / STATE_FILE, state)
     if tracked and space.probe is not None and not state.get("probes_done"):
@@ -373,27 +372,6 @@ def _probe_best_trials(space, frame, client, experiment_dir: Path, state, option
     with atomic_path(path) as tmp:
         probes.to_parquet(tmp, index=False)
     client.log_artifact(state["parent_run_id"], str(path))
-
-
-def _best_row(frame, space: SearchSpaceFile) -> dict[str, Any] | None:
-    """The best searched trial that ran its full budget (baselines are references, not candidates)."""
-    if frame.empty:
-        return None
-    candidates = frame[(frame["status"] == "completed") & ~frame["part"].str.startswith(BASELINE_PREFIX)]
-    if candidates.empty:
-        return None
-    column = {
-        "test_acc": "final_test_acc",
-        "val_acc": "final_val_acc",
-        "val_loss": "final_val_loss",
-        "test_ap": "final_test_ap",
-        "val_ap": "final_val_ap",
-        "best_test_ap": "best_test_ap",
-    }.get(space.metric, space.metric)
-    if column not in candidates:
-        column = "final_test_acc"
-    index = candidates[column].idxmax() if space.mode == "max" else candidates[column].idxmin()
-    return candidates.loc[index].to_dict()
 
 
 def _write_analysis(state, experiment_dir, frame, options) -> None:

@@ -27,6 +27,8 @@ class SearchOptions:
     parent_run_id: str | None = None
     # Where trained teachers are kept (default: `<storage>/teachers`); validations share their storage's.
     teachers_dir: str | None = None
+    # Each teacher's best student registered in MLflow's Model Registry (a validation's grid needs none).
+    register_students: bool = True
 
 
 @dataclass

@@ -140,6 +140,8 @@ def close_search_run(state, experiment_dir: Path, frame, best, space, options) -
     def close(client) -> None:
         if (experiment_dir / MLFLOW_ARTIFACT_DIR).is_dir():
             log_analysis(client, state["parent_run_id"], experiment_dir / MLFLOW_ARTIFACT_DIR)
+        if options.register_students:
+            log_best_students(client, state, frame, space, options)
         finish_parent_run(client, state["parent_run_id"], experiment_dir, frame, best, space)
 
     return tracking_step(state, experiment_dir, options, close)
@@ -213,6 +215,54 @@ def reconcile_child_runs(client, state, frame, histories: Mapping[str, list[dict
                 status="FAILED" if row["status"] in ("errored", "oom") else "FINISHED",
                 end_time=tracking.result_time_ms(history[-1] if history else {}),
             )
+
+
+def log_best_students(client, state, frame, space, options) -> None:
+    """Each teacher's best full-budget student (chosen on validation when there is one) as an MLflow model of
+    its trial's run, registered as `<search>-<teacher>-student`, with its input example and normalisation."""
+    from analysis.trial_choice import best_trials_per_teacher
+    from dkd_tune.tracking import mlflow_store as tracking
+
+    children = {
+        run.data.tags.get(tracking.TAG_TRIAL_ID): run.info.run_id
+        for run in child_runs(client, state["parent_run_id"])
+    }
+    for row in best_trials_per_teacher(frame).to_dict("records"):
+        checkpoint, run_id = row.get("checkpoint_path"), children.get(row["trial_id"])
+        if not checkpoint or not os.path.exists(checkpoint) or run_id is None:
+            continue
+        model, example, metadata = student_for_serving(checkpoint, space.student)
+        if model is None:
+            continue  # a detector: no single-tensor input to log it with
+        name = tracking.registered_model_name(state["name"], row["teacher"])
+        tracking.log_student_model(
+            state["tracking_uri"], run_id, model, name="best_student", registered_name=name,
+            input_example=example, metadata={**metadata, "teacher": row["teacher"], "trial_id": row["trial_id"]},
+        )  # fmt: skip
+        options.log(f"dkd-tune: teacher '{row['teacher']}': best student registered in MLflow as {name!r}")
+
+
+def student_for_serving(checkpoint: str, student: str):
+    """(model in eval mode, a normalised input example, its normalisation) from a trial's checkpoint."""
+    import numpy as np
+
+    from dkd_tune.models import load_teacher, read_model_checkpoint
+    from dkd_tune.models.detection import is_detector
+
+    if is_detector(student):
+        return None, None, {}
+    record = read_model_checkpoint(checkpoint)
+    model = load_teacher(student, checkpoint)  # strict load, eval mode: what serving runs
+    size = int(record.input_size or 32)
+    example = np.zeros((1, 3, size, size), dtype=np.float32)
+    metadata = {
+        "input": f"float32 (N, 3, {size}, {size}) images normalised as (pixel / 255 - mean) / std",
+        "mean": list(record.mean or ()),
+        "std": list(record.std or ()),
+        "classes": int(record.num_classes or 0),
+        "architecture": student,
+    }
+    return model, example, metadata
 
 
 def finish_parent_run(client, run_id, experiment_dir, frame, best, space) -> None:

@@ -360,17 +360,12 @@ def best_trials(results: pd.DataFrame, top_k: int) -> pd.DataFrame:
     Ranked by final validation top-1 when the search held a validation split out, else by final
     test top-1: the probes then report on other datasets, not on the split the trials were chosen on.
     """
+    from analysis.trial_choice import ranked
+
     if results.empty:
         return results
-    candidates = results[
-        (results["status"] == "completed")
-        & results["final_test_acc"].notna()
-        & results["checkpoint_path"].notna()
-    ]
-    validated = "final_val_acc" in candidates and candidates["final_val_acc"].notna().all()
-    score = "final_val_acc" if validated and not candidates.empty else "final_test_acc"
-    ordered = candidates.sort_values([score, "trial_id"], ascending=[False, True], kind="stable")
-    return ordered.head(top_k).reset_index(drop=True)
+    ordered = ranked(results)
+    return ordered[ordered["checkpoint_path"].notna()].head(top_k).reset_index(drop=True)
 
 
 def run_probe_task(

@@ -310,3 +310,41 @@ def _last_meaningful_line(text: str) -> str:
 
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def log_student_model(
+    tracking_uri: str,
+    run_id: str,
+    model: Any,
+    *,
+    name: str,
+    registered_name: str,
+    input_example: Any,
+    metadata: Mapping[str, Any],
+) -> str:
+    """`model` (a torch module) as an MLflow PyTorch model of run `run_id`, registered as `registered_name`;
+    returns the model's URI. Its requirements are torch and dkd-tune (the classes it pickles), given, not
+    inferred (inference loads the model in a subprocess)."""
+    import mlflow
+    import mlflow.pytorch
+    import torch
+
+    from dkd_tune import __version__
+
+    mlflow.set_tracking_uri(tracking_uri)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pytorch.log_model(
+            model,
+            name=name,
+            registered_model_name=registered_name,
+            input_example=input_example,
+            metadata=dict(metadata),
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"dkd-tune=={__version__}"],
+            await_registration_for=0,
+        )
+    return info.model_uri
+
+
+def registered_model_name(search: str, teacher: str) -> str:
+    """The Model Registry name of a search's best student for one teacher."""
+    return tag_key(f"{search}-{teacher}-student").replace(" ", "_")
