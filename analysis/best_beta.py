@@ -12,8 +12,8 @@ import pandas as pd
 
 from dkd_tune import __version__
 from dkd_tune.core.errors import UserInputError
-from dkd_tune.core.selection import SPLIT_METRICS, selection_metric
 from dkd_tune.core.files import file_sha256
+from dkd_tune.core.selection import SPLIT_METRICS, selection_metric
 from dkd_tune.teacher.auto_beta import (
     FAMILIES,
     Calibration,
