@@ -147,7 +147,9 @@ def run_search(
         grace_period=grace, reduction_factor=rf, searcher=searcher, first_points=first,
         seed_of_trial=seed_of_trial, max_trial_epochs=HORIZON * max_t,
     )  # fmt: skip
-    return [(t.grid_index, t.epochs, t.completed, t.final_val_acc) for t in search.trials]
+    return [
+        (int(t.grid_index), int(t.epochs), bool(t.completed), float(t.final_val_acc)) for t in search.trials
+    ]
 
 
 def reference_runs(
@@ -160,7 +162,7 @@ def reference_runs(
     seeds = rng.integers(len(curves.seeds), size=arms)
     max_t = curves.epochs
     values = [curves.val[teacher][j][seeds[j]] for j in range(arms)]
-    grid = [(j, max_t, True, values[j][-1]) for j in rng.permutation(arms)]
+    grid = [(int(j), max_t, True, float(values[j][-1])) for j in rng.permutation(arms)]
     space = family.space
     grace, rf = space.scheduler.grace_period, space.scheduler.reduction_factor
     rungs = [min(int(grace * rf**k), max_t) for k in range(64) if grace * rf ** (k - 1) < max_t]
@@ -172,16 +174,17 @@ def reference_runs(
         keep = sorted(alive, key=lambda j: -scores[j])[: max(1, math.ceil(len(alive) / rf))]
         for j in alive:
             if j not in keep:
-                halving.append((j, rung, False, scores[j]))
+                halving.append((int(j), int(rung), False, float(scores[j])))
         spent.update({j: rung for j in alive})
         alive = keep
-    halving += [(j, max_t, True, values[j][-1]) for j in alive]
+    halving += [(int(j), max_t, True, float(values[j][-1])) for j in alive]
     return {"grid": grid, "halving": halving}
 
 
-def anytime_regret(trials, arm_regret: np.ndarray, max_t: int) -> tuple[np.ndarray, np.ndarray]:
-    """(cumulative trial-epochs after each trial, incumbent arm regret then), starting at (0, blind)."""
-    times, regrets = [0], [float(arm_regret.mean())]
+def anytime_regret(trials, arm_regret: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(cumulative trial-epochs after each trial, incumbent arm regret then, whether a trial has completed
+    by then), starting at (0, blind, False)."""
+    times, regrets, found = [0], [float(arm_regret.mean())], [False]
     spent, best_val, incumbent = 0, -math.inf, None
     for grid_index, epochs, completed, final_val in trials:
         spent += epochs
@@ -189,7 +192,8 @@ def anytime_regret(trials, arm_regret: np.ndarray, max_t: int) -> tuple[np.ndarr
             best_val, incumbent = final_val, grid_index
         times.append(spent)
         regrets.append(float(arm_regret[incumbent]) if incumbent is not None else float(arm_regret.mean()))
-    return np.array(times), np.array(regrets)
+        found.append(incumbent is not None)
+    return np.array(times), np.array(regrets), np.array(found)
 
 
 def regret_at(times: np.ndarray, regrets: np.ndarray, budget: float) -> float:
@@ -197,9 +201,10 @@ def regret_at(times: np.ndarray, regrets: np.ndarray, budget: float) -> float:
     return float(regrets[np.searchsorted(times, budget, side="right") - 1])
 
 
-def time_to(times: np.ndarray, regrets: np.ndarray, delta: float, horizon: float) -> float:
-    """Trial-epochs until the incumbent's regret is <= delta; inf if not within the horizon."""
-    hit = np.flatnonzero(regrets <= delta + 1e-9)
+def time_to(times: np.ndarray, regrets: np.ndarray, found: np.ndarray, delta: float, horizon: float) -> float:
+    """Trial-epochs until a search's own incumbent has regret <= delta (a blind pick does not count, however
+    lucky); inf if not within the horizon."""
+    hit = np.flatnonzero(found & (regrets <= delta + 1e-9))
     return float(times[hit[0]]) if len(hit) and times[hit[0]] <= horizon else math.inf
 
 
@@ -224,11 +229,11 @@ def score(frame: pd.DataFrame, families: dict[str, Family]) -> pd.DataFrame:
     for row in frame.itertuples():
         family = families[row.family]
         max_t = family.curves.epochs
-        times, regrets = anytime_regret(json.loads(row.trials), family.arm_regret[row.teacher], max_t)
+        times, regrets, found = anytime_regret(json.loads(row.trials), family.arm_regret[row.teacher])
         record = {"family": row.family, "teacher": row.teacher, "seed": row.seed, "variant": row.variant}
         for budget in BUDGETS:
             record[f"regret@{budget}"] = regret_at(times, regrets, budget * max_t)
-        record["times"], record["regrets"], record["max_t"] = times / max_t, regrets, max_t
+        record["times"], record["regrets"], record["found"] = times / max_t, regrets, found
         records.append(record)
     return pd.DataFrame(records)
 
@@ -236,14 +241,13 @@ def score(frame: pd.DataFrame, families: dict[str, Family]) -> pd.DataFrame:
 def choose_delta(scores: pd.DataFrame) -> float:
     """The smallest target with fewer than MAX_CENSORED of every variant's searches censored."""
     for delta in DELTAS:
-        censored = (
-            scores.assign(
-                hit=[math.isfinite(time_to(r.times, r.regrets, delta, HORIZON)) for r in scores.itertuples()]
-            )
-            .groupby("variant")["hit"]
-            .mean()
+        censored = scores.assign(
+            censored=[
+                not math.isfinite(time_to(r.times, r.regrets, r.found, delta, HORIZON))
+                for r in scores.itertuples()
+            ]
         )
-        if (1 - censored).max() < MAX_CENSORED:
+        if censored.groupby("variant")["censored"].mean().max() < MAX_CENSORED:
             return delta
     return DELTAS[-1]
 
@@ -252,9 +256,10 @@ def summarise(scores: pd.DataFrame, delta: float, resamples: int = 2000, seed: i
     """Per variant: RMST to the target with its interval, its ratio to (b) with interval and minimum
     detectable ratio, censoring, and the regret at each budget with intervals."""
     scores = scores.assign(
-        ttt=[min(time_to(r.times, r.regrets, delta, HORIZON), HORIZON) for r in scores.itertuples()],
+        ttt=[min(time_to(r.times, r.regrets, r.found, delta, HORIZON), HORIZON) for r in scores.itertuples()],
         censored=[
-            not math.isfinite(time_to(r.times, r.regrets, delta, HORIZON)) for r in scores.itertuples()
+            not math.isfinite(time_to(r.times, r.regrets, r.found, delta, HORIZON))
+            for r in scores.itertuples()
         ],
     )
     clusters = scores.groupby(["variant", "family", "teacher"]).mean(numeric_only=True).reset_index()
@@ -383,28 +388,40 @@ def main(argv: list[str] | None = None) -> None:
     frame = pd.DataFrame(rows)
     frame.to_parquet(args.out / "searches.parquet", index=False)
     scores = score(frame, families)
-    delta = choose_delta(scores[~scores["variant"].isin(["grid", "halving"])])
-    summary = summarise(scores, delta)
+    searched = scores[~scores["variant"].isin(["grid", "halving"])]
+    # The pre-registered target needs every variant, the worst prior included, mostly uncensored; the
+    # second reading (added before the full run, after a 2-seed trial run showed the first can pick a
+    # target a blind first trial meets) needs only (b), the search every other is compared with.
+    readings = {
+        "every variant": choose_delta(searched),
+        "(b) only": choose_delta(searched[searched["variant"] == "b"]),
+    }
+    summaries = {rule: summarise(scores, delta) for rule, delta in readings.items()}
     figure = anytime_figure(scores, args.out / "search_efficiency.png")
     elapsed = time.time() - started
     teachers = sum(len(f.teachers) for f in families.values())
-    text = "\n".join(
-        [
-            f"Command: `python benchmarks/search_efficiency.py {' '.join(f'--validation {v}' for v in args.validation)} "
-            f"--seeds {args.seeds}` on {platform.node() or 'this machine'} ({os.cpu_count()} CPUs), "
-            f"{time.strftime('%Y-%m-%d')}, {elapsed:.0f} s. Families: "
-            + ", ".join(
-                f"{name} ({len(f.teachers)} teachers, {f.curves.epochs} epochs per trial)"
-                for name, f in families.items()
-            )
-            + f"; {teachers} teachers x {args.seeds} search seeds per variant; prior spread {spread:.2f} octaves; "
-            f"target: arm regret <= {delta:g} points (the smallest of {', '.join(map(str, DELTAS))} leaving fewer "
-            f"than {MAX_CENSORED:.0%} of every variant's searches censored at {HORIZON} full trials). "
-            "Brackets: 95% bootstrap intervals over teachers as clusters.",
+    lines = [
+        f"Command: `python benchmarks/search_efficiency.py {' '.join(f'--validation {v}' for v in args.validation)} "
+        f"--seeds {args.seeds}` on {platform.node() or 'this machine'} ({os.cpu_count()} CPUs), "
+        f"{time.strftime('%Y-%m-%d')}, {elapsed:.0f} s. Families: "
+        + ", ".join(
+            f"{name} ({len(f.teachers)} teachers, {f.curves.epochs} epochs per trial)"
+            for name, f in families.items()
+        )
+        + f"; {teachers} teachers x {args.seeds} search seeds per variant; prior spread {spread:.2f} octaves. "
+        "Brackets: 95% bootstrap intervals over teachers as clusters. Regret columns do not depend on the target.",
+    ]
+    for number, (rule, delta) in enumerate(readings.items(), start=1):
+        lines += [
             "",
-            markdown_table(summary),
+            f"Reading {number}, target chosen on {rule}: arm regret <= {delta:g} points (the smallest of "
+            f"{', '.join(map(str, DELTAS))} leaving fewer than {MAX_CENSORED:.0%} of {rule}'s searches censored "
+            f"at {HORIZON} full trials).",
+            "",
+            markdown_table(summaries[rule]),
         ]
-    )
+    text = "\n".join(lines)
+    summary = pd.concat([frame.assign(reading=rule) for rule, frame in summaries.items()])
     (args.out / "search_efficiency.md").write_text(text + "\n")
     summary.to_csv(args.out / "summary.csv", index=False)
     print(text)

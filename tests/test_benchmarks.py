@@ -103,31 +103,43 @@ def test_beta_ranking_budget_compares_two_grids(tmp_path):
     assert "| t | 0.5 | 1 | 2 |" in text  # beta 2 overtakes at 3x: the rankings disagree in part
 
 
-def test_search_efficiency_summary_counts_reach_compute_and_the_chosen_betas_regret():
+def test_search_efficiency_scores_the_incumbent_not_a_blind_pick():
     import math
 
     import numpy as np
     import pandas as pd
 
-    from benchmarks.search_efficiency import summarise
-    from tests.test_validation import synthetic_grid
+    from benchmarks.search_efficiency import anytime_regret, choose_delta, regret_at, summarise, time_to
 
-    grid = synthetic_grid(slope=0.0, seeds=1)  # every teacher's oracle is beta 0.5 (log2 -1)
-    rows = []
-    for variant, to_target, chosen in (
-        ("a", math.inf, 16.0),
-        ("b", 60.0, 0.5),
-        ("c", 30.0, 0.5),
-        ("d", math.inf, 0.5),
-    ):
-        rows.append(dict(variant=variant, teacher="t0", search_seed=0, grid_seed=0, epochs_to_target=to_target,
-                         total_epochs=100, chosen_beta=chosen))  # fmt: skip
-    table = summarise(pd.DataFrame(rows), 360, grid).set_index("search")
-    assert list(table["reached target"]) == ["0/1", "1/1", "1/1", "0/1"]
-    assert list(table["mean trial-epochs to target (>=)"]) == [360.0, 60.0, 30.0, 360.0]  # never: the budget
-    assert (
-        table.iloc[0]["a / this"] == 1 and table.iloc[1]["a / this"] == 6 and table.iloc[2]["this / b"] == 0.5
+    arm_regret = np.array([3.0, 1.0, 0.0, 2.0])  # blind pick: their mean, 1.5
+    # (grid index, epochs run, reached the end?, final validation top-1); 10 epochs a full trial
+    trials = [(0, 10, True, 50.0), (2, 3, False, 0.0), (1, 10, True, 52.0), (3, 10, True, 51.0)]
+    times, regrets, found = anytime_regret(trials, arm_regret)
+    assert list(times) == [0, 10, 13, 23, 33]
+    assert list(regrets) == [1.5, 3.0, 3.0, 1.0, 1.0]  # the pruned trial changes nothing; 3 is worse on val
+    assert list(found) == [False, True, True, True, True]
+    assert regret_at(times, regrets, 20) == 3.0 and regret_at(times, regrets, 23) == 1.0
+    assert time_to(times, regrets, found, 1.0, horizon=40) == 23
+    assert time_to(times, regrets, found, 0.5, horizon=40) == math.inf
+    # The blind pick meets a 2-point target at time 0, but no search has chosen anything then.
+    assert time_to(times, regrets, found, 2.0, horizon=40) == 23
+    assert time_to(times, regrets, found, 1.0, horizon=20) == math.inf  # past the horizon: censored
+
+    def search(variant: str, teacher: str, hit_at: float | None) -> dict:
+        hit = hit_at if hit_at is not None else 99.0
+        return {
+            "family": "f", "teacher": teacher, "seed": 0, "variant": variant,
+            "times": np.array([0.0, 1.0, hit]), "regrets": np.array([2.0, 2.0, 0.0]),
+            "found": np.array([False, True, True]), **{f"regret@{b}": 0.0 for b in (1, 2, 4, 8)},
+        }  # fmt: skip
+
+    scores = pd.DataFrame(
+        [search("b", "t0", 2.0), search("b", "t1", 4.0), search("c+0", "t0", 1.0), search("c+0", "t1", None)]
     )
-    oracle = grid.val[0, :, 0].argmax()
-    expected = grid.test[0, oracle, 0] - grid.test[0, int(np.argmin(abs(grid.betas - 16.0))), 0]
-    assert table.iloc[0]["regret of the chosen beta (mean, sd)"].startswith(f"{expected:.2f}")
+    assert choose_delta(scores) == 2.0  # at 0.25 half of (c+0)'s searches are censored; 2 points are met at once
+    table = summarise(scores, delta=0.25, resamples=200).set_index("variant")
+    assert table.loc["b", "censored"] == "0%" and table.loc["c+0", "censored"] == "50%"
+    # RMST: a censored search counts the 8-trial horizon; (b) 3.0, (c+0) (1 + 8) / 2 = 4.5, ratio 1.5
+    assert table.loc["b", "RMST (full trials)"].startswith("3.00")
+    assert table.loc["c+0", "RMST (full trials)"].startswith("4.50")
+    assert table.loc["c+0", "/ b"].startswith("1.50")
