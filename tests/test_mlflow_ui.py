@@ -75,6 +75,53 @@ def test_run_ui_prints_each_experiments_model_training_link(exec_calls, tmp_path
     assert not (tmp_path / "none.db").exists()
 
 
+def test_a_search_gets_a_view_of_its_trials_sorted_by_its_metric(exec_calls, tmp_path, capsys):
+    """MLflow's URL cannot choose the runs table's columns; a shared view (an experiment tag) can, and
+    `dkd-tune ui` links each search's."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from dkd_tune.config.loading import load_search_space
+    from dkd_tune.search.parent_run import write_search_view
+    from dkd_tune.tracking.mlflow_store import experiment_id
+    from dkd_tune.tracking.runs_view import SHARED_VIEW_TAG_PREFIX, TAG_VIEW
+
+    store_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=store_uri)
+    space = load_search_space(ROOT / "search_spaces" / "demo.yaml")
+    identifier = experiment_id(client, space.name)
+    search = client.create_run(identifier, run_name="demo-1")
+    trials = [
+        client.create_run(identifier, run_name=f"t{i}", tags={"mlflow.parentRunId": search.info.run_id})
+        for i in range(3)
+    ]
+    for trial, val_acc in zip(trials, [40.0, 60.0, 50.0], strict=True):
+        client.log_metric(trial.info.run_id, "val_acc", val_acc)
+    client.create_run(identifier, run_name="other search's trial", tags={"mlflow.parentRunId": "x"})
+    write_search_view(client, identifier, search.info.run_id, space)
+
+    key = client.get_run(search.info.run_id).data.tags[TAG_VIEW]
+    state = json.loads(client.get_experiment(identifier).tags[SHARED_VIEW_TAG_PREFIX + key])
+    assert state["selectedColumns"] == [
+        "params.`loss`", "params.`beta`", "params.`alpha`", "params.`temperature`",
+        "metrics.`val_acc`", "metrics.`test_acc`",
+    ]  # fmt: skip
+    assert (state["orderByKey"], state["orderByAsc"]) == ("metrics.`val_acc`", False)
+    # The view's filter and sort, as the UI sends them to the server: this search's trials, best first.
+    shown = client.search_runs(
+        [identifier], filter_string=state["searchFilter"], order_by=["metrics.`val_acc` DESC"]
+    )
+    assert [run.info.run_name for run in shown] == ["t1", "t2", "t0"]
+
+    mlflow_ui.run_ui(store_uri, port=5123)
+    printed = capsys.readouterr().out
+    assert (
+        f"search demo-1, its trials best first: http://127.0.0.1:5123/#/experiments/{identifier}/runs"
+        f"?viewStateShareKey={key}&workflowType=machine_learning"
+    ) in printed
+
+
 def test_user_setting_for_server_jobs_is_kept():
     environ = {"PATH": "/usr/bin", mlflow_ui.JOB_EXECUTION_VARIABLE: "true"}
     assert mlflow_ui.ui_environment(environ) == environ

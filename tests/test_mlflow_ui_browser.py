@@ -46,7 +46,7 @@ class Trial:
     test_acc: float  # the last epoch's, which the comparison shows
 
 
-def run_tiny_search(tmp_path: Path, tracking_uri: str) -> tuple[str, str, list[Trial]]:
+def run_tiny_search(tmp_path: Path, tracking_uri: str) -> tuple[str, object, list[Trial]]:
     """A real search (tiny: seconds per trial) logged to the UI's store: (experiment id, search run, trials)."""
     from mlflow.tracking import MlflowClient
 
@@ -79,7 +79,7 @@ def run_tiny_search(tmp_path: Path, tracking_uri: str) -> tuple[str, str, list[T
         for run in runs
     ]
     assert len(trials) == 4
-    return experiment.experiment_id, search.info.run_name, trials
+    return experiment.experiment_id, search, trials
 
 
 @pytest.fixture
@@ -119,10 +119,12 @@ def test_mlflow_ui_compares_trials_beta_and_test_acc(chromium, mlflow_ui, tmp_pa
     from mlflow.tracking import MlflowClient
     from playwright.sync_api import expect, sync_playwright
 
-    from dkd_tune.commands.mlflow_ui import experiment_url
+    from dkd_tune.commands.mlflow_ui import experiment_url, search_view_url
     from dkd_tune.tracking.mlflow_store import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND
+    from dkd_tune.tracking.runs_view import TAG_VIEW
 
-    experiment_id, search_name, trials = run_tiny_search(tmp_path, mlflow_ui.url)
+    experiment_id, search, trials = run_tiny_search(tmp_path, mlflow_ui.url)
+    search_name = search.info.run_name
     experiment = MlflowClient(tracking_uri=mlflow_ui.url).get_experiment(experiment_id)
     assert experiment.tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING_KIND
     expect.set_options(timeout=UI_TIMEOUT_MS)
@@ -132,6 +134,27 @@ def test_mlflow_ui_compares_trials_beta_and_test_acc(chromium, mlflow_ui, tmp_pa
         try:
             page = browser.new_page(viewport=VIEWPORT)
             page.set_default_timeout(UI_TIMEOUT_MS)
+
+            # The search's own view, linked by `dkd-tune ui`: its trials, flat and best first, with the
+            # searched parameters and the metric as columns (MLflow's URL alone cannot choose columns).
+            page.goto(search_view_url(mlflow_ui.url, experiment_id, search.data.tags[TAG_VIEW]))
+            runs = page.get_by_role("grid")
+            click_if_shown(page.get_by_role("button", name="Close", exact=True))
+            for header in ("beta", "temperature", "test_acc"):
+                expect(runs.get_by_role("columnheader", name=header, exact=True)).to_be_visible()
+            best_first = sorted(trials, key=lambda trial: -trial.test_acc)
+            for trial in best_first:
+                expect(runs.get_by_role("link", name=trial.run_name, exact=True)).to_be_visible()
+            shown = [
+                name
+                for name in runs.get_by_role("link").all_inner_texts()
+                if name in {t.run_name for t in trials}
+            ]
+            assert shown == [trial.run_name for trial in best_first]
+            row = runs.get_by_role("row").filter(
+                has=page.get_by_role("link", name=best_first[0].run_name, exact=True)
+            )
+            expect(row).to_contain_text(best_first[0].beta)
 
             # The link `dkd-tune ui` prints for the experiment: MLflow 3 opens on GenAI traces unless
             # told the "Model training" view; there the search is one row, its trials nested under it.

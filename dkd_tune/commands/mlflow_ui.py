@@ -19,6 +19,7 @@ UI_WORKERS = 1
 JOB_EXECUTION_VARIABLE = "MLFLOW_SERVER_ENABLE_JOB_EXECUTION"
 # MLflow 3's UI shows GenAI traces unless told the "Model training" view, which lists runs.
 WORKFLOW_PARAMETER = "workflowType=machine_learning"
+SEARCHES_LISTED = 3  # per experiment, the latest searches get a link to their own view
 
 
 def resolve_store_uri(tracking_uri: str | None = None) -> str:
@@ -63,8 +64,9 @@ def ui_command(store_uri: str, host: str = DEFAULT_HOST, port: int = DEFAULT_POR
     ]
 
 
-def _experiments(store_uri: str) -> list[tuple[str, str]]:
-    """(name, id) of the store's experiments (not MLflow's "Default"); none when it cannot be read.
+def _experiments(store_uri: str) -> list[tuple[str, str, list[tuple[str, str]]]]:
+    """(name, id, [(search name, view key)] of its latest searches) of the store's experiments (not
+    MLflow's "Default"); none when it cannot be read.
 
     A SQLite store that does not exist yet is not created here: the server makes it.
     """
@@ -73,10 +75,24 @@ def _experiments(store_uri: str) -> list[tuple[str, str]]:
     try:
         from mlflow.tracking import MlflowClient
 
-        experiments = MlflowClient(tracking_uri=store_uri).search_experiments(max_results=20)
+        from dkd_tune.tracking.runs_view import TAG_VIEW
+
+        client = MlflowClient(tracking_uri=store_uri)
+        listed = []
+        for experiment in client.search_experiments(max_results=20):
+            if experiment.name == "Default":
+                continue
+            searches = client.search_runs(
+                [experiment.experiment_id],
+                filter_string=f"tags.`{TAG_VIEW}` != ''",
+                order_by=["attributes.start_time DESC"],
+                max_results=SEARCHES_LISTED,
+            )
+            views = [(run.info.run_name, run.data.tags[TAG_VIEW]) for run in searches]
+            listed.append((experiment.name, experiment.experiment_id, views))
     except Exception:  # the UI still starts; the links are a convenience
         return []
-    return [(e.name, e.experiment_id) for e in experiments if e.name != "Default"]
+    return listed
 
 
 def ui_environment(environ: Mapping[str, str]) -> dict[str, str]:
@@ -89,6 +105,13 @@ def experiment_url(base: str, experiment_id: str) -> str:
     return f"{base}/#/experiments/{experiment_id}/runs?{WORKFLOW_PARAMETER}"
 
 
+def search_view_url(base: str, experiment_id: str, key: str) -> str:
+    """A search's trials with the searched parameters and its metric as columns, best first."""
+    from dkd_tune.tracking.runs_view import view_url
+
+    return f"{view_url(base, experiment_id, key)}&{WORKFLOW_PARAMETER}"
+
+
 def run_ui(tracking_uri: str | None = None, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> None:
     """Replace this process with the MLflow server for the resolved store (never returns)."""
     store_uri = resolve_store_uri(tracking_uri)
@@ -96,8 +119,13 @@ def run_ui(tracking_uri: str | None = None, host: str = DEFAULT_HOST, port: int 
     shown_host = f"[{host}]" if ":" in host else host
     base = f"http://{shown_host}:{port}"
     print(f"MLflow UI for {store_uri} at {base} (Ctrl-C stops it)", flush=True)
-    for name, identifier in _experiments(store_uri):
+    for name, identifier, views in _experiments(store_uri):
         print(f"  {name}: {experiment_url(base, identifier)}", flush=True)
+        for search, key in views:
+            print(
+                f"    search {search}, its trials best first: {search_view_url(base, identifier, key)}",
+                flush=True,
+            )
     sys.stderr.flush()
     # exec, not a child process: the terminal's Ctrl-C reaches the server directly, and no idle
     # dkd-tune process is left between the user and it.

@@ -78,7 +78,19 @@ def start_parent_run(client, space, experiment_dir, state, data_spec, nest_under
         client, run.info.run_id, space.model_dump(mode="json", by_alias=True, exclude_none=True)
     )
     client.log_artifact(run.info.run_id, str(experiment_dir / CONFIG_FILE))
+    write_search_view(client, experiment, run.info.run_id, space)
     return run.info.run_id
+
+
+def write_search_view(client, experiment_id: str, run_id: str, space: SearchSpaceFile) -> None:
+    """The MLflow UI's view of this search: its trials with what was searched and how they scored."""
+    from dkd_tune.tracking.runs_view import write_search_view as write_view
+
+    parameters = (["teacher"] if len(space.teachers) > 1 else []) + (["loss"] if space.baselines else [])
+    parameters += list(dict.fromkeys([*space.space, *(key for t in space.teachers for key in t.space)]))
+    # Chosen on validation, reported on test: both columns when the search's metric is a validation one.
+    reported = [space.metric.replace("val_", "test_", 1)] if space.metric.startswith("val_") else []
+    write_view(client, experiment_id, run_id, parameters, space.metric, space.mode, reported)
 
 
 def tag_parent_with_teachers(client, run_id: str, teachers: dict[str, Any]) -> None:
