@@ -4,7 +4,8 @@ A real (tiny) search logs to the UI's store through `dkd-tune run`; a headless C
 what a user does: open the experiment, expand the search, tick the trials, press Compare, and read
 each trial's beta, temperature and test_acc off the comparison, checked against MLflow's client.
 Without Chromium the test is a loud skip on a developer's machine and a failure in CI.
-Set DKD_TUNE_WRITE_SCREENSHOT=1 to refresh docs/images/mlflow-compare.png from this run.
+Set DKD_TUNE_WRITE_SCREENSHOT=1 to refresh docs/images/mlflow-compare.png and mlflow-search-view.png
+from this run.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 SCREENSHOT = ROOT / "docs" / "images" / "mlflow-compare.png"
+VIEW_SCREENSHOT = ROOT / "docs" / "images" / "mlflow-search-view.png"
 # Wide enough that all five trial columns are drawn even beside MLflow's side panels (the
 # metrics grid only draws the columns in view); the picture is taken at a README-friendly size.
 VIEWPORT = {"width": 1800, "height": 1000}
@@ -41,6 +43,7 @@ class Trial:
     """A trial of the search as MLflow recorded it, read back through MLflow's client."""
 
     run_name: str
+    run_id: str
     beta: str  # params are strings; the UI shows them as logged
     temperature: str
     test_acc: float  # the last epoch's, which the comparison shows
@@ -72,6 +75,7 @@ def run_tiny_search(tmp_path: Path, tracking_uri: str) -> tuple[str, object, lis
     trials = [
         Trial(
             run.info.run_name,
+            run.info.run_id,
             run.data.params["beta"],
             run.data.params["temperature"],
             run.data.metrics["test_acc"],
@@ -140,24 +144,29 @@ def test_mlflow_ui_compares_trials_beta_and_test_acc(chromium, mlflow_ui, tmp_pa
             page.goto(search_view_url(mlflow_ui.url, experiment_id, search.data.tags[TAG_VIEW]))
             runs = page.get_by_role("grid")
             click_if_shown(page.get_by_role("button", name="Close", exact=True))
-            for header in ("beta", "temperature", "test_acc"):
-                expect(runs.get_by_role("columnheader", name=header, exact=True)).to_be_visible()
-            best_first = sorted(trials, key=lambda trial: -trial.test_acc)
-            for trial in best_first:
+            for column in ("params.`beta`", "params.`temperature`", "metrics.`test_acc`"):
+                expect(runs.locator(f'[role="columnheader"][col-id="{column}"]')).to_be_visible()
+            for trial in trials:
                 expect(runs.get_by_role("link", name=trial.run_name, exact=True)).to_be_visible()
-            shown = [
-                name
-                for name in runs.get_by_role("link").all_inner_texts()
-                if name in {t.run_name for t in trials}
-            ]
-            assert shown == [trial.run_name for trial in best_first]
-            row = runs.get_by_role("row").filter(
-                has=page.get_by_role("link", name=best_first[0].run_name, exact=True)
-            )
-            expect(row).to_contain_text(best_first[0].beta)
+            by_name = {trial.run_name: trial for trial in trials}
+            shown = [name for name in runs.get_by_role("link").all_inner_texts() if name in by_name]
+            assert sorted(shown) == sorted(by_name)  # this search's trials, no other run
+            shown_acc = [by_name[name].test_acc for name in shown]
+            assert shown_acc == sorted(shown_acc, reverse=True)  # best first (ties in either order)
+            for trial in trials:  # a row is split over the grid's pinned and scrolling parts: its id joins them
+                row = runs.locator(f'[role="row"][row-id="{trial.run_id}"]')
+                expect(row.locator('[col-id="params.`beta`"]')).to_have_text(trial.beta)
+                expect(row.locator('[col-id="metrics.`test_acc`"]')).to_have_text(f"{trial.test_acc:g}")
+            view_screenshot = tmp_path / "search-view.png"
+            click_if_shown(page.get_by_role("button", name="Close", exact=True))  # the assistant, if it opened
+            page.screenshot(path=view_screenshot)
 
             # The link `dkd-tune ui` prints for the experiment: MLflow 3 opens on GenAI traces unless
             # told the "Model training" view; there the search is one row, its trials nested under it.
+            # (A fresh page: the shared view above stays active in the page that opened it.)
+            page.close()
+            page = browser.new_page(viewport=VIEWPORT)
+            page.set_default_timeout(UI_TIMEOUT_MS)
             page.goto(experiment_url(mlflow_ui.url, experiment_id))
             runs = page.get_by_role("grid")
             search_row = runs.get_by_role("row").filter(
@@ -230,3 +239,4 @@ def test_mlflow_ui_compares_trials_beta_and_test_acc(chromium, mlflow_ui, tmp_pa
     if os.environ.get("DKD_TUNE_WRITE_SCREENSHOT") == "1":
         SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(screenshot, SCREENSHOT)
+        shutil.copyfile(view_screenshot, VIEW_SCREENSHOT)

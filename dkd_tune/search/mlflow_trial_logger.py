@@ -21,7 +21,7 @@ from dkd_tune.tracking.mlflow_store import (
     log_metrics,
     log_params,
     now_ms,
-    result_time_ms,
+    trial_end_ms,
     set_tags,
     standard_tags,
     store_unreachable,
@@ -197,5 +197,5 @@ class MLflowTrialLogger(Callback):
         self.client.set_terminated(
             run_id,
             status="FAILED" if errored else "FINISHED",
-            end_time=result_time_ms(trial.last_result or {}),
+            end_time=trial_end_ms(trial.last_result or {}, self.client.get_run(run_id).info.start_time),
         )

@@ -225,7 +225,7 @@ def reconcile_child_runs(client, state, frame, histories: Mapping[str, list[dict
             client.set_terminated(
                 run_id,
                 status="FAILED" if row["status"] in ("errored", "oom") else "FINISHED",
-                end_time=tracking.result_time_ms(history[-1] if history else {}),
+                end_time=tracking.trial_end_ms(history[-1] if history else {}, run.info.start_time),
             )
 
 

@@ -245,6 +245,12 @@ def result_time_ms(result: Mapping[str, Any]) -> int:
     return int(1000 * float(result.get("timestamp", 0) or 0)) or now_ms()
 
 
+def trial_end_ms(last_result: Mapping[str, Any], start_ms: int) -> int:
+    """A trial run's end: its last result's time, never before its start (Ray's timestamp is whole
+    seconds, so a trial shorter than a second would otherwise show a negative duration)."""
+    return max(result_time_ms(last_result), start_ms)
+
+
 def epoch_metrics(result: Mapping[str, Any]) -> tuple[int, dict[str, float], int]:
     """A trial's result as MLflow takes it: (step = epoch, its finite metrics, timestamp in ms)."""
     step = int(result.get("epoch", result.get("training_iteration", 0)))
