@@ -112,3 +112,12 @@ def test_single_runs_are_logged(mlflow_ui, tmp_path):
         assert "best.pt" in {a.path for a in client.list_artifacts(run.info.run_id)}
     (distill_run,) = client.search_runs([client.get_experiment_by_name("distill").experiment_id])
     assert distill_run.data.params["loss"] == "dkd" and distill_run.data.params["teacher_model"] == "resnet8"
+
+
+def test_a_trial_run_never_ends_before_it_starts():
+    """Ray's result timestamp is whole seconds; the run's start is the driver's clock in ms."""
+    from dkd_tune.tracking.mlflow_store import trial_end_ms
+
+    started = 1_796_400_000_700  # 0.7 s into a second
+    assert trial_end_ms({"timestamp": 1_796_400_000}, started) == started  # a sub-second trial: 0 s, not -0.7
+    assert trial_end_ms({"timestamp": 1_796_400_069}, started) == 1_796_400_069_000
