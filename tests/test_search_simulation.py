@@ -150,3 +150,19 @@ def test_the_prior_guided_sampler_records_each_trials_proposal():
     assert components[0] == "enqueued" and search.trials[0].beta == 4.0
     assert set(components[1:]) <= {"uniform", "prior", "model"}
     assert components.count("enqueued") == 1
+
+
+def test_a_ray_without_the_internals_the_searcher_reads_fails_with_its_name():
+    from dkd_tune.search.study import RAY_PRIVATE_ATTRIBUTES, TruthfulOptunaSearch
+
+    from ray import tune
+
+    searcher = TruthfulOptunaSearch(
+        max_epochs=3, metric="val_acc", mode="max", space={"beta": tune.loguniform(0.25, 16)}
+    )
+    assert all(hasattr(searcher, name) for name in RAY_PRIVATE_ATTRIBUTES)  # this Ray has them
+    del searcher._ot_trials  # as a Ray that renamed it would be
+    with pytest.raises(RuntimeError, match=r"OptunaSearch has no _ot_trials.*pyproject.toml"):
+        searcher.suggest("trial-1")
+    with pytest.raises(AttributeError):
+        searcher.no_such_attribute  # noqa: B018  (other names behave as usual)

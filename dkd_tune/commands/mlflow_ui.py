@@ -31,9 +31,9 @@ def resolve_store_uri(tracking_uri: str | None = None) -> str:
     if tracking_uri:
         uri, source = tracking_uri, "--tracking-uri"
     else:
-        import mlflow
+        from dkd_tune.tracking.mlflow_store import resolve_tracking_uri
 
-        uri, source = mlflow.get_tracking_uri(), "MLFLOW_TRACKING_URI"
+        uri, source = resolve_tracking_uri(None), "MLFLOW_TRACKING_URI"
     if urlsplit(uri).scheme in ("http", "https"):
         raise UserInputError(
             f"{source} {uri} is an MLflow tracking server, which has its own UI: open {uri} in a browser"
@@ -73,11 +73,10 @@ def _experiments(store_uri: str) -> list[tuple[str, str, list[tuple[str, str]]]]
     if store_uri.startswith("sqlite:///") and not os.path.exists(store_uri.removeprefix("sqlite:///")):
         return []
     try:
-        from mlflow.tracking import MlflowClient
-
+        from dkd_tune.tracking.mlflow_store import client_for
         from dkd_tune.tracking.runs_view import TAG_VIEW
 
-        client = MlflowClient(tracking_uri=store_uri)
+        client = client_for(store_uri)
         listed = []
         for experiment in client.search_experiments(max_results=20):
             if experiment.name == "Default":

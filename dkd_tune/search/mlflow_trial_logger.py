@@ -6,7 +6,6 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
 from dkd_tune.tracking.mlflow_store import (
@@ -16,15 +15,17 @@ from dkd_tune.tracking.mlflow_store import (
     TAG_STOP_EPOCH,
     TAG_TEACHER,
     TAG_TRIAL_ID,
+    MlflowClient,
+    client_for,
     epoch_metrics,
     experiment_id,
     log_metrics,
     log_params,
     now_ms,
-    trial_end_ms,
     set_tags,
     standard_tags,
     store_unreachable,
+    trial_end_ms,
     trial_error_text,
 )
 from dkd_tune.tracking.status import trial_status
@@ -75,7 +76,7 @@ class MLflowTrialLogger(Callback):
     @property
     def client(self) -> MlflowClient:
         if self._client is None:
-            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+            self._client = client_for(self.tracking_uri)
             self._experiment_id = experiment_id(self._client, self.experiment_name)
         return self._client
 

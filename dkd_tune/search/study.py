@@ -19,6 +19,9 @@ from ray.tune.search.optuna import OptunaSearch
 
 STUDY_FILE = "optuna.db"
 RAY_TRIAL_ID_ATTR = "ray_trial_id"
+# OptunaSearch's private state this class reads (Ray has no public way to tell Optuna PRUNED):
+# tested with the Ray versions pyproject.toml allows; a Ray that renames them fails with this name.
+RAY_PRIVATE_ATTRIBUTES = ("_ot_trials", "_completed_trials", "_ot_study")
 
 
 def study_storage_url(experiment_dir: Path) -> str:
@@ -35,6 +38,17 @@ class TruthfulOptunaSearch(OptunaSearch):
     def __init__(self, *, max_epochs: int, **kwargs: Any):
         super().__init__(**kwargs)
         self.max_epochs = max_epochs
+
+    def __getattr__(self, name: str):
+        # Only reached when normal lookup fails: a private attribute this Ray's OptunaSearch lacks.
+        if name in RAY_PRIVATE_ATTRIBUTES:
+            import ray
+
+            raise RuntimeError(
+                f"Ray {ray.__version__}'s OptunaSearch has no {name}, which dkd-tune's truthful searcher "
+                "reads; install a Ray within dkd-tune's tested range (pyproject.toml)"
+            )
+        raise AttributeError(name)
 
     def suggest(self, trial_id: str):
         config = super().suggest(trial_id)

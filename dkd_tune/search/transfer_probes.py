@@ -124,14 +124,12 @@ def _check_device(device: str | None) -> None:
 
 
 def _run_experiment_name(uri: str, run_id: str) -> str:
-    from mlflow.exceptions import MlflowException
-
     from dkd_tune.tracking import mlflow_store as tracking
 
     client = tracking.client_for(uri)
     try:
         run = client.get_run(run_id)
-    except MlflowException:
+    except tracking.MlflowException:
         raise UserInputError(f"--parent-run-id {run_id}: no such run in the MLflow store {uri}") from None
     return client.get_experiment(run.info.experiment_id).name
 
@@ -470,13 +468,11 @@ def _reuse_finished_probes(rows: dict[tuple[str, str], dict[str, Any]], tracking
     linked = [row for row in rows.values() if row["student_run_id"]]
     if not linked:
         return
-    from mlflow.exceptions import MlflowException
-
     client = tracking.client_for(tracking_uri)
     for row in linked:
         try:
             experiment = client.get_run(row["student_run_id"]).info.experiment_id
-        except MlflowException:
+        except tracking.MlflowException:
             continue  # the trial's run is gone: probe it again, unlinked runs are not matched
         found = client.search_runs(
             [experiment],

@@ -24,6 +24,7 @@ from typing import Any
 
 import mlflow
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from dkd_tune import __version__
@@ -56,7 +57,6 @@ SHORT_HTTP_RETRIES = {
 def store_unreachable(error: BaseException) -> bool:
     """Whether a tracking call failed because the store is away (retry later), not because it was wrong."""
     import requests
-    from mlflow.exceptions import MlflowException
 
     if isinstance(error, (requests.RequestException, OSError)):
         return True
