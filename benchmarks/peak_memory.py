@@ -4,7 +4,7 @@
     python benchmarks/peak_memory.py --device cuda --images 50000 --epochs 1   # a CIFAR-100-sized trial
     python benchmarks/peak_memory.py --tiny                     # seconds: checks that the script runs
 
-Each trial runs `trial.run_trial` (loaders, student, teacher source, `train.fit` with per-epoch
+Each trial runs `trial.run_trial` (loaders, student, teacher source, `engine.loop.fit` with per-epoch
 checkpoints) in a fresh process: resnet32x4 (a random-weight checkpoint) -> resnet8x4, DKD,
 batch 64, `--images` random 32x32 training images (100 classes) and 1,000 test images. In that
 process a thread reads /proc/self/status every 20 ms; the table gives

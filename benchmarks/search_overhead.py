@@ -1,4 +1,4 @@
-"""Overhead of the search machinery: a one-trial `dkd-tune run` vs the same `train.fit` called directly (CPU).
+"""Overhead of the search machinery: a one-trial `dkd-tune run` vs the same `engine.loop.fit` called directly (CPU).
 
     python benchmarks/search_overhead.py                 # 3 interleaved rounds; updates docs/benchmarks.md
     python benchmarks/search_overhead.py --tiny          # seconds-long trial: checks that the script runs
@@ -11,7 +11,7 @@ has one trial, no ASHA, no baseline and the logit cache off.
 
 Each round runs, in a rotated order:
 - direct: a fresh Python process loads the same data, plan and models and calls
-  `trial.run_trial` (which builds the loaders and calls `train.fit`) twice: without a checkpoint
+  `trial.run_trial` (which builds the loaders and calls `engine.loop.fit`) twice: without a checkpoint
   folder (the bare `fit`) and with one (plus the per-epoch checkpoint writes); each call is timed
   from its start to its return.
 - search: `python -m dkd_tune run` on the file, timed as a whole. From the part's Ray Tune
@@ -54,7 +54,7 @@ from benchmarks.timing import (  # noqa: E402
     write_section,
 )
 
-SECTION = "## Search overhead: a trial inside `dkd-tune run` vs `train.fit` called directly"
+SECTION = "## Search overhead: a trial inside `dkd-tune run` vs `engine.loop.fit` called directly"
 TEACHER_LABEL = "teacher"
 
 
@@ -106,7 +106,7 @@ def environment() -> dict[str, str]:
 
 
 def run_direct(space_path: Path) -> dict[str, float]:
-    """Time `run_trial` (loaders + `train.fit`) on the search's own plan and data, without and with checkpoints."""
+    """Time `run_trial` (loaders + `engine.loop.fit`) on the search's own plan and data, without and with checkpoints."""
     import torch
 
     from dkd_tune.config.loading import load_search_space
@@ -238,8 +238,8 @@ def report(direct: list[dict], search: list[dict], imports: float, loads, load_b
         "",
         "| what | seconds | vs bare `fit` |",
         "|---|---|---|",
-        f"| `train.fit` called directly (`run_trial`), no checkpoints | {seconds(direct, 'fit')} | 1.000 |",
-        f"| `train.fit` called directly, per-epoch checkpoints | {seconds(direct, 'fit_checkpoints')}"
+        f"| `engine.loop.fit` called directly (`run_trial`), no checkpoints | {seconds(direct, 'fit')} | 1.000 |",
+        f"| `engine.loop.fit` called directly, per-epoch checkpoints | {seconds(direct, 'fit_checkpoints')}"
         f" | {fit_checkpoints / fit:.3f} |",
         f"| the trial in `dkd-tune run`: Ray's `time_total_s` | {seconds(search, 'ray_time_total')}"
         f" | {ray_total / fit:.3f} |",

@@ -3,7 +3,7 @@
 A search prepares a `TrialPlan` (what is fixed: student, recipe, loss, teacher artifacts) and a
 `SharedDataset` (the decoded images as numpy arrays, which Ray's object store hands to every
 trial without a copy) once; `run_trial` turns them plus one trial's sampled hyperparameters
-into loaders, a student, a teacher-logit source and a `train.fit` call. Torch only: a trainable
+into loaders, a student, a teacher-logit source and a `engine.loop.fit` call. Torch only: a trainable
 is a thin adapter around this, and this runs without Ray in tests and benchmarks.
 """
 

@@ -1,6 +1,6 @@
 """Single training runs outside a search: `dkd-tune train-teacher` and `dkd-tune distill`.
 
-Each run loads the data once, trains with `train.fit`, prints one line per epoch and a summary,
+Each run loads the data once, trains with `engine.loop.fit`, prints one line per epoch and a summary,
 keeps `best.pt` (a model checkpoint any command can load) and `last.pt` (to resume) in its
 output folder, and logs to MLflow when a tracking URI is set (flag or MLFLOW_TRACKING_URI).
 """
