@@ -11,7 +11,7 @@ Loops, each on the same random CIFAR-shaped images (100 classes, 32x32) and rand
     DataLoader with 2 workers; the teacher's forward pass every step; fp32; DKD computed from
     probabilities with masks and a -1000 logit offset; the loss and top-1/top-5 read back every
     step for the progress meters. Written here, not imported.
-(b) dkd-tune, live teacher: `train.fit` for one epoch over the subset, its `DeviceAugmentLoader`
+(b) dkd-tune, live teacher: `engine.loop.fit` for one epoch over the subset, its `DeviceAugmentLoader`
     and `LiveTeacher`; the figure is the epoch's own `images_per_s` (training batches only).
 (c) dkd-tune, logit cache: the same with `TeacherLogitCache` (memory-mapped, every image's 162
     views; built with a stand-in teacher, see benchmarks/workloads.py).
@@ -169,7 +169,7 @@ class ReferenceLoop:
 
 
 def fit_throughput(student, loader, recipe: Recipe, teacher, device, acceleration) -> Throughput:
-    """One epoch of `train.fit` over `loader`: its own epoch time (training batches, evaluation excluded).
+    """One epoch of `engine.loop.fit` over `loader`: its own epoch time (training batches, evaluation excluded).
 
     The CPU time covers the whole call (also `fit`'s few milliseconds of set-up).
     """
