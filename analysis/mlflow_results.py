@@ -4,7 +4,7 @@ For when the search folder is gone or on another machine but the tracking store 
 The parent run is found by its id or by its name (the search's name). Each child run is one
 trial: its params hold the resolved recipe and the sampled hyperparameters, its tags the trial
 id, part, status and stop epoch, its metrics the per-epoch history. What MLflow does not hold
-is filled as documented in the README: `wall_time_s` is the child run's duration (it includes
+is filled as documented in docs/analysis.md: `wall_time_s` is the child run's duration (it includes
 any interruption), `num_failures` 0, `checkpoint_path` empty, and the teacher gap carries the
 4 decimals the search logged.
 """

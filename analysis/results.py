@@ -2,7 +2,7 @@
 
 Reads what Ray Tune wrote under the search folder (each part's `experiment_state-*.json` and each
 trial's `result.json`) without starting Ray, plus the search's `state.json` and `search.yaml` for
-what is fixed per teacher. The schema (`RESULT_COLUMNS`) is documented in the README.
+what is fixed per teacher. The schema (`RESULT_COLUMNS`) is documented in docs/analysis.md.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from tests.test_search_e2e import cli, tiny_space
 pytestmark = pytest.mark.slow
 FIGURES = (LEARNING_CURVES_FIGURE, ACCURACY_VS_BETA_FIGURE, BETA_VS_GAP_FIGURE)
 ARROW_TYPES = {"string": pa.string(), "float64": pa.float64(), "int64": pa.int64()}
-# What MLflow does not hold (README: "Loading from MLflow"); every other column must match the folder's.
+# What MLflow does not hold (docs/analysis.md: "Loading from MLflow"); every other column must match the folder's.
 NOT_IN_MLFLOW = {"wall_time_s", "num_failures", "checkpoint_path", "teacher_gap", "predicted_beta"}
 
 
@@ -72,9 +72,9 @@ def test_parquet_schema_is_the_documented_one(search):
     assert schema.names == list(RESULT_COLUMNS)
     for name, dtype in RESULT_COLUMNS.items():
         assert schema.field(name).type == ARROW_TYPES[dtype], name
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    documented = (Path(__file__).resolve().parents[1] / "docs" / "analysis.md").read_text()
     for name, dtype in RESULT_COLUMNS.items():
-        assert f"| `{name}` | {dtype} |" in readme, f"README's schema table lacks {name} ({dtype})"
+        assert f"| `{name}` | {dtype} |" in documented, f"docs/analysis.md's schema table lacks {name} ({dtype})"
 
 
 def test_pivot_and_summary_match_the_trials(search):
