@@ -162,7 +162,7 @@ def plot_best_beta_vs_gap(
     title: str = "Best beta found by the search vs the teacher's gap",
     note: str | None = None,
 ) -> Path:
-    """Best beta per teacher against its gap, the auto-beta curve and its window, and predictions;
+    """Best beta per teacher against its gap, the auto-beta curve and its 80% interval, and predictions;
     `note` says on the figure what it cannot show."""
     figure, axis = plt.subplots(figsize=(7.0, 4.6))
     gaps = [point.mean_logit_gap for point in points] + [mark.gap for mark in predictions]

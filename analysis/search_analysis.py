@@ -198,6 +198,11 @@ def _beta_figure_note(points, calibration) -> str | None:
         return "no teacher has a completed DKD trial yet: no best beta to draw"
     if len(points) == 1 and calibration is None:
         return "one teacher: a curve needs the best betas of 2 or more teachers, or a shipped calibration"
+    if calibration is not None and not calibration.predicts_from_gap:
+        return (
+            f"calibration {calibration.name!r} predicts beta from another property of the teacher than its gap "
+            "(suggest-beta prints it): no curve over the gap to draw"
+        )
     if len(points) == 1:
         return "one teacher: its best beta against the shipped calibration (not fitted to this search)"
     return None

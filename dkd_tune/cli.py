@@ -95,10 +95,11 @@ def suggest_beta_command(
     tracking_uri: str | None,
     device: str | None,
 ) -> None:
-    """Measure a teacher's logit gap z_t - z_max and suggest DKD's beta with a window to search.
+    """Measure a teacher's logit gap z_t - z_max and suggest DKD's beta as a distribution to search from.
 
     Prints the gap statistics (mean, median, std, share of samples the teacher gets wrong), the
-    teacher's train/test top-1, beta, the window and a ready `space:` snippet for a search file.
+    teacher's top-1, the suggested beta with its spread and 80% interval, how far the calibration
+    can be trusted, and a ready `space:` snippet (a `prior:`) for a search file.
     """
     from dkd_tune.commands.suggest import suggest_beta
 

@@ -74,7 +74,9 @@ def test_parquet_schema_is_the_documented_one(search):
         assert schema.field(name).type == ARROW_TYPES[dtype], name
     documented = (Path(__file__).resolve().parents[1] / "docs" / "analysis.md").read_text()
     for name, dtype in RESULT_COLUMNS.items():
-        assert f"| `{name}` | {dtype} |" in documented, f"docs/analysis.md's schema table lacks {name} ({dtype})"
+        assert f"| `{name}` | {dtype} |" in documented, (
+            f"docs/analysis.md's schema table lacks {name} ({dtype})"
+        )
 
 
 def test_pivot_and_summary_match_the_trials(search):
@@ -187,3 +189,14 @@ def test_a_one_teacher_search_draws_its_point_and_says_why_there_is_no_curve(sea
     notes = [text.get_text() for text in axis.texts]
     assert any("one teacher: a curve needs the best betas of 2 or more teachers" in note for note in notes)
     assert outputs.figures
+
+
+def test_a_calibration_that_does_not_predict_from_the_gap_draws_no_curve_and_says_why():
+    from analysis.search_analysis import _beta_figure_note
+    from dkd_tune.teacher.auto_beta import default_calibration
+
+    synthetic = default_calibration("synthetic")  # the all-CNN calibration: the accuracy margin, not the gap
+    assert not synthetic.predicts_from_gap
+    note = _beta_figure_note(["a point"], synthetic)
+    assert "predicts beta from another property of the teacher than its gap" in note
+    assert _beta_figure_note(["a point"], default_calibration("cifar")) is not None  # one teacher: said so

@@ -136,7 +136,9 @@ def test_search_efficiency_scores_the_incumbent_not_a_blind_pick():
     scores = pd.DataFrame(
         [search("b", "t0", 2.0), search("b", "t1", 4.0), search("c+0", "t0", 1.0), search("c+0", "t1", None)]
     )
-    assert choose_delta(scores) == 2.0  # at 0.25 half of (c+0)'s searches are censored; 2 points are met at once
+    assert (
+        choose_delta(scores) == 2.0
+    )  # at 0.25 half of (c+0)'s searches are censored; 2 points are met at once
     table = summarise(scores, delta=0.25, resamples=200).set_index("variant")
     assert table.loc["b", "censored"] == "0%" and table.loc["c+0", "censored"] == "50%"
     # RMST: a censored search counts the 8-trial horizon; (b) 3.0, (c+0) (1 + 8) / 2 = 4.5, ratio 1.5

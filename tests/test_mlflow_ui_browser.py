@@ -153,12 +153,16 @@ def test_mlflow_ui_compares_trials_beta_and_test_acc(chromium, mlflow_ui, tmp_pa
             assert sorted(shown) == sorted(by_name)  # this search's trials, no other run
             shown_acc = [by_name[name].test_acc for name in shown]
             assert shown_acc == sorted(shown_acc, reverse=True)  # best first (ties in either order)
-            for trial in trials:  # a row is split over the grid's pinned and scrolling parts: its id joins them
+            for (
+                trial
+            ) in trials:  # a row is split over the grid's pinned and scrolling parts: its id joins them
                 row = runs.locator(f'[role="row"][row-id="{trial.run_id}"]')
                 expect(row.locator('[col-id="params.`beta`"]')).to_have_text(trial.beta)
                 expect(row.locator('[col-id="metrics.`test_acc`"]')).to_have_text(f"{trial.test_acc:g}")
             view_screenshot = tmp_path / "search-view.png"
-            click_if_shown(page.get_by_role("button", name="Close", exact=True))  # the assistant, if it opened
+            click_if_shown(
+                page.get_by_role("button", name="Close", exact=True)
+            )  # the assistant, if it opened
             page.screenshot(path=view_screenshot)
 
             # The link `dkd-tune ui` prints for the experiment: MLflow 3 opens on GenAI traces unless

@@ -153,9 +153,9 @@ def test_the_prior_guided_sampler_records_each_trials_proposal():
 
 
 def test_a_ray_without_the_internals_the_searcher_reads_fails_with_its_name():
-    from dkd_tune.search.study import RAY_PRIVATE_ATTRIBUTES, TruthfulOptunaSearch
-
     from ray import tune
+
+    from dkd_tune.search.study import RAY_PRIVATE_ATTRIBUTES, TruthfulOptunaSearch
 
     searcher = TruthfulOptunaSearch(
         max_epochs=3, metric="val_acc", mode="max", space={"beta": tune.loguniform(0.25, 16)}
