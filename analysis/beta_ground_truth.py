@@ -214,8 +214,11 @@ def feature_scores(teachers: Sequence[CalibratedTeacher], kind: str) -> dict[str
 
 
 def choose_feature(teachers: Sequence[CalibratedTeacher], kind: str = "teacher") -> str | None:
-    """The candidate with the best held-out log score on `teachers` alone (ties: the earlier candidate)."""
+    """The candidate with the best held-out log score on `teachers` alone (ties: the earlier candidate);
+    no feature when too few teachers are left to score one (each fold needs two to fit on)."""
     scores = feature_scores(teachers, kind)
+    if not scores:
+        return None
     return max(scores, key=lambda feature: (scores[feature], -list(scores).index(feature)))
 
 

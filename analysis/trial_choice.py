@@ -23,9 +23,9 @@ def candidates(frame: pd.DataFrame) -> pd.DataFrame:
     """Searched trials that ran their full budget with a score (baselines are references, not candidates)."""
     if frame.empty:
         return frame
-    kept = frame[
-        (frame["status"] == "completed") & ~frame["part"].astype(str).str.startswith(BASELINE_PREFIX)
-    ]
+    # A table without a `part` column (written by hand or by an older version) holds no baseline.
+    baseline = frame["part"].astype(str).str.startswith(BASELINE_PREFIX) if "part" in frame else False
+    kept = frame[(frame["status"] == "completed") & ~baseline]
     return kept[kept[selection_column(frame)].notna()]
 
 

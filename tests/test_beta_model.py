@@ -120,3 +120,12 @@ def test_pooled_curvatures_ignore_sides_without_data():
     teachers.append(CalibratedTeacher("edge", "a", {"gap": 1.0}, edge))
     left, right = pooled_curvatures(teachers)
     assert left == pytest.approx(1.0) and right == pytest.approx(2.0)
+
+
+def test_the_feature_is_chosen_by_held_out_score_and_none_when_too_few_teachers_can_score_it():
+    from analysis.beta_ground_truth import choose_feature
+
+    teachers = teachers_on_a_line(slope=1.2, noise=0.05)
+    assert choose_feature(teachers) == "gap"  # "other" is noise: it predicts held-out peaks worse
+    # Two teachers: leaving one out leaves one to fit on, so no feature can be scored.
+    assert choose_feature(teachers[:2]) is None

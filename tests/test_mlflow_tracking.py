@@ -121,3 +121,27 @@ def test_a_trial_run_never_ends_before_it_starts():
     started = 1_796_400_000_700  # 0.7 s into a second
     assert trial_end_ms({"timestamp": 1_796_400_000}, started) == started  # a sub-second trial: 0 s, not -0.7
     assert trial_end_ms({"timestamp": 1_796_400_069}, started) == 1_796_400_069_000
+
+
+def test_logging_a_student_model_into_a_finished_trial_run_keeps_its_end_and_prints_nothing(tmp_path, capfd):
+    import numpy as np
+    import torch
+
+    from dkd_tune.tracking.mlflow_store import log_student_model
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("search"), start_time=1_000_000).info.run_id
+    client.set_terminated(run_id, status="FINISHED", end_time=1_060_000)  # the trial's own end
+    capfd.readouterr()
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3)).eval()
+    example = np.zeros((1, 3, 2, 2), dtype=np.float32)
+    uri_of_model = log_student_model(
+        uri, run_id, model, name="best_student", registered_name="search-t-student", input_example=example,
+        metadata={"teacher": "t"},
+    )  # fmt: skip
+    info = client.get_run(run_id).info
+    assert (info.status, info.end_time) == ("FINISHED", 1_060_000)
+    assert client.get_registered_model("search-t-student").latest_versions
+    assert uri_of_model.startswith("models:/")
+    assert capfd.readouterr().err == ""  # MLflow's registration lines and torch.export's notes are silenced

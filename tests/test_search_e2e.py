@@ -149,8 +149,11 @@ def test_run_end_to_end_through_the_cli(tmp_path):
         assert sorted(point.step for point in history) == list(range(1, row["stop_epoch"] + 1))
         if row["part"] == "teacher":
             assert float(run.data.params["beta"]) == pytest.approx(row["beta"])
-        # The run lasts as long as its trial did, not until the search ended.
-        assert abs((run.info.end_time - run.info.start_time) / 1000 - row["wall_time_s"]) < 5, row["trial_id"]
+        # The run ends at its trial's last result, not when the search ended, and covers the trial's
+        # training time (it starts when Ray starts the trial, so it also holds the actor's start-up).
+        # (Ray's timestamps are whole seconds; a run never ends before it starts, so up to 1 s later.)
+        assert 0 <= run.info.end_time - max(point.timestamp for point in history) < 1000, row["trial_id"]
+        assert (run.info.end_time - run.info.start_time) / 1000 >= row["wall_time_s"] - 1.0, row["trial_id"]
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"results.parquet", "search.yaml", "probes.parquet"} <= artifacts
     check_optuna_was_told_the_truth(experiment, searched)

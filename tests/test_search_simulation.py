@@ -109,8 +109,9 @@ def test_asha_rungs_are_ray_brackets():
 
 
 @pytest.mark.slow
-def test_the_simulator_makes_ray_tunes_decisions_on_fifty_searches():
-    """51 searches (3 teachers x 3 searchers x 5-6 seeds): every trial's beta and stopping epoch agree."""
+def test_the_simulator_makes_ray_tunes_decisions_on_48_searches():
+    """48 searches (3 teachers x (TPE 5 seeds, prior 6, Ray's default 5)): every trial's beta and stopping
+    epoch agree."""
     import ray
 
     curves = small_curves()
@@ -128,7 +129,7 @@ def test_the_simulator_makes_ray_tunes_decisions_on_fifty_searches():
                         assert math.isclose(row.beta, trial.beta, rel_tol=1e-12), (kind, teacher, seed)
                         assert row.epochs == trial.epochs, (kind, teacher, seed, trial.number)
                     compared += 1
-        assert compared >= 50
+        assert compared == 48
     finally:
         ray.shutdown()
 

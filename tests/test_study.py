@@ -31,7 +31,7 @@ def test_the_study_persists_in_the_search_folder_under_the_part_s_name(tmp_path)
 def test_a_search_file_s_budget_is_the_default_full_budget(tmp_path):
     space, _, _ = demo_part(tmp_path)
     searcher, _, _ = search_algorithm(space, searched_space())
-    assert searcher.max_epochs == space.max_epochs() == 30
+    assert searcher.max_epochs == space.max_epochs() == 20  # demo.yaml's epochs
     assert searcher_in(tmp_path, max_epochs=5)[0].max_epochs == 5
 
 

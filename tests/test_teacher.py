@@ -116,7 +116,7 @@ def test_views_of_each_augmentation_and_default_calibrations():
     assert augmentation_views("none") == (0, False)
     assert augmentation_views("autoaugment") is None
     assert default_calibration_or_none("cifar").family == "cifar"
-    assert default_calibration_or_none("synthetic").surface is not None  # fitted by validate-beta
+    assert default_calibration_or_none("synthetic").teachers  # fitted by validate-beta
     assert default_calibration_or_none("imagenet") is None
     with pytest.raises(UserInputError):
         default_calibration_or_none("mnist")
@@ -235,7 +235,7 @@ def test_prepare_teacher_from_a_checkpoint_builds_the_logit_cache(small_data, tm
     assert (cache.num_samples, cache.num_views, cache.num_classes) == (len(train_set), 162, 4)
     assert any("logit cache on (test)" in line for line in lines)
     # The counts the log names are the ones the progress bar counts: training and test images.
-    counted = f"on {len(train_set)} training images (and its top-1 on {len(test_set)} test images)"
+    counted = f"on {len(train_set)} training images and its top-1 on {len(test_set)} test images"
     assert any(counted in line for line in lines)
     assert TeacherArtifacts.from_dict(json.loads(json.dumps(artifacts.to_dict()))) == artifacts
 

@@ -266,7 +266,9 @@ def student_for_serving(checkpoint: str, student: str):
     record = read_model_checkpoint(checkpoint)
     model = load_teacher(student, checkpoint)  # strict load, eval mode: what serving runs
     size = int(record.input_size or 32)
-    example = np.zeros((1, 3, size, size), dtype=np.float32)
+    # Two images, not one: MLflow saves the model with torch.export (its "pt2" format, nothing unpickled
+    # on load), which fixes a batch dimension of size 1; with two it stays dynamic.
+    example = np.zeros((2, 3, size, size), dtype=np.float32)
     metadata = {
         "input": f"float32 (N, 3, {size}, {size}) images normalised as (pixel / 255 - mean) / std",
         "mean": list(record.mean or ()),

@@ -338,7 +338,8 @@ def log_student_model(
     from dkd_tune import __version__
 
     mlflow.set_tracking_uri(tracking_uri)
-    with mlflow.start_run(run_id=run_id):
+    before = MlflowClient(tracking_uri).get_run(run_id).info
+    with mlflow.start_run(run_id=run_id), _quiet_model_logging():
         info = mlflow.pytorch.log_model(
             model,
             name=name,
@@ -348,7 +349,26 @@ def log_student_model(
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"dkd-tune=={__version__}"],
             await_registration_for=0,
         )
+    if before.end_time:  # reopening the run ended it anew: its end stays the trial's own
+        MlflowClient(tracking_uri).set_terminated(run_id, status=before.status, end_time=before.end_time)
     return info.model_uri
+
+
+@contextlib.contextmanager
+def _quiet_model_logging() -> Iterator[None]:
+    """Silence what logging a model prints on its own: MLflow's registration lines (written straight to
+    stderr) and torch.export's notes on the example's batch dimension. The search prints its own line."""
+    import io
+    import logging
+
+    export_logger = logging.getLogger("torch._export")
+    level = export_logger.level
+    export_logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        export_logger.setLevel(level)
 
 
 def registered_model_name(search: str, teacher: str) -> str:
