@@ -308,8 +308,15 @@ def test_a_pickle_that_would_run_code_is_refused(tmp_path):
     assert "\n" not in str(error.value)
 
 
-def test_a_detectron2_teacher_distils_a_student_on_generated_coco_data(detectron2_file, tmp_path):
-    path, _ = detectron2_file
+@pytest.mark.parametrize("teacher_format", ["detectron2", "torchvision"])
+def test_a_published_format_teacher_distils_a_student_on_generated_coco_data(
+    teacher_format, detectron2_file, tmp_path
+):
+    if teacher_format == "detectron2":
+        path, _ = detectron2_file
+    else:  # torchvision's COCO release layout: 91 head rows, mapped to the data's categories by COCO id
+        path = tmp_path / "fasterrcnn_resnet50_fpn_coco.pth"
+        torch.save(torchvision_coco_detector()[0].state_dict(), path)
     coco = load_coco(
         make_synthetic_coco(tmp_path / "coco", train_images=8, val_images=4, seed=1),
         name="synthetic-coco", validation=0, augment="standard",
