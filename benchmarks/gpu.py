@@ -3,7 +3,12 @@
     python benchmarks/gpu.py --out DIR                     # on a machine with a CUDA GPU
     python benchmarks/gpu.py --out DIR --device cpu --tiny # seconds: checks the whole sequence on a CPU
 
-Runs, each as its own process with its own time limit, most important first:
+Runs, each as its own process with its own time limit, most important first (`--steps` chooses;
+the default, search and profile, takes at most 10 minutes: what a 15-minute device loan allows):
+0. benchmarks/gpu_search.py: the main command on the GPU (a packed search, Ctrl-C, resume, another
+   student) and the projection of Table A.1's sweep from its packed trials;
+0. benchmarks/gpu_profile.py: a profile of the training step and a sweep of the speed settings per
+   student (CUDA graphs, channels_last, bf16, grouped 1x1 convolutions run dense);
 1. benchmarks/peak_memory.py --device cuda --images 50000 --epochs 2: a CIFAR-100-sized trial of
    resnet32x4 -> resnet8x4 with the live teacher and with the logit cache (the epoch time, the
    "one epoch in under 10 s" target, and host and device peak memory);
@@ -31,11 +36,22 @@ ROOT = Path(__file__).resolve().parents[1]
 # (name, script arguments, seconds allowed); the limits add up to 460 s, under 8 minutes with start-up.
 # On an H200 the three took 145, 131 and (with 5 rounds) 174 s: 3 rounds keep the last inside its limit.
 STEPS = (
+    ("search", ["gpu_search.py"], 300),
+    ("profile", ["gpu_profile.py"], 300),
     ("cifar_epoch_memory", ["peak_memory.py", "--images", "50000", "--epochs", "2"], 150),
     ("packing", ["gpu_packing.py"], 140),
     ("training_step", ["training_step.py", "--rounds", "3"], 170),
 )
-TINY_ARGUMENTS = {"peak_memory.py": ["--tiny"], "gpu_packing.py": ["--tiny"], "training_step.py": ["--tiny"]}
+DEFAULT_STEPS = ("search", "profile")
+# These two write their own DIR/<name>.md instead of sections of a benchmarks.md copy.
+OWN_FOLDER = {"gpu_search.py", "gpu_profile.py"}
+TINY_ARGUMENTS = {
+    "gpu_search.py": ["--tiny"],
+    "gpu_profile.py": ["--tiny"],
+    "peak_memory.py": ["--tiny"],
+    "gpu_packing.py": ["--tiny"],
+    "training_step.py": ["--tiny"],
+}
 
 
 def describe_environment(out: Path, device: str) -> None:
@@ -65,6 +81,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder for benchmarks.md, *.json, *.log")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="run every step in its seconds-long mode")
+    parser.add_argument(
+        "--steps", nargs="+", choices=[name for name, _, _ in STEPS], default=list(DEFAULT_STEPS),
+        help="which measurements, in this order",
+    )  # fmt: skip
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     markdown = args.out / "benchmarks.md"
@@ -72,21 +92,25 @@ def main() -> None:
     describe_environment(args.out, args.device)
     environment = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     summary = []
-    for name, arguments, limit in STEPS:
-        script, *options = arguments
+    chosen = {name: (arguments, limit) for name, arguments, limit in STEPS}
+    for name in args.steps:
+        (script, *options), limit = chosen[name]
         if args.tiny:
             options = TINY_ARGUMENTS[script]
-        command = [
-            sys.executable,
-            str(ROOT / "benchmarks" / script),
-            *options,
-            "--device",
-            args.device,
-            "--out",
-            str(markdown),
-            "--json",
-            str(args.out / f"{name}.json"),
-        ]
+        command = [sys.executable, str(ROOT / "benchmarks" / script), *options]
+        if script == "gpu_search.py":  # the search takes its device from the file (gpu: 0.125)
+            command += ["--out", str(args.out)]
+        elif script in OWN_FOLDER:
+            command += ["--device", args.device, "--out", str(args.out)]
+        else:
+            command += [
+                "--device",
+                args.device,
+                "--out",
+                str(markdown),
+                "--json",
+                str(args.out / f"{name}.json"),
+            ]
         print(f"== {name}: {' '.join(command[1:])} (up to {limit} s)", flush=True)
         start = time.perf_counter()
         with (args.out / f"{name}.log").open("w") as log:

@@ -253,3 +253,13 @@ def test_an_override_of_a_searched_field_fixes_it_everywhere_and_says_so(tmp_pat
     assert notes == [
         "--set beta=2: beta is fixed at 2 for every teacher (the file searched it: auto, {loguniform: [0.5, 4]})"
     ]
+
+
+def test_an_unquoted_yaml_on_or_off_for_the_logit_cache_is_the_word_the_user_wrote(tmp_path):
+    import yaml
+
+    from dkd_tune.config.schema import TeacherLogitCacheConfig
+
+    for written, meant in (("on", "on"), ("off", "off"), ("auto", "auto")):
+        parsed = yaml.safe_load(f"teacher_logits: {written}")  # YAML 1.1: on/off are booleans
+        assert TeacherLogitCacheConfig(**parsed).teacher_logits == meant

@@ -261,6 +261,12 @@ class TeacherLogitCacheConfig(StrictModel):
     )
     dir: str | None = Field(None, description="Where caches live (default: <storage>/teacher_logits).")
 
+    @field_validator("teacher_logits", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, value: Any) -> Any:
+        # YAML 1.1 reads an unquoted on/off as a boolean: take it as the word the user wrote.
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
 
 class ProbeConfig(StrictModel):
     datasets: list[Literal["stl10", "tiny-imagenet"]] = Field(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,12 @@ class Acceleration:
     autocast_dtype: torch.dtype | None = None  # bf16 on CUDA: halves activation traffic, no loss scaling
     channels_last: bool = False  # NHWC convolutions run on tensor cores without transposes
     compile: bool = False  # torch.compile fuses the small CIFAR layers; pays off over long runs
+    # torch.compile's mode: None (default), "reduce-overhead" (CUDA graphs: one launch per step
+    # instead of hundreds, for launch-bound small networks) or "max-autotune".
+    compile_mode: str | None = None
+    # Grouped 1x1 convolutions run as dense ones (models/grouped_pointwise.py): GEMMs instead of
+    # grouped kernels; the same parameters and checkpoints.
+    dense_grouped_pointwise: bool = False
     tf32: bool = False
     cudnn_benchmark: bool = False
 
@@ -29,6 +36,10 @@ class Acceleration:
             tf32=True,
             cudnn_benchmark=True,
         )
+
+    def replace(self, **changes) -> Acceleration:
+        """These settings with `changes` (a benchmark's variants, a per-architecture choice)."""
+        return dataclasses.replace(self, **changes)
 
     def apply_global_settings(self) -> None:
         if self.tf32:
@@ -46,6 +57,22 @@ class Acceleration:
     def input_dtype(self) -> torch.dtype:
         """Dtype the loaders should produce: the autocast dtype avoids one cast per batch."""
         return self.autocast_dtype or torch.float32
+
+
+def prepared_model(model: torch.nn.Module, acceleration: Acceleration) -> torch.nn.Module:
+    """`model` with the structural speed settings applied in place (its weights and checkpoint keys unchanged)."""
+    if acceleration.dense_grouped_pointwise:
+        from dkd_tune.models.grouped_pointwise import densify_grouped_pointwise
+
+        densify_grouped_pointwise(model)
+    return model
+
+
+def compiled(model: torch.nn.Module, acceleration: Acceleration) -> torch.nn.Module:
+    """`model` compiled as `acceleration` asks (or as it is)."""
+    if not acceleration.compile:
+        return model
+    return torch.compile(model, mode=acceleration.compile_mode)
 
 
 def memory_format(acceleration: Acceleration) -> torch.memory_format:

@@ -24,7 +24,7 @@ from dkd_tune.core.errors import UserInputError
 from dkd_tune.core.losses import LOGGED_TERMS, LOSS_MODE_NAMES, LOSS_MODES, LossMode
 from dkd_tune.core.recipes import Recipe
 from dkd_tune.core.selection import epoch_selection_metric
-from dkd_tune.engine.acceleration import Acceleration, memory_format
+from dkd_tune.engine.acceleration import Acceleration, compiled, memory_format, prepared_model
 from dkd_tune.engine.checkpoints import (
     BEST_CHECKPOINT,
     LAST_CHECKPOINT,
@@ -149,7 +149,7 @@ def fit(
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
 
     torch.manual_seed(recipe.seed)
-    student = student.to(device, memory_format=memory_format(acceleration))
+    student = prepared_model(student, acceleration).to(device, memory_format=memory_format(acceleration))
     optimizer = torch.optim.SGD(
         student.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay
     )
@@ -287,8 +287,11 @@ def _train_epoch(
     correct = torch.zeros((), device=device, dtype=torch.int64)
     started = time.perf_counter()
     clock.start()
+    graphs = acceleration.compile and acceleration.compile_mode == "reduce-overhead"
     for batch in train_loader:
         clock.lap("data")
+        if graphs:  # a new step: CUDA graphs may reuse the last step's output memory
+            torch.compiler.cudagraph_mark_step_begin()
         with acceleration.autocast(device):
             logits_teacher = teacher.logits_for(batch) if teacher is not None else None
         clock.lap("teacher")
@@ -400,7 +403,7 @@ def _runnable(student: nn.Module, device: torch.device, acceleration: Accelerati
         model = nn.parallel.DistributedDataParallel(
             student, device_ids=[device.index] if device.type == "cuda" else None
         )
-    return torch.compile(model) if acceleration.compile else model
+    return compiled(model, acceleration)
 
 
 @torch.no_grad()
