@@ -42,24 +42,43 @@ def test_write_section_replaces_only_its_own_section(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_command_runs_every_step_on_the_cpu(tmp_path):
-    # The one command a GPU session runs, in its CPU smoke mode: peak memory, packing, step throughput.
-    result = run_script("benchmarks/gpu.py", "--out", str(tmp_path), "--device", "cpu", "--tiny", cwd=ROOT)
+    import re
+
+    # What a GPU session runs by default, in its CPU smoke mode: the main path (a packed search,
+    # Ctrl-C, resume, a second student) and the profile.
+    default = tmp_path / "default"
+    result = run_script("benchmarks/gpu.py", "--out", str(default), "--device", "cpu", "--tiny", cwd=ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    summary = (tmp_path / "summary.txt").read_text()
+    summary = (default / "summary.txt").read_text()
+    assert summary.count("exit 0") == 2 and summary.startswith("search:"), summary
+    search = (default / "gpu_search.md").read_text()
+    for step, code in (("run_interrupted", 130), ("resume", 0), ("run_resnet8x4", 0)):
+        assert re.search(rf"\| {step} \| `[^`]*` \| {code} \|", search), (step, search[:2000])
+    profile = json.loads((default / "gpu_profile.json").read_text())
+    assert all(speed > 0 for row in profile.values() for speed in row["speeds"].values())
+
+    # The earlier measurements, on request: peak memory, packing, step throughput.
+    earlier = tmp_path / "earlier"
+    result = run_script(
+        "benchmarks/gpu.py", "--out", str(earlier), "--device", "cpu", "--tiny",
+        "--steps", "cifar_epoch_memory", "packing", "training_step", cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = (earlier / "summary.txt").read_text()
     assert summary.count("exit 0") == 3, summary
-    markdown = (tmp_path / "benchmarks.md").read_text()
+    markdown = (earlier / "benchmarks.md").read_text()
     for title in (
         "## Peak memory of a trial: live teacher vs logit cache",
         "## GPU packing: aggregate throughput",
         "## DKD training throughput: reference loop vs dkd-tune",
     ):
         assert title in markdown
-    packing = json.loads((tmp_path / "packing.json").read_text())
+    packing = json.loads((earlier / "packing.json").read_text())
     assert [row["count"] for row in packing] == [1, 2]
     assert all(row["aggregate_images_per_s"] > 0 for row in packing)
-    steps = json.loads((tmp_path / "training_step.json").read_text())["rows"][0]
+    steps = json.loads((earlier / "training_step.json").read_text())["rows"][0]
     assert set(steps["images_per_s"]) == {"reference", "live", "cache", "floor"}
-    memory = json.loads((tmp_path / "cifar_epoch_memory.json").read_text())["results"]
+    memory = json.loads((earlier / "cifar_epoch_memory.json").read_text())["results"]
     assert memory["cache"]["epochs"] == memory["live"]["epochs"] == 1
 
 
