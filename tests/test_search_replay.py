@@ -59,7 +59,12 @@ def test_a_replayed_search_starts_at_its_priors_centre_prunes_and_chooses_on_val
             scheduler={"type": "asha", "grace_period": 2, "reduction_factor": 2},
         )
     )
-    search = replay_search(space, made_up_curves(), "t", 1, beta_range=(0.5, 8.0), prior=(2.1, 1.0))
+    import ray
+
+    try:
+        search = replay_search(space, made_up_curves(), "t", 1, beta_range=(0.5, 8.0), prior=(2.1, 1.0))
+    finally:
+        ray.shutdown()  # Tune started Ray in this process; later tests start their own
     trials = search.trials
     assert len(trials) == 6 and trials["order"].tolist() == sorted(trials["order"])
     assert trials.loc[0, "beta"] == pytest.approx(2.1) and trials.loc[0, "grid_beta"] == 2.0

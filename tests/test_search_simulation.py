@@ -115,6 +115,8 @@ def test_the_simulator_makes_ray_tunes_decisions_on_48_searches():
     import ray
 
     curves = small_curves()
+    if ray.is_initialized():  # one left by an earlier in-process test: this comparison needs its own
+        ray.shutdown()
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         compared = 0
