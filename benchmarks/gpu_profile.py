@@ -26,6 +26,7 @@ DIR/gpu_profile.md and the raw numbers to DIR/gpu_profile.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -36,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from benchmarks.timing import machine_description, median, synchronize, today  # noqa: E402
+from benchmarks.timing import interleaved_rounds, machine_description, median, synchronize, today  # noqa: E402
 from dkd_tune.core.recipes import resolve_recipe  # noqa: E402
 from dkd_tune.engine.acceleration import Acceleration, compiled, memory_format, prepared_model  # noqa: E402
 from dkd_tune.engine.loop import training_objective  # noqa: E402
@@ -54,16 +55,16 @@ def settings_for(student: str, device: torch.device) -> dict[str, Acceleration]:
     variants = {
         "fp32 eager": Acceleration(),
         "today (bf16, channels_last, compile)": today_default,
-        "today without channels_last": today_default.replace(channels_last=False),
-        "today without bf16": today_default.replace(autocast_dtype=None),
-        "CUDA graphs, no channels_last": today_default.replace(
-            compile_mode="reduce-overhead", channels_last=False
+        "today without channels_last": dataclasses.replace(today_default, channels_last=False),
+        "today without bf16": dataclasses.replace(today_default, autocast_dtype=None),
+        "CUDA graphs, no channels_last": dataclasses.replace(
+            today_default, compile_mode="reduce-overhead", channels_last=False
         ),
     }
     # Every compiled setting costs its compilation (tens of seconds): the grid is kept to these.
     if any(is_grouped_pointwise(m) for m in create_model(student, num_classes=CLASSES).modules()):
-        variants["dense grouped 1x1, CUDA graphs, no channels_last"] = today_default.replace(
-            dense_grouped_pointwise=True, compile_mode="reduce-overhead", channels_last=False
+        variants["dense grouped 1x1, CUDA graphs, no channels_last"] = dataclasses.replace(
+            today_default, dense_grouped_pointwise=True, compile_mode="reduce-overhead", channels_last=False
         )
     return variants
 
@@ -89,7 +90,7 @@ class Step:
         self.teacher_logits = torch.randn(BATCH, CLASSES, generator=generator).to(device)
 
     def __call__(self) -> None:
-        if self.acceleration.compile_mode == "reduce-overhead":
+        if self.acceleration.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         with self.acceleration.autocast(self.device):
             logits = self.model(self.images)
@@ -148,10 +149,9 @@ def sweep(student: str, device: torch.device, args) -> dict:
         for _ in range(args.warmup):
             step()
     names = list(steps)
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    for round_index in range(args.rounds):
-        for name in names[round_index % len(names) :] + names[: round_index % len(names)]:
-            samples[name].append(steps[name].images_per_s(args.steps))
+    samples, _ = interleaved_rounds(
+        {name: (lambda step=step: step.images_per_s(args.steps)) for name, step in steps.items()}, args.rounds
+    )
     speeds = {name: median(values) for name, values in samples.items()}
     fastest = max(speeds, key=speeds.get)
     today_name = next(name for name in names if name.startswith("today"))

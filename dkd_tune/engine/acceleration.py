@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -37,9 +36,10 @@ class Acceleration:
             cudnn_benchmark=True,
         )
 
-    def replace(self, **changes) -> Acceleration:
-        """These settings with `changes` (a benchmark's variants, a per-architecture choice)."""
-        return dataclasses.replace(self, **changes)
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether the compiled model runs as CUDA graphs: each step must then be marked as new."""
+        return self.compile and self.compile_mode == "reduce-overhead"
 
     def apply_global_settings(self) -> None:
         if self.tf32:

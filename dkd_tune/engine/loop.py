@@ -287,10 +287,9 @@ def _train_epoch(
     correct = torch.zeros((), device=device, dtype=torch.int64)
     started = time.perf_counter()
     clock.start()
-    graphs = acceleration.compile and acceleration.compile_mode == "reduce-overhead"
     for batch in train_loader:
         clock.lap("data")
-        if graphs:  # a new step: CUDA graphs may reuse the last step's output memory
+        if acceleration.cuda_graphs:  # a new step: CUDA graphs may reuse the last step's output memory
             torch.compiler.cudagraph_mark_step_begin()
         with acceleration.autocast(device):
             logits_teacher = teacher.logits_for(batch) if teacher is not None else None
