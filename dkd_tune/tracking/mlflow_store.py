@@ -338,7 +338,8 @@ def log_student_model(
     from dkd_tune import __version__
 
     mlflow.set_tracking_uri(tracking_uri)
-    before = MlflowClient(tracking_uri).get_run(run_id).info
+    client = MlflowClient(tracking_uri)
+    before = client.get_run(run_id).info
     with mlflow.start_run(run_id=run_id), _quiet_model_logging():
         info = mlflow.pytorch.log_model(
             model,
@@ -350,7 +351,7 @@ def log_student_model(
             await_registration_for=0,
         )
     if before.end_time:  # reopening the run ended it anew: its end stays the trial's own
-        MlflowClient(tracking_uri).set_terminated(run_id, status=before.status, end_time=before.end_time)
+        client.set_terminated(run_id, status=before.status, end_time=before.end_time)
     return info.model_uri
 
 
