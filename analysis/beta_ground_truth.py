@@ -20,7 +20,7 @@ The intervals resample teachers as clusters (each with all its seeds) over the h
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,7 +36,7 @@ from dkd_tune.teacher.beta_model import (
     fit_teacher_curve,
     nearest_grid_index,
 )
-from dkd_tune.teacher.gap import LogitGapStats
+from dkd_tune.teacher.preparation import TeacherArtifacts
 
 
 @dataclass
@@ -67,21 +67,23 @@ class BetaGrid:
         return np.log2(self.betas)
 
 
-def teacher_records(state_teachers: dict[str, dict], student_alone_val: float | None):
+def teacher_records(state_teachers: Mapping[str, TeacherArtifacts], student_alone_val: float | None):
     """(test top-1, architecture, features) per teacher label, from a search state's teacher artifacts."""
     test_acc, architectures, features = {}, {}, {}
     for label, artifact in state_teachers.items():
-        architectures[label] = str(artifact.get("model", label))
-        if not artifact.get("gap"):
+        architectures[label] = artifact.model
+        if artifact.gap is None:
             continue
-        stats = LogitGapStats.from_dict(artifact["gap"])
+        stats = artifact.gap
         if math.isfinite(stats.test_acc):
             test_acc[label] = stats.test_acc
         features[label] = feature_values(stats, student_alone_val)
     return test_acc, architectures, features
 
 
-def grid_from_results(frame: pd.DataFrame, state_teachers: dict[str, dict] | None = None) -> BetaGrid:
+def grid_from_results(
+    frame: pd.DataFrame, state_teachers: Mapping[str, TeacherArtifacts] | None = None
+) -> BetaGrid:
     """The grid from a grid search's results table (and its state's teacher artifacts, for each teacher's
     accuracy, architecture and features); one line naming the first missing or failed cell."""
     runs = frame[~frame["part"].str.startswith(BASELINE_PREFIX)]

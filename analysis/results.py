@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import pyarrow as pa
@@ -18,6 +18,9 @@ import pyarrow.parquet as pq
 
 from dkd_tune.core.files import atomic_path
 from dkd_tune.tracking.status import trial_status
+
+if TYPE_CHECKING:
+    from dkd_tune.config.search_state import SearchState
 
 # name -> pandas dtype; the order is the Parquet column order.
 RESULT_COLUMNS: dict[str, str] = {
@@ -89,22 +92,21 @@ def load_search_results(
     *,
     space: Any = None,
     teachers: Mapping[str, Any] | None = None,
-    state: Mapping[str, Any] | None = None,
+    state: SearchState | None = None,
 ) -> pd.DataFrame:
     """One row per trial of every part of the search in `experiment_dir` (schema: RESULT_COLUMNS)."""
+    from dkd_tune.config.search_state import SearchState
+
     experiment_dir = Path(experiment_dir)
-    state = dict(state) if state is not None else json.loads((experiment_dir / "state.json").read_text())
+    state = state if state is not None else SearchState.load(experiment_dir)
     if space is None:
         from dkd_tune.config.loading import load_search_space
 
         space = load_search_space(experiment_dir / "search.yaml")
     from dkd_tune.config.plan import BASELINE_PREFIX, search_parts, trial_plan
-    from dkd_tune.teacher.preparation import TeacherArtifacts
 
     if teachers is None:
-        teachers = {
-            label: TeacherArtifacts.from_dict(data) for label, data in state.get("teachers", {}).items()
-        }
+        teachers = state.teachers
     data_spec = space.data_spec
     rows = []
     for part_name, teacher in search_parts(space):
@@ -114,7 +116,7 @@ def load_search_results(
         artifacts = teachers.get(teacher.label) if teacher else None
         plan = trial_plan(space, teacher, artifacts, part_name)
         fixed = {
-            "search": state.get("name", experiment_dir.name),
+            "search": state.name,
             "part": part_name,
             "teacher": teacher.label if teacher else "none",
             "teacher_model": teacher.model if teacher else "none",

@@ -6,7 +6,6 @@ and logged to the search's MLflow parent run under `analysis/`.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -122,12 +121,13 @@ def analyze_search(
     folder = _search_folder(name_or_path, storage)
     if folder is not None:
         from analysis.results import load_search_results, load_trial_histories
+        from dkd_tune.config.search_state import SearchState
 
-        state = json.loads((folder / "state.json").read_text())
-        frame = load_search_results(folder)
+        state = SearchState.load(folder)
+        frame = load_search_results(folder, state=state)
         histories = load_trial_histories(folder)
-        uri, run_id = tracking_uri or state.get("tracking_uri"), state.get("parent_run_id")
-        name, default_out = state.get("name", folder.name), folder / MLFLOW_ARTIFACT_DIR
+        uri, run_id = tracking_uri or state.tracking_uri, state.parent_run_id
+        name, default_out = state.name, folder / MLFLOW_ARTIFACT_DIR
     else:
         from analysis.mlflow_results import find_parent_run, load_mlflow_histories, load_mlflow_results
 

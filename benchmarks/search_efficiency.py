@@ -55,6 +55,7 @@ from analysis.beta_ground_truth import grid_from_results
 from analysis.grid_curves import Curves, curves_from_long
 from analysis.tables import markdown_table
 from dkd_tune.config.loading import load_search_space
+from dkd_tune.config.search_state import ValidationState
 
 OFFSETS = (-3, -2, -1, 0, 1, 2, 3)  # octaves between the prior's centre and the oracle beta
 BUDGETS = (1, 2, 4, 8)  # full-trial equivalents
@@ -78,15 +79,15 @@ class Family:
 
 
 def load_family(folder: Path) -> Family:
-    state = json.loads((folder / "validation.json").read_text())
-    grid_dir = folder / f"{state['name']}-grid"
+    state = ValidationState.load(folder)
+    grid_dir = folder / f"{state.name}-grid"
     grid = grid_from_results(pd.read_parquet(grid_dir / "results.parquet"))
     curves = curves_from_long(pd.read_parquet(folder / "curves.parquet"))
     space = load_search_space(folder / "validate.yaml")
     oracle = grid.val.mean(axis=2).argmax(axis=1)
     test_means = grid.test.mean(axis=2)
     return Family(
-        name=state["name"],
+        name=state.name,
         space=space,
         curves=curves,
         teachers=list(grid.teachers),

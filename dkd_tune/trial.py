@@ -99,6 +99,10 @@ class SharedDataset:
             )
 
 
+# What a search hands its trials: decoded images in memory, ImageNet's folders, or COCO.
+TrialData = SharedDataset | ImageFolderData | CocoData
+
+
 @dataclass(frozen=True)
 class TrialPlan:
     """Everything about a trial that is fixed for the whole search (or one teacher's part of it)."""
@@ -122,7 +126,7 @@ def trial_recipe(base: Recipe, hyperparameters: dict[str, Any]) -> Recipe:
 
 def run_trial(
     plan: TrialPlan,
-    data: SharedDataset | ImageFolderData | CocoData,
+    data: TrialData,
     hyperparameters: dict[str, Any],
     *,
     reporter: Reporter | None,

@@ -18,11 +18,11 @@ from tests.test_train import IDENTITY, datasets, loaders, one_thread, short_reci
 CLASSES = 10
 
 
-def one_epoch(datasets, model_name: str, acceleration: Acceleration, lr: float = 0.05, *, trained=None) -> dict:
+def one_epoch(splits, model_name: str, acceleration: Acceleration, lr: float = 0.05, *, trained=None) -> dict:
     recipe = short_recipe(epochs=1, warmup_epochs=0, lr_milestones=[], lr=lr)
     torch.manual_seed(0)
     student = create_model(model_name, num_classes=CLASSES)
-    train_loader, test_loader = loaders(datasets, recipe)
+    train_loader, test_loader = loaders(splits, recipe)
     reports = []
     fit(student, train_loader, test_loader, recipe, identity=IDENTITY, loss_mode="ce",
         acceleration=acceleration, reporter=reports.append)  # fmt: skip

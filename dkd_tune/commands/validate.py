@@ -15,12 +15,11 @@ command is run again. In MLflow, the validation is one run with the grid search 
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,13 +28,15 @@ import pandas as pd
 import yaml
 
 from analysis.validation_report import ValidationOutcome
+from dkd_tune.config.folders import STATE_FILE, VALIDATION_STATE_FILE
 from dkd_tune.config.loading import load_search_space
 from dkd_tune.config.schema import SearchSpaceFile
+from dkd_tune.config.search_state import SearchState, ValidationState
 from dkd_tune.core.errors import UserInputError
-from dkd_tune.core.files import atomic_write_json, atomic_write_text
+from dkd_tune.core.files import atomic_write_text
 from dkd_tune.search.interruption import SearchInterrupted, as_interruption, interruption_guard
+from dkd_tune.teacher.preparation import TeacherArtifacts
 
-STATE_FILE = "validation.json"
 CONFIG_FILE = "validate.yaml"
 GRID_CONFIG_FILE = "grid.yaml"
 GRID_SUFFIX = "-grid"
@@ -128,23 +129,23 @@ def validate_beta(space: SearchSpaceFile, source: Path, options: ValidationOptio
     state = _open_state(folder, space, source, name, options)
     started = time.time()
     load_start = os.getloadavg()[0]
-    client = tracking.client_for(state["tracking_uri"])
+    client = tracking.client_for(state.tracking_uri)
     run_id = _validation_run(client, space, state, folder)
     try:
         with interruption_guard(options.log):
             outcome = _execute(space, folder, state, run_id, options, started, load_start)
     except (SearchInterrupted, KeyboardInterrupt) as error:
         interruption = as_interruption(error)
-        state["status"] = "interrupted"
-        state.setdefault("sessions", []).append(_session(started, "interrupted"))
-        atomic_write_json(folder / STATE_FILE, state)
+        state.status = "interrupted"
+        state.sessions.append(_session(started, "interrupted"))
+        state.save(folder)
         _terminate_quietly(client, run_id, "KILLED", options)
         # The same command resumes the validation (and the search inside it).
         interruption.resume_command = options.command or f"dkd-tune validate-beta {source}"
         raise interruption from None
     except BaseException:
-        state.setdefault("sessions", []).append(_session(started, "failed"))
-        atomic_write_json(folder / STATE_FILE, state)
+        state.sessions.append(_session(started, "failed"))
+        state.save(folder)
         _terminate_quietly(client, run_id, "FAILED", options)
         raise
     return outcome
@@ -164,7 +165,7 @@ def _execute(space, folder, state, run_id, options, started, load_start) -> Vali
     from analysis.validation_report import ValidationContext, analyse, write_validation_outputs
     from dkd_tune.tracking import mlflow_store as tracking
 
-    name = state["name"]
+    name = state.name
     grid_path = folder / GRID_CONFIG_FILE
     atomic_write_text(grid_path, yaml.safe_dump(grid_space(space, name), sort_keys=False))
     grid_dir = _finished_search(
@@ -172,8 +173,8 @@ def _execute(space, folder, state, run_id, options, started, load_start) -> Vali
     )
     frame = pd.read_parquet(grid_dir / "results.parquet")
     family = _family(frame)
-    grid_state = json.loads((grid_dir / "state.json").read_text())
-    grid = grid_from_results(frame, grid_state.get("teachers", {}))
+    grid_state = SearchState.load(grid_dir)
+    grid = grid_from_results(frame, grid_state.teachers)
     curves_frame = _write_curves(frame, load_trial_histories(grid_dir), folder / CURVES_FILE)
     options.log(
         f"dkd-tune: validate-beta: grid of {len(grid.teachers)} teachers x {len(grid.betas)} betas x "
@@ -193,16 +194,16 @@ def _execute(space, folder, state, run_id, options, started, load_start) -> Vali
     context = ValidationContext(
         name=name,
         space=space,
-        source=str(state["source"]),
-        command=options.command or state.get("command", ""),
-        sessions=[*state["sessions"], this_session],
+        source=str(state.source),
+        command=options.command or state.command,
+        sessions=[*state.sessions, this_session],
         machine=_machine(),
         load_average=(load_start, os.getloadavg()[0]),
         grid_dir=grid_dir,
         family=family,
         checked_calibration=checked,
         checked_calibration_path=options.calibration,
-        interventions=_interventions(grid_state.get("teachers", {})),
+        interventions=_interventions(grid_state.teachers),
     )
     options.log(
         "dkd-tune: validate-beta: held-out predictions (each teacher, each architecture) and a bootstrap over "
@@ -217,16 +218,16 @@ def _execute(space, folder, state, run_id, options, started, load_start) -> Vali
         seed=space.search.seed,
     )
     outcome = write_validation_outputs(context, grid, analysis, replays, folder, curves)
-    client = tracking.client_for(state["tracking_uri"])
+    client = tracking.client_for(state.tracking_uri)
     tracking.log_metrics(client, run_id, outcome_metrics(analysis), 0, tracking.now_ms())
     for path in [outcome.report_path, outcome.comparison_path, outcome.calibration_path, *outcome.figures]:
         client.log_artifact(run_id, str(path))
     for path in (folder / CURVES_FILE, folder / REPLAYS_FILE, grid_dir / "results.parquet"):
         client.log_artifact(run_id, str(path), artifact_path="grid")
     client.set_terminated(run_id, status="FINISHED")
-    state["status"] = "done"
-    state["sessions"].append(this_session)
-    atomic_write_json(folder / STATE_FILE, state)
+    state.status = "done"
+    state.sessions.append(this_session)
+    state.save(folder)
     return outcome
 
 
@@ -334,12 +335,9 @@ def outcome_metrics(analysis) -> dict[str, float]:
     return {key: float(value) for key, value in metrics.items() if math.isfinite(value)}
 
 
-def _interventions(state_teachers: dict[str, dict]) -> dict[str, dict]:
+def _interventions(artifacts: Mapping[str, TeacherArtifacts]) -> dict[str, dict]:
     """The grid's intervened teachers with their base teacher (the identity teacher of the same checkpoint),
     or {} when the grid has none."""
-    from dkd_tune.teacher.preparation import TeacherArtifacts
-
-    artifacts = {label: TeacherArtifacts.from_dict(record) for label, record in state_teachers.items()}
     if all(a.intervention.is_identity for a in artifacts.values()):
         return {}
     bases = {a.checkpoint: label for label, a in artifacts.items() if a.intervention.is_identity}
@@ -349,10 +347,10 @@ def _interventions(state_teachers: dict[str, dict]) -> dict[str, dict]:
     }
 
 
-def _open_state(folder: Path, space: SearchSpaceFile, source: Path, name: str, options) -> dict[str, Any]:
+def _open_state(folder: Path, space: SearchSpaceFile, source: Path, name: str, options) -> ValidationState:
     """The validation's state: created, or read back (resume) after checking it is the same validation."""
     config = yaml.safe_dump(space.model_dump(mode="json", by_alias=True, exclude_none=True), sort_keys=False)
-    state_path = folder / STATE_FILE
+    state_path = folder / VALIDATION_STATE_FILE
     if state_path.is_file():
         stored = load_search_space(folder / CONFIG_FILE).model_dump(
             mode="json", by_alias=True, exclude_none=True
@@ -362,9 +360,9 @@ def _open_state(folder: Path, space: SearchSpaceFile, source: Path, name: str, o
                 f"{folder}: a validation named {name!r} exists with a different configuration; "
                 "pass another --name (or remove that folder to start over)"
             )
-        state = json.loads(state_path.read_text())
+        state = ValidationState.load(folder)
         if options.tracking_uri:
-            state["tracking_uri"] = options.tracking_uri
+            state.tracking_uri = options.tracking_uri
         options.log(f"dkd-tune: validate-beta: resuming validation '{name}' in {folder}")
         return state
     if folder.exists() and any(folder.iterdir()):
@@ -375,41 +373,34 @@ def _open_state(folder: Path, space: SearchSpaceFile, source: Path, name: str, o
     atomic_write_text(folder / CONFIG_FILE, config)
     from dkd_tune.tracking.mlflow_store import absolute_tracking_uri
 
-    state = {
-        "name": name,
-        "source": str(source),
-        "command": options.command,
-        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "tracking_uri": absolute_tracking_uri(options.tracking_uri or space.tracking_uri),
-        "validation_run_id": None,
-        "sessions": [],
-        "status": "running",
-    }
-    atomic_write_json(state_path, state)
+    state = ValidationState.new(
+        name, source, options.command, absolute_tracking_uri(options.tracking_uri or space.tracking_uri)
+    )
+    state.save(folder)
     options.log(f"dkd-tune: validate-beta: validation '{name}' in {folder}")
     return state
 
 
-def _validation_run(client, space: SearchSpaceFile, state: dict[str, Any], folder: Path) -> str:
+def _validation_run(client, space: SearchSpaceFile, state: ValidationState, folder: Path) -> str:
     from dkd_tune.tracking import mlflow_store as tracking
 
-    run_id = state.get("validation_run_id")
+    run_id = state.validation_run_id
     if run_id:
         client.update_run(run_id, status="RUNNING")
         return run_id
     tags = {
         **tracking.standard_tags("validate-beta"),
-        tracking.TAG_SEARCH: state["name"],
+        tracking.TAG_SEARCH: state.name,
         "student": space.student,
         "teachers": ", ".join(teacher.label for teacher in space.teachers),
     }
-    run = client.create_run(tracking.experiment_id(client, space.name), run_name=state["name"], tags=tags)
+    run = client.create_run(tracking.experiment_id(client, space.name), run_name=state.name, tags=tags)
     tracking.log_params(
         client, run.info.run_id, space.model_dump(mode="json", by_alias=True, exclude_none=True)
     )
     client.log_artifact(run.info.run_id, str(folder / CONFIG_FILE))
-    state["validation_run_id"] = run.info.run_id
-    atomic_write_json(folder / STATE_FILE, state)
+    state.validation_run_id = run.info.run_id
+    state.save(folder)
     return run.info.run_id
 
 
@@ -422,16 +413,16 @@ def _finished_search(space, folder: Path, name: str, source: Path, run_id: str, 
     search_options = SearchOptions(
         name=name,
         storage=str(folder),
-        tracking_uri=state["tracking_uri"],
+        tracking_uri=state.tracking_uri,
         address=options.address,
         log=options.log,
         parent_run_id=run_id,
         teachers_dir=str(folder.parent / "teachers"),  # shared with the storage's other validations
         register_students=False,  # a grid's cells are ground truth, not students to serve
     )
-    if not (search_dir / "state.json").is_file():
+    if not (search_dir / STATE_FILE).is_file():
         return run_search(space, source, search_options).experiment_dir
-    search_state = json.loads((search_dir / "state.json").read_text())
+    search_state = SearchState.load(search_dir)
     stored = load_search_space(search_dir / "search.yaml").model_dump(
         mode="json", by_alias=True, exclude_none=True
     )
@@ -440,7 +431,7 @@ def _finished_search(space, folder: Path, name: str, source: Path, run_id: str, 
             f"{search_dir}: holds a search with another configuration than this validation needs; "
             "remove that folder to run it again"
         )
-    if search_state.get("status") == "done" and (search_dir / "results.parquet").is_file():
+    if search_state.status == "done" and (search_dir / "results.parquet").is_file():
         options.log(f"dkd-tune: validate-beta: search '{name}' already finished, kept as is")
         return search_dir
     return resume_search(str(search_dir), search_options).experiment_dir

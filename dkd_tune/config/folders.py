@@ -1,14 +1,15 @@
-"""Where a search keeps its files: their names, finding a search by name or folder, reading its state."""
+"""Where a search keeps its files: their names, and finding a search by name or folder."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 from dkd_tune.core.errors import UserInputError
 
 STATE_FILE = "state.json"
+
+
+VALIDATION_STATE_FILE = "validation.json"  # a validate-beta folder's state
 
 
 CONFIG_FILE = "search.yaml"
@@ -18,9 +19,6 @@ RESULTS_FILE = "results.parquet"
 
 
 PROBES_FILE = "probes.parquet"
-
-
-STATE_KEYS = ("name", "tracking_uri", "teachers", "parts_done")
 
 
 def locate_search(name_or_path: str, storage: str | None) -> Path:
@@ -33,23 +31,6 @@ def locate_search(name_or_path: str, storage: str | None) -> Path:
         f"search {name_or_path!r}: not found (looked for {STATE_FILE} in "
         f"{' and '.join(str(c) for c in candidates)}); pass the search's folder or --storage"
     )
-
-
-def read_state(path: Path) -> dict[str, Any]:
-    """A search's state file, or one line saying why it cannot be used to resume."""
-    try:
-        state = json.loads(path.read_bytes().decode("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        reason = error.strerror if isinstance(error, OSError) else " ".join(str(error).split())
-        raise UserInputError(
-            f"{path}: cannot read the search's state ({reason}); expected the JSON file dkd-tune wrote"
-        ) from None
-    missing = [key for key in STATE_KEYS if not isinstance(state, dict) or key not in state]
-    if missing:
-        raise UserInputError(
-            f"{path}: not a search state file (missing {', '.join(missing)}); expected the JSON file dkd-tune wrote"
-        )
-    return state
 
 
 def resume_command(experiment_dir: Path) -> str:

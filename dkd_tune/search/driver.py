@@ -11,27 +11,21 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import yaml
 
 from analysis.trial_choice import best_trial
-from dkd_tune.config.folders import (
-    CONFIG_FILE,
-    PROBES_FILE,
-    RESULTS_FILE,
-    STATE_FILE,
-    locate_search,
-    read_state,
-    resume_command,
-)
+from dkd_tune.config.folders import CONFIG_FILE, PROBES_FILE, RESULTS_FILE, locate_search, resume_command
 from dkd_tune.config.loading import check_storage, load_search_space
 from dkd_tune.config.plan import BASELINE_PREFIX, rung_warnings, search_parts, trial_plan
-from dkd_tune.config.schema import Distribution, SearchSpaceFile
+from dkd_tune.config.schema import Distribution, SearchSpaceFile, TeacherConfig
+from dkd_tune.config.search_state import SearchState
 from dkd_tune.config.tracking_uri import check_tracking_uri
 from dkd_tune.core.errors import UserInputError
-from dkd_tune.core.files import atomic_path, atomic_write_json, atomic_write_text
+from dkd_tune.core.files import atomic_path, atomic_write_text
 from dkd_tune.search.checkpoint_repair import restore_missing_checkpoints
 from dkd_tune.search.interruption import (
     SearchInterrupted,
@@ -55,6 +49,15 @@ from dkd_tune.search.ray_runtime import start_ray
 from dkd_tune.search.teacher_tasks import collect_teachers, launch_teacher_preparation, load_data
 from dkd_tune.search.tuner import auto_beta_prior, expected_trials, new_tuner, trial_logger, trial_resources
 from dkd_tune.search.verbosity import quiet_libraries
+from dkd_tune.teacher.preparation import TeacherArtifacts
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import ray
+
+    from dkd_tune.data.spec import DataSpec
+    from dkd_tune.tracking.mlflow_store import MlflowClient
+    from dkd_tune.trial import TrialData
 
 # ------------------------------------------------------------------------------------------------
 # Entry points
@@ -84,17 +87,8 @@ def run_search(space: SearchSpaceFile, source: Path, options: SearchOptions) -> 
         experiment_dir / CONFIG_FILE,
         yaml.safe_dump(space.model_dump(mode="json", by_alias=True, exclude_none=True), sort_keys=False),
     )
-    state = {
-        "name": name,
-        "source": str(source),
-        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "tracking_uri": search_tracking_uri(space, options),
-        "teachers": {},
-        "parts_done": [],
-        "parent_run_id": None,
-        "status": "running",
-    }
-    atomic_write_json(experiment_dir / STATE_FILE, state)
+    state = SearchState.new(name, source, search_tracking_uri(space, options))
+    state.save(experiment_dir)
     options.log(f"dkd-tune: search '{name}' in {experiment_dir}")
     for warning in rung_warnings(space, str(source)):
         options.log(warning)
@@ -106,13 +100,13 @@ def resume_search(name_or_path: str, options: SearchOptions) -> SearchOutcome:
     quiet_libraries(options.verbosity)
     check_tracking_uri(options.tracking_uri, "--tracking-uri")
     experiment_dir = locate_search(name_or_path, options.storage)
-    state = read_state(experiment_dir / STATE_FILE)
+    state = SearchState.load(experiment_dir)
     space = load_search_space(experiment_dir / CONFIG_FILE)
     data = load_data(space, options)
     if options.tracking_uri:
-        state["tracking_uri"] = options.tracking_uri
-    check_tracking_store(state["tracking_uri"])
-    options.log(f"dkd-tune: resuming search '{state['name']}' in {experiment_dir}")
+        state.tracking_uri = options.tracking_uri
+    check_tracking_store(state.tracking_uri)
+    options.log(f"dkd-tune: resuming search '{state.name}' in {experiment_dir}")
     return _execute(space, experiment_dir, state, options, data)
 
 
@@ -121,13 +115,17 @@ def resume_search(name_or_path: str, options: SearchOptions) -> SearchOutcome:
 
 
 def _execute(
-    space: SearchSpaceFile, experiment_dir: Path, state: dict[str, Any], options: SearchOptions, data
+    space: SearchSpaceFile,
+    experiment_dir: Path,
+    state: SearchState,
+    options: SearchOptions,
+    data: tuple[DataSpec, TrialData],
 ) -> SearchOutcome:
     start_ray(options)
     import ray
 
     def save_state() -> None:
-        atomic_write_json(experiment_dir / STATE_FILE, state)
+        state.save(experiment_dir)
 
     data_spec, shared = data
     try:
@@ -141,7 +139,7 @@ def _execute(
                 if interruption is None:
                     raise
                 # Whatever phase it hit, what is on disk is resumable; say so in the state and in MLflow.
-                state["status"] = "interrupted"
+                state.status = "interrupted"
                 save_state()
                 close_interrupted_runs(state, options)
                 raise interruption from None
@@ -152,45 +150,53 @@ def _execute(
         ray.shutdown()
 
 
-def _search_phases(space, experiment_dir, state, options, data_spec, shared, save_state) -> SearchOutcome:
+def _search_phases(
+    space: SearchSpaceFile,
+    experiment_dir: Path,
+    state: SearchState,
+    options: SearchOptions,
+    data_spec: DataSpec,
+    shared: TrialData,
+    save_state: Callable[[], None],
+) -> SearchOutcome:
     import ray
 
     from analysis.results import load_search_results, results_table, write_results
     from dkd_tune.tracking import mlflow_store as tracking
 
-    state["status"] = "running"
+    state.status = "running"
     save_state()
     shared_ref = ray.put(shared)
-    parts = [part for part in search_parts(space) if part[0] not in state["parts_done"]]
+    parts = [part for part in search_parts(space) if part[0] not in state.parts_done]
     # Teachers are prepared in Ray tasks while the teacher-free baselines train beside them.
     baseline_cpus = sum(space.resources.cpu for name, teacher in parts if teacher is None)
     pending = launch_teacher_preparation(
         space, data_spec, shared_ref, experiment_dir, state, options, baseline_cpus
     )
 
-    client = tracking.client_for(state["tracking_uri"])
-    if state.get("parent_run_id") is None:
-        state["parent_run_id"] = start_parent_run(
+    client = tracking.client_for(state.tracking_uri)
+    if state.parent_run_id is None:
+        state.parent_run_id = start_parent_run(
             client, space, experiment_dir, state, data_spec, options.parent_run_id
         )
         save_state()
     else:
-        client.update_run(state["parent_run_id"], status="RUNNING")
+        client.update_run(state.parent_run_id, status="RUNNING")
 
-    teachers: dict[str, Any] | None = None
+    teachers: dict[str, TeacherArtifacts] | None = None
     for part_name, teacher in search_parts(space):
         if teacher is not None and teachers is None:
             teachers = collect_teachers(space, pending, data_spec, state, save_state, options)
             try:
-                tag_parent_with_teachers(client, state["parent_run_id"], teachers)
+                tag_parent_with_teachers(client, state.parent_run_id, teachers)
             except Exception as error:  # an unreachable store: tagged when the search's runs are synced
                 if not tracking.store_unreachable(error):
                     raise
-        if part_name in state["parts_done"]:
+        if part_name in state.parts_done:
             options.log(f"dkd-tune: part '{part_name}' already finished, kept as is")
             continue
         _run_part(space, part_name, teacher, teachers or {}, shared_ref, experiment_dir, state, options)
-        state["parts_done"].append(part_name)
+        state.parts_done.append(part_name)
         save_state()
     if teachers is None:
         teachers = collect_teachers(space, pending, data_spec, state, save_state, options)
@@ -200,16 +206,16 @@ def _search_phases(space, experiment_dir, state, options, data_spec, shared, sav
     results_path = write_results(frame, experiment_dir / RESULTS_FILE)
     best = best_trial(frame)
     tracked = sync_trial_runs(space, state, teachers, experiment_dir, frame, options)
-    if space.probe is not None and not state.get("probes_done"):
+    if space.probe is not None and not state.probes_done:
         if tracked:  # probe runs nest under the trials' runs
             _probe_best_trials(space, frame, client, experiment_dir, state, options)
-            state["probes_done"] = True
+            state.probes_done = True
         else:
             options.log(f"dkd-tune: the probes wait for MLflow: {resume_command(experiment_dir)} runs them")
     _write_analysis(state, experiment_dir, frame, options)
     tracked = tracked and close_search_run(state, experiment_dir, frame, best, space, options)
-    state["tracking"] = "synced" if tracked else "pending"
-    state["status"] = "done"
+    state.tracking = "synced" if tracked else "pending"
+    state.status = "done"
     save_state()
     headline = "final_test_ap" if space.data_spec.is_detection else "final_test_acc"
     references = {
@@ -230,7 +236,16 @@ def _search_phases(space, experiment_dir, state, options, data_spec, shared, sav
 # One part: a Ray Tune experiment over one teacher (or a baseline)
 
 
-def _run_part(space, part_name, teacher, teachers, shared_ref, experiment_dir, state, options) -> None:
+def _run_part(
+    space: SearchSpaceFile,
+    part_name: str,
+    teacher: TeacherConfig | None,
+    teachers: dict[str, TeacherArtifacts],
+    shared_ref: ray.ObjectRef,
+    experiment_dir: Path,
+    state: SearchState,
+    options: SearchOptions,
+) -> None:
     from ray import tune
 
     from dkd_tune.search.progress_view import TrialProgress
@@ -251,7 +266,7 @@ def _run_part(space, part_name, teacher, teachers, shared_ref, experiment_dir, s
         tune.with_parameters(function, plan=plan, data=shared_ref), trial_resources(space)
     )
     part_dir = experiment_dir / part_name
-    logger = trial_logger(space, part_name, teacher, teachers, state)
+    logger = trial_logger(space, part_name, teacher, plan, state)
     searched = [name for name, d in space.space_for(teacher).items() if d.kind != "fixed"] if teacher else []
     callbacks = [logger, StopOnSignal()]
     if options.verbosity == NORMAL:
@@ -324,45 +339,50 @@ def sync_search(name_or_path: str, options: SearchOptions) -> bool:
     """`dkd-tune sync`: fill MLflow from a finished search's folder (after the store was unreachable)."""
     import pandas as pd
 
-    from dkd_tune.teacher.preparation import TeacherArtifacts
     from dkd_tune.tracking import mlflow_store as tracking
 
     check_tracking_uri(options.tracking_uri, "--tracking-uri")
     tracking.keep_http_retries_short()
     experiment_dir = locate_search(name_or_path, options.storage)
-    state = read_state(experiment_dir / STATE_FILE)
-    if state.get("status") != "done" or not (experiment_dir / RESULTS_FILE).is_file():
+    state = SearchState.load(experiment_dir)
+    if state.status != "done" or not (experiment_dir / RESULTS_FILE).is_file():
         raise UserInputError(
-            f"search {state['name']!r} ({experiment_dir}): not finished (status {state.get('status')!r}); "
+            f"search {state.name!r} ({experiment_dir}): not finished (status {state.status!r}); "
             f"{resume_command(experiment_dir)} finishes it and fills MLflow"
         )
     if options.tracking_uri:
-        state["tracking_uri"] = options.tracking_uri
+        state.tracking_uri = options.tracking_uri
     space = load_search_space(experiment_dir / CONFIG_FILE)
-    teachers = {label: TeacherArtifacts.from_dict(entry) for label, entry in state["teachers"].items()}
     frame = pd.read_parquet(experiment_dir / RESULTS_FILE)
-    tracked = sync_trial_runs(space, state, teachers, experiment_dir, frame, options)
+    tracked = sync_trial_runs(space, state, state.teachers, experiment_dir, frame, options)
     tracked = tracked and close_search_run(state, experiment_dir, frame, best_trial(frame), space, options)
-    state["tracking"] = "synced" if tracked else "pending"
-    atomic_write_json(experiment_dir / STATE_FILE, state)
-    if tracked and space.probe is not None and not state.get("probes_done"):
+    state.tracking = "synced" if tracked else "pending"
+    state.save(experiment_dir)
+    if tracked and space.probe is not None and not state.probes_done:
         options.log(f"dkd-tune: the probes have not run yet: {resume_command(experiment_dir)} runs them")
     return tracked
 
 
-def _probe_best_trials(space, frame, client, experiment_dir: Path, state, options) -> None:
+def _probe_best_trials(
+    space: SearchSpaceFile,
+    frame: pd.DataFrame,
+    client: MlflowClient,
+    experiment_dir: Path,
+    state: SearchState,
+    options: SearchOptions,
+) -> None:
     """Linear probes of the best trials (Ray tasks), each logged under its trial's run; probes.parquet."""
     from dkd_tune.search.transfer_probes import probe_best_trials
     from dkd_tune.tracking import mlflow_store as tracking
 
     child_run_ids = {
         run.data.tags[tracking.TAG_TRIAL_ID]: run.info.run_id
-        for run in child_runs(client, state["parent_run_id"])
+        for run in child_runs(client, state.parent_run_id)
     }
     probes = probe_best_trials(
         frame,
         space.probe,
-        tracking_uri=state["tracking_uri"],
+        tracking_uri=state.tracking_uri,
         experiment_name=space.name,
         child_run_ids=child_run_ids,
         resources=space.resources,
@@ -371,10 +391,12 @@ def _probe_best_trials(space, frame, client, experiment_dir: Path, state, option
     path = experiment_dir / PROBES_FILE
     with atomic_path(path) as tmp:
         probes.to_parquet(tmp, index=False)
-    client.log_artifact(state["parent_run_id"], str(path))
+    client.log_artifact(state.parent_run_id, str(path))
 
 
-def _write_analysis(state, experiment_dir, frame, options) -> None:
+def _write_analysis(
+    state: SearchState, experiment_dir: Path, frame: pd.DataFrame, options: SearchOptions
+) -> None:
     """Tables and figures of the finished search in `analysis/` (logged to its MLflow run when it closes).
 
     A figure that cannot be drawn must not fail a search whose trials all finished: it is reported.
@@ -387,7 +409,7 @@ def _write_analysis(state, experiment_dir, frame, options) -> None:
             frame,
             load_trial_histories(experiment_dir),
             experiment_dir / MLFLOW_ARTIFACT_DIR,
-            title=f"Search {state['name']}",
+            title=f"Search {state.name}",
         )
     except Exception as error:  # any plotting failure is reported, not raised
         options.log(f"dkd-tune: warning: the analysis tables and figures were not written ({error!r})")

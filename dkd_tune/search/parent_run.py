@@ -12,12 +12,11 @@ from dkd_tune.config.folders import (
     RESULTS_FILE,
     command_target,
 )
-from dkd_tune.config.plan import search_parts
+from dkd_tune.config.plan import search_parts, trial_plan
 from dkd_tune.config.schema import SearchSpaceFile
+from dkd_tune.config.search_state import SearchState
 from dkd_tune.search.options import SearchOptions
-from dkd_tune.search.tuner import (
-    trial_logger,
-)
+from dkd_tune.search.tuner import trial_logger
 
 
 def check_tracking_store(uri: str) -> None:
@@ -28,23 +27,23 @@ def check_tracking_store(uri: str) -> None:
     tracking.check_reachable(uri)
 
 
-def close_interrupted_runs(state: dict[str, Any], options: SearchOptions) -> None:
+def close_interrupted_runs(state: SearchState, options: SearchOptions) -> None:
     """Mark the MLflow runs of the trials that did not finish, and the search's run, KILLED (not FINISHED).
 
     `resume` reopens a trial's run when the trial continues. A tracking store that cannot be reached
     now must not hide the interruption: it is reported, and the end of the resumed search reconciles.
     """
-    if state.get("parent_run_id") is None:
+    if state.parent_run_id is None:
         return
     from dkd_tune.tracking import mlflow_store as tracking
 
     try:
-        client = tracking.client_for(state["tracking_uri"])
-        for run in child_runs(client, state["parent_run_id"]):
+        client = tracking.client_for(state.tracking_uri)
+        for run in child_runs(client, state.parent_run_id):
             if run.info.status == "RUNNING":
                 tracking.set_tags(client, run.info.run_id, {tracking.TAG_STATUS: "interrupted"})
                 client.set_terminated(run.info.run_id, status="KILLED")
-        client.set_terminated(state["parent_run_id"], status="KILLED")
+        client.set_terminated(state.parent_run_id, status="KILLED")
     except Exception as error:
         options.log(
             f"dkd-tune: warning: MLflow runs not marked as interrupted ({type(error).__name__}: {error})"
@@ -58,12 +57,19 @@ def search_tracking_uri(space: SearchSpaceFile, options: SearchOptions) -> str:
     return absolute_tracking_uri(options.tracking_uri or space.tracking_uri)
 
 
-def start_parent_run(client, space, experiment_dir, state, data_spec, nest_under: str | None) -> str:
+def start_parent_run(
+    client,
+    space: SearchSpaceFile,
+    experiment_dir: Path,
+    state: SearchState,
+    data_spec,
+    nest_under: str | None,
+) -> str:
     from dkd_tune.tracking import mlflow_store as tracking
 
     tags = {
         **tracking.standard_tags("search"),
-        tracking.TAG_SEARCH: state["name"],
+        tracking.TAG_SEARCH: state.name,
         "student": space.student,
         "dataset": data_spec.name,
         "dataset_family": data_spec.family,
@@ -73,7 +79,7 @@ def start_parent_run(client, space, experiment_dir, state, data_spec, nest_under
     if nest_under:
         tags[tracking.TAG_PARENT] = nest_under
     experiment = tracking.experiment_id(client, space.name)
-    run = client.create_run(experiment, run_name=state["name"], tags=tags)
+    run = client.create_run(experiment, run_name=state.name, tags=tags)
     tracking.log_params(
         client, run.info.run_id, space.model_dump(mode="json", by_alias=True, exclude_none=True)
     )
@@ -115,7 +121,14 @@ def tag_parent_with_teachers(client, run_id: str, teachers: dict[str, Any]) -> N
     tracking.set_tags(client, run_id, tags)
 
 
-def sync_trial_runs(space, state, teachers, experiment_dir: Path, frame, options) -> bool:
+def sync_trial_runs(
+    space: SearchSpaceFile,
+    state: SearchState,
+    teachers: Mapping[str, Any],
+    experiment_dir: Path,
+    frame,
+    options: SearchOptions,
+) -> bool:
     """Bring MLflow in line with Ray's record of every trial; False (said in one line) if it is unreachable.
 
     Each trial gets its run, with every epoch Ray saved (what the callback could not deliver while
@@ -127,12 +140,13 @@ def sync_trial_runs(space, state, teachers, experiment_dir: Path, frame, options
     from analysis.results import read_trials, trial_histories
 
     def sync(client) -> None:
-        tag_parent_with_teachers(client, state["parent_run_id"], teachers)
+        tag_parent_with_teachers(client, state.parent_run_id, teachers)
         for part_name, teacher in search_parts(space):
             part_dir = experiment_dir / part_name
             if not part_dir.is_dir():
                 continue
-            logger = trial_logger(space, part_name, teacher, teachers, state)
+            plan = trial_plan(space, teacher, teachers.get(teacher.label) if teacher else None, part_name)
+            logger = trial_logger(space, part_name, teacher, plan, state)
             for record in read_trials(part_dir):
                 trial = SimpleNamespace(
                     trial_id=record["trial_id"], config=record["config"], last_result=record["last_result"]
@@ -145,31 +159,35 @@ def sync_trial_runs(space, state, teachers, experiment_dir: Path, frame, options
     return tracking_step(state, experiment_dir, options, sync)
 
 
-def close_search_run(state, experiment_dir: Path, frame, best, space, options) -> bool:
+def close_search_run(
+    state: SearchState, experiment_dir: Path, frame, best, space: SearchSpaceFile, options: SearchOptions
+) -> bool:
     """The search's MLflow run: results, analysis and best trial logged, then FINISHED."""
     from analysis.search_analysis import MLFLOW_ARTIFACT_DIR, log_analysis
 
     def close(client) -> None:
         if (experiment_dir / MLFLOW_ARTIFACT_DIR).is_dir():
-            log_analysis(client, state["parent_run_id"], experiment_dir / MLFLOW_ARTIFACT_DIR)
+            log_analysis(client, state.parent_run_id, experiment_dir / MLFLOW_ARTIFACT_DIR)
         if options.register_students:
             log_best_students(client, state, frame, space, options)
-        finish_parent_run(client, state["parent_run_id"], experiment_dir, frame, best, space)
+        finish_parent_run(client, state.parent_run_id, experiment_dir, frame, best, space)
 
     return tracking_step(state, experiment_dir, options, close)
 
 
-def tracking_step(state, experiment_dir: Path, options, step: Callable[[Any], None]) -> bool:
+def tracking_step(
+    state: SearchState, experiment_dir: Path, options: SearchOptions, step: Callable[[Any], None]
+) -> bool:
     """Run `step(client)` on the search's MLflow store; False, said in one line, if the store is unreachable."""
     from dkd_tune.tracking import mlflow_store as tracking
 
     try:
-        step(tracking.client_for(state["tracking_uri"]))
+        step(tracking.client_for(state.tracking_uri))
     except Exception as error:
         if not tracking.store_unreachable(error):
             raise
         options.log(
-            f"dkd-tune: MLflow store {state['tracking_uri']} unreachable ({type(error).__name__}): the results "
+            f"dkd-tune: MLflow store {state.tracking_uri} unreachable ({type(error).__name__}): the results "
             f"are complete in {experiment_dir}; when the store is back, run dkd-tune sync {command_target(experiment_dir)}"
         )
         return False
@@ -188,7 +206,7 @@ def child_runs(client, parent_run_id: str) -> list:
     return [run for run in children if tracking.TAG_TRIAL_ID in run.data.tags]
 
 
-def reconcile_child_runs(client, state, frame, histories: Mapping[str, list[dict]]) -> None:
+def reconcile_child_runs(client, state: SearchState, frame, histories: Mapping[str, list[dict]]) -> None:
     """Make MLflow's trial runs match Ray's trials after an interruption.
 
     A run whose logged epochs are not its trial's history in Ray (the driver died after logging an
@@ -202,7 +220,7 @@ def reconcile_child_runs(client, state, frame, histories: Mapping[str, list[dict
 
     if frame.empty:
         return
-    children = child_runs(client, state["parent_run_id"])
+    children = child_runs(client, state.parent_run_id)
     rows_by_trial = {row["trial_id"]: row for row in frame.to_dict("records")}
     for run in children:
         trial_id = run.data.tags.get(tracking.TAG_TRIAL_ID)
@@ -229,7 +247,9 @@ def reconcile_child_runs(client, state, frame, histories: Mapping[str, list[dict
             )
 
 
-def log_best_students(client, state, frame, space, options) -> None:
+def log_best_students(
+    client, state: SearchState, frame, space: SearchSpaceFile, options: SearchOptions
+) -> None:
     """Each teacher's best full-budget student (chosen on validation when there is one) as an MLflow model of
     its trial's run, registered as `<search>-<teacher>-student`, with its input example and normalisation."""
     from analysis.trial_choice import best_trials_per_teacher
@@ -237,7 +257,7 @@ def log_best_students(client, state, frame, space, options) -> None:
 
     children = {
         run.data.tags.get(tracking.TAG_TRIAL_ID): run.info.run_id
-        for run in child_runs(client, state["parent_run_id"])
+        for run in child_runs(client, state.parent_run_id)
     }
     for row in best_trials_per_teacher(frame).to_dict("records"):
         checkpoint, run_id = row.get("checkpoint_path"), children.get(row["trial_id"])
@@ -246,9 +266,9 @@ def log_best_students(client, state, frame, space, options) -> None:
         model, example, metadata = student_for_serving(checkpoint, space.student)
         if model is None:
             continue  # a detector: no single-tensor input to log it with
-        name = tracking.registered_model_name(state["name"], row["teacher"])
+        name = tracking.registered_model_name(state.name, row["teacher"])
         tracking.log_student_model(
-            state["tracking_uri"], run_id, model, name="best_student", registered_name=name,
+            state.tracking_uri, run_id, model, name="best_student", registered_name=name,
             input_example=example, metadata={**metadata, "teacher": row["teacher"], "trial_id": row["trial_id"]},
         )  # fmt: skip
         options.log(f"dkd-tune: teacher '{row['teacher']}': best student registered in MLflow as {name!r}")
@@ -306,7 +326,9 @@ def finish_parent_run(client, run_id, experiment_dir, frame, best, space) -> Non
     client.set_terminated(run_id, status="FINISHED")
 
 
-def announce_prior(prior, label: str, state, experiment_dir: Path, options) -> None:
+def announce_prior(
+    prior, label: str, state: SearchState, experiment_dir: Path, options: SearchOptions
+) -> None:
     """Say the prior `beta: auto` starts from, and tag it on the search's MLflow run."""
     for warning in prior.suggestion.warnings:
         options.log(f"dkd-tune: auto-beta: {warning}")
@@ -324,6 +346,6 @@ def announce_prior(prior, label: str, state, experiment_dir: Path, options) -> N
     def tag(client) -> None:
         from dkd_tune.tracking import mlflow_store as tracking
 
-        tracking.set_tags(client, state["parent_run_id"], tags)
+        tracking.set_tags(client, state.parent_run_id, tags)
 
     tracking_step(state, experiment_dir, options, tag)

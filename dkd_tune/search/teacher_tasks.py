@@ -3,31 +3,48 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from dkd_tune.config.schema import SearchSpaceFile
+from dkd_tune.config.search_state import SearchState
 from dkd_tune.core.errors import UserInputError
 from dkd_tune.core.losses import LOSS_MODES
 from dkd_tune.search.options import SearchOptions
 from dkd_tune.search.verbosity import NORMAL, QUIET, VERBOSE
+from dkd_tune.teacher.preparation import TeacherArtifacts
+
+if TYPE_CHECKING:
+    import ray
+
+    from dkd_tune.data.spec import DataSpec
+    from dkd_tune.trial import TrialData
 
 
-def load_data(space: SearchSpaceFile, options: SearchOptions):
+def load_data(space: SearchSpaceFile, options: SearchOptions) -> tuple[DataSpec, TrialData]:
     """(data spec, what the trials share) of the search, read before anything is written or started."""
 
     data_spec = space.data_spec
     return data_spec, shared_data(data_spec, space, options)
 
 
-def launch_teacher_preparation(space, data_spec, shared_ref, experiment_dir, state, options, baseline_cpus):
+def launch_teacher_preparation(
+    space: SearchSpaceFile,
+    data_spec: DataSpec,
+    shared_ref: ray.ObjectRef,
+    experiment_dir: Path,
+    state: SearchState,
+    options: SearchOptions,
+    baseline_cpus: float,
+) -> dict[str, ray.ObjectRef]:
     """Start one Ray task per teacher not prepared yet (load or train, gap, cache); returns their refs."""
     import ray
 
     pending = {}
     total_cpus = int(ray.cluster_resources().get("CPU", 1))
     for teacher in space.teachers:
-        if teacher.label in state["teachers"]:
+        if teacher.label in state.teachers:
             continue
         cache_dir, cache_note = cache_decision(space, data_spec, experiment_dir)
         gpu = 1 if space.resources.gpu > 0 else 0
@@ -50,21 +67,26 @@ def launch_teacher_preparation(space, data_spec, shared_ref, experiment_dir, sta
     return pending
 
 
-def collect_teachers(space, pending, data_spec, state, save_state, options) -> dict[str, Any]:
+def collect_teachers(
+    space: SearchSpaceFile,
+    pending: dict[str, ray.ObjectRef],
+    data_spec: DataSpec,
+    state: SearchState,
+    save_state: Callable[[], None],
+    options: SearchOptions,
+) -> dict[str, TeacherArtifacts]:
     """Wait for the teacher tasks; record each teacher's artifacts, gap and auto-beta in the state."""
     import ray
-
-    from dkd_tune.teacher.preparation import TeacherArtifacts
 
     artifacts: dict[str, TeacherArtifacts] = {}
     for teacher in space.teachers:
         if teacher.label not in pending:
-            artifacts[teacher.label] = TeacherArtifacts.from_dict(state["teachers"][teacher.label])
+            artifacts[teacher.label] = state.teachers[teacher.label]
             continue
         prepared = ray.get(pending[teacher.label])
         prepared = dataclasses.replace(prepared, predicted_beta=predict_beta(prepared, data_spec, options))
         artifacts[teacher.label] = prepared
-        state["teachers"][teacher.label] = prepared.to_dict()
+        state.teachers[teacher.label] = prepared
         save_state()
         gap = prepared.gap
         on = "R-CNN head on object proposals, " if gap.background_samples else ""
@@ -82,7 +104,7 @@ def collect_teachers(space, pending, data_spec, state, save_state, options) -> d
     return artifacts
 
 
-def shared_data(data_spec, space: SearchSpaceFile, options: SearchOptions):
+def shared_data(data_spec: DataSpec, space: SearchSpaceFile, options: SearchOptions) -> TrialData:
     """What the trials share: the decoded dataset (read once, here), or for ImageNet its folders."""
     from dkd_tune.data import ImageFolderData, dataset_num_classes, load_coco_data, load_splits
     from dkd_tune.trial import SharedDataset

@@ -3,42 +3,49 @@ prior-guided sampler when a parameter has a prior) or Tune, ASHA's rungs, resour
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from dkd_tune.config.plan import BASELINE_PREFIX, trial_plan
-from dkd_tune.config.schema import Distribution, SearchSpaceFile
+from dkd_tune.config.plan import BASELINE_PREFIX
+from dkd_tune.config.schema import Distribution, SearchSpaceFile, TeacherConfig
+from dkd_tune.config.search_state import SearchState
+
+if TYPE_CHECKING:
+    from dkd_tune.search.mlflow_trial_logger import MLflowTrialLogger
+    from dkd_tune.teacher.auto_beta import BetaPrior
+    from dkd_tune.trial import TrialPlan
 
 # TPE needs a few random trials before its model is worth anything; a third of the budget, 2..10.
 MIN_STARTUP_TRIALS, MAX_STARTUP_TRIALS = 2, 10
 
 
-def trial_logger(space, part_name, teacher, teachers, state):
+def trial_logger(
+    space: SearchSpaceFile, part_name: str, teacher: TeacherConfig | None, plan: TrialPlan, state: SearchState
+) -> MLflowTrialLogger:
     """The MLflow callback of one part: a child run per trial under the search's run."""
     from dkd_tune.search.mlflow_trial_logger import MLflowTrialLogger
     from dkd_tune.tracking import mlflow_store as tracking
 
-    plan = trial_plan(space, teacher, teachers.get(teacher.label) if teacher else None, part_name)
     return MLflowTrialLogger(
-        state["tracking_uri"],
+        state.tracking_uri,
         space.name,
-        state["parent_run_id"],
+        state.parent_run_id,
         teacher_label=teacher.label if teacher else part_name,
         max_epochs=plan.max_epochs,
-        fixed_params=trial_fixed_params(space, plan, teacher, teachers),
-        extra_tags={tracking.TAG_SEARCH: state["name"]},
+        fixed_params=trial_fixed_params(space, plan, teacher),
+        extra_tags={tracking.TAG_SEARCH: state.name},
     )
 
 
 def new_tuner(
     space: SearchSpaceFile,
     part_name: str,
-    teacher,
-    plan,
+    teacher: TeacherConfig | None,
+    plan: TrialPlan,
     trainable,
     run_config,
     *,
-    study_storage=None,
-    prior=None,
+    study_storage: str | None = None,
+    prior: BetaPrior | None = None,
 ):
     """The Ray Tune Tuner of one part: its searcher, ASHA and budget (a baseline runs once, unpruned).
 
@@ -100,7 +107,9 @@ def trial_resources(space: SearchSpaceFile) -> dict[str, float]:
     return {"cpu": space.resources.cpu, "gpu": space.resources.gpu}
 
 
-def trial_fixed_params(space, plan, teacher, teachers) -> dict[str, Any]:
+def trial_fixed_params(
+    space: SearchSpaceFile, plan: TrialPlan, teacher: TeacherConfig | None
+) -> dict[str, Any]:
     params: dict[str, Any] = dict(plan.base_recipe.to_dict())
     params.update(
         loss=plan.loss_mode,
@@ -111,12 +120,12 @@ def trial_fixed_params(space, plan, teacher, teachers) -> dict[str, Any]:
         augment=plan.augment,
         max_epochs=plan.max_epochs,
     )
-    if teacher is not None and teacher.label in teachers and teachers[teacher.label].gap is not None:
-        params["teacher_gap"] = round(teachers[teacher.label].gap.mean, 4)
+    if plan.teacher is not None and plan.teacher.gap is not None:
+        params["teacher_gap"] = round(plan.teacher.gap.mean, 4)
     return params
 
 
-def auto_beta_prior(space: SearchSpaceFile, plan):
+def auto_beta_prior(space: SearchSpaceFile, plan: TrialPlan) -> BetaPrior:
     """`beta: auto`: the teacher's measured gap read through its dataset family's shipped calibration."""
     from dkd_tune.teacher.auto_beta import beta_prior, default_calibration
 
@@ -126,7 +135,7 @@ def auto_beta_prior(space: SearchSpaceFile, plan):
     return beta_prior(default_calibration(family), plan.teacher.gap, plan.teacher.model)
 
 
-def auto_beta_distribution(prior) -> Distribution:
+def auto_beta_distribution(prior: BetaPrior) -> Distribution:
     """`beta: auto` as a searched distribution: the calibrated range, and auto-beta's belief as its prior."""
     return Distribution(loguniform=prior.beta_range, prior={"centre": prior.centre, "spread": prior.spread})
 
