@@ -110,9 +110,9 @@ def suggest_beta(
     check_tracking_uri(tracking_uri, "--tracking-uri")
     check_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI"), "MLFLOW_TRACKING_URI")
     spec = parse_data_spec(data, source="--data")
-    if validation and spec.name == "imagenet":
+    if validation and spec.kind.storage != "cifar-pickle":
         raise UserInputError(
-            "--validation: a validation split is held out for cifar100 and synthetic data, not imagenet"
+            f"--validation: suggest-beta holds a validation split out of cifar100 and synthetic data, not {spec.name}"
         )
     spec = dataclasses.replace(spec, validation=validation)
     fitted = load_calibration(calibration, spec.family)

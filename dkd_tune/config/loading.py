@@ -17,6 +17,7 @@ from dkd_tune.config.schema import (
     Distribution,
     SearchSpaceFile,
 )
+from dkd_tune.config.searchers import SEARCHERS, searchers_taking
 from dkd_tune.config.tracking_uri import check_tracking_uri
 from dkd_tune.core.errors import UserInputError, closest_match, did_you_mean
 from dkd_tune.core.losses import LOSS_MODE_NAMES, LOSS_MODES
@@ -46,6 +47,8 @@ def load_search_space(
         space = SearchSpaceFile.model_validate(raw)
     except ValidationError as error:
         raise UserInputError(f"{path}: {describe_validation_error(error, SearchSpaceFile)}") from None
+    except UserInputError as error:  # the data-spec check names its key itself
+        raise UserInputError(f"{path}: {error}") from None
     check_search_space(space, path)
     return space
 
@@ -197,12 +200,12 @@ def check_search_space(space: SearchSpaceFile, path: Path) -> None:
             f"{space.metric!r} needs a validation split; set data.validation (images per class held out "
             "of the training split), or use a test_ metric",
         )
-    if data.name == "imagenet":
+    if data.kind.storage == "image-folder":
         for index, teacher in enumerate(space.teachers):
             if teacher.train is not None:
                 fail(
                     f"teachers[{index}].train",
-                    "ImageNet teachers are not trained here; give a checkpoint (e.g. torchvision's weights file)",
+                    f"{data.name} teachers are not trained here; give a checkpoint (e.g. torchvision's weights file)",
                 )
     check_teacher_checkpoints(space, data, path)
 
@@ -311,25 +314,31 @@ def check_distribution(
             if value not in LOSS_MODES:
                 fail(key, f"loss {value!r} is not one of {', '.join(LOSS_MODE_NAMES)}")
         return
+    searcher = SEARCHERS[algorithm]
+    prior_takers = [row.name for row in SEARCHERS.values() if row.takes_priors]
     if distribution.kind == "auto":
         if name != "beta":
             fail(key, f"auto is auto-beta's prior for beta; {name} needs values to search")
-        if algorithm != "optuna":
-            fail(key, f"beta: auto is a prior for Optuna's prior-guided sampler; needs search.algorithm optuna, "
-                      f"not {algorithm!r}")  # fmt: skip
+        if not searcher.takes_priors:
+            fail(key, f"beta: auto is a prior for Optuna's prior-guided sampler; needs search.algorithm "
+                      f"{' or '.join(prior_takers)}, not {algorithm!r}")  # fmt: skip
         return
-    if distribution.prior is not None and algorithm != "optuna":
+    if distribution.prior is not None and not searcher.takes_priors:
         fail(
             key,
-            f"prior: is used by Optuna's prior-guided sampler; needs search.algorithm optuna, not {algorithm!r}",
+            f"prior: is used by Optuna's prior-guided sampler; needs search.algorithm {' or '.join(prior_takers)}, "
+            f"not {algorithm!r}",
         )
     if name not in RECIPE_FIELDS or name == "lr_milestones":
         searchable = [field for field in RECIPE_FIELDS if field != "lr_milestones"] + ["loss"]
         fail(key, f"cannot search{did_you_mean(name, searchable)}")
-    if distribution.kind == "grid" and algorithm == "optuna":
-        fail(key, "grid values need search.algorithm 'grid' or 'random'; use choice with optuna")
-    if algorithm == "grid" and distribution.kind not in ("grid", "choice", "fixed"):
-        fail(key, f"search.algorithm 'grid' needs grid, choice or fixed values, not {distribution.kind}")
+    if distribution.kind not in searcher.searches:
+        takers = " or ".join(repr(name) for name in searchers_taking(distribution.kind))
+        fail(
+            key,
+            f"{distribution.kind} values need search.algorithm {takers}; {algorithm} takes "
+            f"{', '.join(searcher.searches)} values",
+        )
     if name in INTEGER_FIELDS and distribution.kind in ("uniform", "loguniform"):
         fail(key, f"{name} is an integer; use int: [low, high] or choice")
     for value in distribution.extremes():

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from dkd_tune.config.searchers import SEARCHER_NAMES, SEARCHERS
 from dkd_tune.core.errors import did_you_mean
 from dkd_tune.core.losses import LOSS_MODE_NAMES, LOSS_MODES
 from dkd_tune.core.recipes import (
@@ -136,7 +137,11 @@ class Distribution(StrictModel):
 
 
 class DataMapping(StrictModel):
-    """A dataset; the string form `NAME:ROOT` (e.g. `cifar100:~/data`) means {name, root}."""
+    """A dataset; the string form `NAME:ROOT` (e.g. `cifar100:~/data`) means {name, root}.
+
+    The keys and their meanings, for the schema; their values are checked in one place for both forms,
+    `dkd_tune.data.spec.parse_data_spec` (`SearchSpaceFile.data_is_a_spec`), before this model sees them.
+    """
 
     name: Literal[DATASET_NAMES] = Field(description="Dataset reader.")  # type: ignore[valid-type]
     root: str = Field(description="Folder that holds (or will hold) the dataset.")
@@ -145,9 +150,7 @@ class DataMapping(StrictModel):
         "standard",
         description="standard: crop+flip on the device; autoaugment: + CIFAR AutoAugment (CPU workers).",
     )
-    label_noise: float = Field(
-        0.0, ge=0.0, lt=1.0, description="Symmetric label-noise rate on the training set."
-    )
+    label_noise: float = Field(0.0, description="Symmetric label-noise rate on the training set, in [0, 1).")
     noise_seed: int = Field(0, description="Seed of the label noise (which labels are flipped, and to what).")
     generate: dict[str, Any] | None = Field(
         None,
@@ -156,7 +159,6 @@ class DataMapping(StrictModel):
     )
     validation: int = Field(
         0,
-        ge=0,
         description="Images per class (detection: images in all) held out of the training split as a "
         "validation split (val_acc, val_ap); 0: none.",
     )
@@ -219,7 +221,9 @@ class TeacherConfig(StrictModel):
 
 
 class SearchAlgorithm(StrictModel):
-    algorithm: Literal["optuna", "random", "grid"] = Field("optuna", description="optuna: TPE; random; grid.")
+    algorithm: Literal[SEARCHER_NAMES] = Field(  # type: ignore[valid-type]
+        "optuna", description="; ".join(f"{row.name}: {row.description}" for row in SEARCHERS.values()) + "."
+    )
     seed: int = Field(0, description="Seed of the sampler (and of trial seeds).")
     num_samples: int = Field(8, ge=1, description="Trials per teacher (grid: repetitions of the grid).")
     max_concurrent_trials: int | None = Field(
@@ -329,6 +333,13 @@ class SearchSpaceFile(StrictModel):
         None, description="torch.compile the student (default: on for CUDA, off on CPU)."
     )
 
+    @field_validator("data", mode="before")
+    @classmethod
+    def data_is_a_spec(cls, value: Any) -> Any:
+        """Both forms of `data:` pass the one data-spec check (a `UserInputError` naming the key) first."""
+        parse_data_spec(value, source="data")
+        return value
+
     @field_validator("overrides")
     @classmethod
     def overrides_are_recipe_fields(cls, value: dict[str, Any]) -> dict[str, Any]:
@@ -360,11 +371,3 @@ class SearchSpaceFile(StrictModel):
         """The `data:` value parsed once into the one typed value every layer below uses."""
         value = self.data if isinstance(self.data, str) else self.data.model_dump(exclude_none=True)
         return parse_data_spec(value, source="data")
-
-
-# ------------------------------------------------------------------------------------------------
-# Loading
-
-
-# ------------------------------------------------------------------------------------------------
-# Checks that need more than types

@@ -9,28 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from dkd_tune.core.errors import UserInputError
+from dkd_tune.data.kinds import DATASET_KINDS, DATASET_NAMES, DatasetKind, kinds_where
 
-DATASET_NAMES = ("cifar100", "synthetic", "imagenet", "coco", "synthetic-coco")
 AUGMENTATIONS = ("standard", "autoaugment", "none")
-GENERATE_KEYS = (
-    "classes",
-    "superclasses",
-    "train_per_class",
-    "test_per_class",
-    "image_size",
-    "seed",
-    "rotation",
-)
-DETECTION_GENERATE_KEYS = ("train_images", "val_images", "image_size", "seed")  # synthetic-coco
 SPEC_KEYS = ("name", "root", "download", "augment", "label_noise", "noise_seed", "generate", "validation")
-FAMILY = {
-    "cifar100": "cifar",
-    "synthetic": "synthetic",
-    "imagenet": "imagenet",
-    "coco": "coco",
-    "synthetic-coco": "coco",
-}
-DETECTION_FAMILY = "coco"  # COCO-format detection data: Faster R-CNN students and teachers
 
 
 @dataclass(frozen=True)
@@ -56,13 +38,18 @@ class DataSpec:
         )  # fmt: skip
 
     @property
+    def kind(self) -> DatasetKind:
+        """This dataset's row of the kinds table: storage, task, calibration family, options."""
+        return DATASET_KINDS[self.name]
+
+    @property
     def family(self) -> str:
-        """Which auto-beta calibration applies: "cifar", "imagenet" or "synthetic"."""
-        return FAMILY[self.name]
+        """Which auto-beta calibration applies ("cifar", "synthetic", "imagenet", "coco")."""
+        return self.kind.family
 
     @property
     def is_detection(self) -> bool:
-        return self.family == DETECTION_FAMILY
+        return self.kind.is_detection
 
 
 def short_form_mapping(value: str) -> dict[str, Any] | str:
@@ -114,23 +101,21 @@ def _validated(fields: dict[str, Any], source: str) -> DataSpec:
     root = fields["root"]
     if not isinstance(root, (str, Path)) or not str(root).strip():
         raise UserInputError(f"{source}: root {root!r} is not a folder path")
+    kind = DATASET_KINDS[name]
     download = fields.get("download", False)
     if not isinstance(download, bool):
         raise UserInputError(f"{source}: download {download!r} must be true or false")
-    if download and name != "cifar100":
-        raise UserInputError(f"{source}: download: true is available for cifar100 only, not {name!r}")
-    augment = fields.get("augment", "standard")
+    if download and not kind.downloads:
+        raise UserInputError(
+            f"{source}: download: true is available for {' and '.join(kinds_where('downloads'))} only, not {name!r}"
+        )
+    augment = fields.get("augment", kind.augmentations[0])
     if augment not in AUGMENTATIONS:
         raise UserInputError(f"{source}: augment {augment!r} is not one of {', '.join(AUGMENTATIONS)}")
-    if FAMILY[name] == DETECTION_FAMILY and augment == "autoaugment":
+    if augment not in kind.augmentations:
         raise UserInputError(
-            f"{source}: augment 'autoaugment' is not available for detection data; expected standard "
-            "(horizontal flips) or none"
-        )
-    if name == "imagenet" and augment != "standard":
-        raise UserInputError(
-            f"{source}: augment {augment!r} is not available for imagenet, which uses its standard "
-            "random-resized-crop/flip recipe (augment: standard)"
+            f"{source}: augment {augment!r} is not available for {'detection data' if kind.is_detection else name}; "
+            f"expected {' or '.join(kind.augmentations)}"
         )
     label_noise = fields.get("label_noise", 0.0)
     if (
@@ -140,25 +125,25 @@ def _validated(fields: dict[str, Any], source: str) -> DataSpec:
         or not 0.0 <= label_noise < 1.0
     ):
         raise UserInputError(f"{source}: label_noise {label_noise!r} must be a number in [0, 1)")
-    if label_noise and name not in ("cifar100", "synthetic"):
+    if label_noise and not kind.label_noise:
         raise UserInputError(
-            f"{source}: label_noise is available for cifar100 and synthetic data, not {name}"
+            f"{source}: label_noise is available for {' and '.join(kinds_where('label_noise'))} data, not {name}"
         )
     noise_seed = fields.get("noise_seed", 0)
     if isinstance(noise_seed, bool) or not isinstance(noise_seed, int) or noise_seed < 0:
         raise UserInputError(f"{source}: noise_seed {noise_seed!r} must be a non-negative integer")
     generate = fields.get("generate")
     if generate is not None:
-        generate = _validated_generate(generate, name, source)
+        generate = _validated_generate(generate, kind, source)
     validation = fields.get("validation", 0)
     if isinstance(validation, bool) or not isinstance(validation, int) or validation < 0:
         raise UserInputError(
             f"{source}: validation {validation!r} must be a non-negative integer (images per class held out "
             "of the training split)"
         )
-    if validation and name == "imagenet":
+    if validation and not kind.validation_split:
         raise UserInputError(
-            f"{source}: validation is available for cifar100, synthetic and COCO-format data, not imagenet"
+            f"{source}: validation is available for {', '.join(kinds_where('validation_split'))} data, not {name}"
         )
     return DataSpec(
         name=name,
@@ -172,12 +157,13 @@ def _validated(fields: dict[str, Any], source: str) -> DataSpec:
     )
 
 
-def _validated_generate(generate: Any, name: str, source: str) -> dict:
-    if name not in ("synthetic", "synthetic-coco"):
+def _validated_generate(generate: Any, kind: DatasetKind, source: str) -> dict:
+    if not kind.generate_keys:
         raise UserInputError(
-            f"{source}: generate is available for synthetic and synthetic-coco data only, not {name!r}"
+            f"{source}: generate is available for {' and '.join(kinds_where('generate_keys'))} data only, "
+            f"not {kind.name!r}"
         )
-    keys = GENERATE_KEYS if name == "synthetic" else DETECTION_GENERATE_KEYS
+    keys = kind.generate_keys
     if not isinstance(generate, Mapping):
         raise UserInputError(
             f"{source}: generate must be a mapping of generator parameters ({', '.join(keys)})"

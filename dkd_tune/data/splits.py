@@ -10,7 +10,8 @@ import torch
 from dkd_tune.core.errors import UserInputError
 from dkd_tune.data.cifar import CIFAR100_URL, CIFAR_FILES, CIFAR_FOLDER, cifar100_folder, read_cifar100
 from dkd_tune.data.coco import CocoData, load_coco
-from dkd_tune.data.dataset import CIFAR100_MEAN, CIFAR100_STD, ImageDataset
+from dkd_tune.data.dataset import ImageDataset
+from dkd_tune.data.kinds import DATASET_KINDS
 from dkd_tune.data.label_noise import symmetric_label_noise
 from dkd_tune.data.seeding import derived_seed
 from dkd_tune.data.spec import DataSpec
@@ -34,26 +35,20 @@ def load_splits(spec: DataSpec) -> tuple[ImageDataset, ImageDataset | None, Imag
     on images no run trained on and the test split only reports. With noise, `train.labels` are
     noisy, `train.clean_labels` the originals and `train.label_noise_rate` the realised rate.
     """
-    if spec.name == "cifar100":
-        if spec.download and not (cifar100_folder(spec.root) / "meta").is_file():
-            _download_cifar100(spec)
-        how_to_get = (
-            "set download: true in the data spec (or pass --set data.download=true), or download "
-            f"{CIFAR100_URL} and extract it into {spec.root}"
-        )
-        train, test = read_cifar100(
-            spec.root, name="cifar100", how_to_get=how_to_get, mean=CIFAR100_MEAN, std=CIFAR100_STD
-        )
-    elif spec.name == "synthetic":
-        if spec.generate is not None:
-            make_synthetic(spec.root, **spec.generate)
-        how_to_get = f"run `dkd-tune make-synthetic --out {spec.root}`, or add generate: to the data spec"
-        train, test = read_cifar100(spec.root, name="synthetic", how_to_get=how_to_get)
-    else:
+    kind = spec.kind
+    if kind.storage != "cifar-pickle":
         raise UserInputError(
-            f"data spec {spec.name!r}: train/test datasets are read for cifar100 and synthetic; "
-            "imagenet uses dkd_tune.data.imagenet_loaders"
+            f"data spec {spec.name!r}: train/test datasets are read for "
+            f"{' and '.join(k.name for k in DATASET_KINDS.values() if k.storage == 'cifar-pickle')}; "
+            "imagenet uses dkd_tune.data.imagenet_loaders, COCO-format data load_coco_data"
         )
+    if spec.download and kind.downloads and not (cifar100_folder(spec.root) / "meta").is_file():
+        _download_cifar100(spec)
+    if spec.generate is not None:  # only a generated kind takes generate: (DataSpec's check)
+        make_synthetic(spec.root, **spec.generate)
+    train, test = read_cifar100(
+        spec.root, name=spec.name, how_to_get=how_to_get(spec), mean=kind.mean, std=kind.std
+    )
     validation = None
     if spec.validation:
         train, validation = _hold_out(train, spec.validation, source=str(spec.root))
@@ -90,9 +85,14 @@ def _hold_out(train: ImageDataset, per_class: int, source: str) -> tuple[ImageDa
     return subset(~held), subset(held)
 
 
+def how_to_get(spec: DataSpec) -> str:
+    """How a user gets `spec`'s files when they are missing (ends the error message)."""
+    return spec.kind.how_to_get.format(root=spec.root)
+
+
 def load_coco_data(spec: DataSpec, workers: int = 0) -> CocoData:
     """A COCO-format spec's checked folder (generated first for synthetic-coco with generate:)."""
-    if spec.name == "synthetic-coco" and spec.generate is not None:
+    if spec.generate is not None:
         make_synthetic_coco(spec.root, **spec.generate)
     return load_coco(
         spec.root, name=spec.name, validation=spec.validation, augment=spec.augment, workers=workers
@@ -110,7 +110,7 @@ def coco_categories(spec: DataSpec) -> tuple[tuple[int, str], ...]:
 
     from dkd_tune.data.synthetic_coco import categories
 
-    if spec.name == "synthetic-coco" and spec.generate is not None:
+    if spec.generate is not None:  # generated COCO data: its categories are the generator's
         listed = categories()
     else:
         path = spec.root / "annotations" / "instances_train2017.json"
@@ -136,52 +136,42 @@ def _download_cifar100(spec: DataSpec) -> None:
 
 def dataset_problem(spec: DataSpec) -> str | None:
     """Why `spec` cannot be read right now (one line), or None; checked before a search starts."""
-    if spec.is_detection:
-        if spec.name == "synthetic-coco" and spec.generate is not None:
-            return None
+    if spec.download or spec.generate is not None:  # fetched or built when the search starts
+        return None
+    storage = spec.kind.storage
+    if storage == "coco":
         for name in ("instances_train2017.json", "instances_val2017.json"):
             if not (spec.root / "annotations" / name).is_file():
-                how_to_get = (
-                    "add generate: to the data spec"
-                    if spec.name == "synthetic-coco"
-                    else "download train2017, val2017 and annotations_trainval2017 from cocodataset.org into it"
-                )
                 return (
                     f"{spec.root / 'annotations' / name}: annotation file not found; a COCO folder holds "
-                    f"annotations/instances_{{train,val}}2017.json, train2017/ and val2017/; {how_to_get}"
+                    f"annotations/instances_{{train,val}}2017.json, train2017/ and val2017/; {how_to_get(spec)}"
                 )
         return None
-    if spec.name == "imagenet":
+    if storage == "image-folder":
         missing = [split for split in ("train", "val") if not (spec.root / split).is_dir()]
         if missing:
-            return f"{spec.root / missing[0]}: no such folder; expected ImageFolder train/ and val/ under {spec.root}"
-        return None
-    if spec.download or (spec.name == "synthetic" and spec.generate is not None):
+            return f"{spec.root / missing[0]}: no such folder; {how_to_get(spec)}"
         return None
     folder = cifar100_folder(spec.root)
     for file in CIFAR_FILES:
         if not (folder / file).is_file():
-            how_to_get = (
-                "set download: true in the data spec (or pass --set data.download=true)"
-                if spec.name == "cifar100"
-                else f"run `dkd-tune make-synthetic --out {spec.root}` or add generate: to the data spec"
-            )
-            return f"{folder / file}: missing file; expected {CIFAR_FOLDER}/{{train,test,meta}}; {how_to_get}"
+            return f"{folder / file}: missing file; expected {CIFAR_FOLDER}/{{train,test,meta}}; {how_to_get(spec)}"
     return None
 
 
 def dataset_num_classes(spec: DataSpec) -> int:
     """Number of classes of `spec`'s dataset, without reading its images (detection: categories + background)."""
-    if spec.is_detection:
+    kind = spec.kind
+    if kind.is_detection:
         return len(coco_category_names(spec)) + 1
-    if spec.name == "cifar100":
-        return 100
-    if spec.name == "imagenet":
+    if kind.num_classes is not None:
+        return kind.num_classes
+    if kind.storage == "image-folder":
         return sum(1 for entry in (spec.root / "train").iterdir() if entry.is_dir())
     if spec.generate is not None:  # what the folder will hold once generated (or already holds)
         return int(spec.generate.get("classes", SYNTHETIC_DEFAULT_CLASSES))
     params = synthetic_params(spec.root)
     if params is not None:
         return int(params["classes"])
-    train, _ = read_cifar100(spec.root, name="synthetic", how_to_get="")
+    train, _ = read_cifar100(spec.root, name=spec.name, how_to_get="")
     return train.num_classes

@@ -109,12 +109,13 @@ def shared_data(data_spec: DataSpec, space: SearchSpaceFile, options: SearchOpti
     from dkd_tune.data import ImageFolderData, dataset_num_classes, load_coco_data, load_splits
     from dkd_tune.trial import SharedDataset
 
-    if data_spec.is_detection:
+    storage = data_spec.kind.storage
+    if storage == "coco":
         # Images are decoded by each trial's loader: in its own threads on a CPU, by workers beside a GPU.
         workers = max(1, int(space.resources.cpu)) if space.resources.gpu > 0 else 0
         options.log(f"dkd-tune: checking {data_spec.name} in {data_spec.root}")
         return load_coco_data(data_spec, workers=workers)
-    if data_spec.name == "imagenet":
+    if storage == "image-folder":
         # Folder data is read by each trial's DataLoader workers, one per CPU the trial asks for.
         return ImageFolderData(
             data_spec.root, dataset_num_classes(data_spec), workers=max(1, int(space.resources.cpu))
@@ -204,11 +205,10 @@ def cache_decision(space: SearchSpaceFile, data_spec, experiment_dir: Path) -> t
         return None, NO_CACHE
     if mode == "off":
         return None, "off (disabled in the file)"
-    if data_spec.augment == "autoaugment" or data_spec.name == "imagenet":
-        return (
-            None,
-            f"off (views are unbounded with {'AutoAugment' if data_spec.augment == 'autoaugment' else 'ImageNet crops'})",
-        )
+    if data_spec.augment == "autoaugment":
+        return None, "off (views are unbounded with AutoAugment)"
+    if data_spec.kind.storage == "image-folder":
+        return None, f"off (views are unbounded with {data_spec.name}'s random-resized crops)"
     if not LOSS_MODES[space.loss].needs_teacher:
         return None, f"off (no teacher in {space.loss}-only trials)"
     directory = (

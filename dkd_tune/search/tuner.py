@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from dkd_tune.config.plan import BASELINE_PREFIX
 from dkd_tune.config.schema import Distribution, SearchSpaceFile, TeacherConfig
 from dkd_tune.config.search_state import SearchState
+from dkd_tune.config.searchers import SEARCHERS
 
 if TYPE_CHECKING:
     from dkd_tune.search.mlflow_trial_logger import MLflowTrialLogger
@@ -199,7 +200,7 @@ def search_algorithm(
     study: tuple[str, str] | None = None,
     base_recipe=None,
 ):
-    """(search algorithm, Tuner param_space, num_samples) for one part.
+    """(search algorithm, Tuner param_space, num_samples) for one part, from `search.algorithm`'s row.
 
     `study` is (Optuna storage URL, study name): where the part's study persists (in memory if None).
     With priors (`prior:` or `beta: auto`), the first trial is their centre (the other searched values
@@ -212,33 +213,54 @@ def search_algorithm(
         raise ValueError(
             "beta: auto is resolved to a range and first trials (new_tuner) before the searcher is built"
         )
+    if not variable:
+        concurrency = space.search.max_concurrent_trials or 0
+        return BasicVariantGenerator(random_state=space.search.seed, max_concurrent=concurrency), {}, 1
+    return SEARCHERS[space.search.algorithm].build(
+        space, variable, max_epochs=max_epochs, study=study, base_recipe=base_recipe
+    )
+
+
+def optuna_searcher(
+    space: SearchSpaceFile,
+    variable: dict[str, Distribution],
+    *,
+    max_epochs: int | None,
+    study: tuple[str, str] | None,
+    base_recipe,
+):
+    """The `optuna` row: Ray's Optuna searcher with TPE, or the prior-guided sampler after the priors' centre."""
+    import optuna
+
+    from dkd_tune.search.study import TruthfulOptunaSearch
+
+    priors = parameter_priors(variable)
+    first_points = [prior_centre(variable, base_recipe)] if priors else None
+    sampler = optuna_sampler(space, priors, enqueued=len(first_points or []))
+    distributions = {name: optuna_distribution(d) for name, d in variable.items()}
+    storage, name = study if study is not None else (None, None)
+    searcher = TruthfulOptunaSearch(
+        space=distributions,
+        metric=space.metric,
+        mode=space.mode,
+        sampler=sampler,
+        max_epochs=max_epochs or space.max_epochs(),
+        storage=optuna.storages.RDBStorage(storage) if storage else None,
+        study_name=name,
+        points_to_evaluate=first_points,
+    )
+    return searcher, {}, space.search.num_samples
+
+
+def variant_searcher(space: SearchSpaceFile, variable: dict[str, Distribution], **_unused):
+    """The `random` and `grid` rows: Ray Tune's variant generator over Tune distributions (grid values expanded)."""
+    from ray.tune.search import BasicVariantGenerator
+
     settings = space.search
+    expands = SEARCHERS[settings.algorithm].expands
+    param_space = {name: tune_distribution(d, expands) for name, d in variable.items()}
     # BasicVariantGenerator limits concurrency itself (TuneConfig's limit only applies to Searchers).
     concurrency = settings.max_concurrent_trials or 0
-    if not variable:
-        return BasicVariantGenerator(random_state=settings.seed, max_concurrent=concurrency), {}, 1
-    if settings.algorithm == "optuna":
-        import optuna
-
-        from dkd_tune.search.study import TruthfulOptunaSearch
-
-        priors = parameter_priors(variable)
-        first_points = [prior_centre(variable, base_recipe)] if priors else None
-        sampler = optuna_sampler(space, priors, enqueued=len(first_points or []))
-        distributions = {name: optuna_distribution(d) for name, d in variable.items()}
-        storage, name = study if study is not None else (None, None)
-        searcher = TruthfulOptunaSearch(
-            space=distributions,
-            metric=space.metric,
-            mode=space.mode,
-            sampler=sampler,
-            max_epochs=max_epochs or space.max_epochs(),
-            storage=optuna.storages.RDBStorage(storage) if storage else None,
-            study_name=name,
-            points_to_evaluate=first_points,
-        )
-        return searcher, {}, settings.num_samples
-    param_space = {name: tune_distribution(d, settings.algorithm) for name, d in variable.items()}
     return (
         BasicVariantGenerator(random_state=settings.seed, max_concurrent=concurrency),
         param_space,
@@ -253,12 +275,9 @@ def expected_trials(space: SearchSpaceFile, teacher) -> int:
     if not variable:
         return 1
     grid_points = 1
-    if space.search.algorithm != "optuna":
-        for distribution in variable:
-            if distribution.kind == "grid" or (
-                space.search.algorithm == "grid" and distribution.kind == "choice"
-            ):
-                grid_points *= len(distribution.grid or distribution.choice)
+    for distribution in variable:
+        if distribution.kind in SEARCHERS[space.search.algorithm].expands:
+            grid_points *= len(distribution.grid or distribution.choice)
     return grid_points * space.search.num_samples
 
 
@@ -274,11 +293,12 @@ def optuna_distribution(distribution: Distribution):
     return optuna.distributions.CategoricalDistribution(distribution.choice)
 
 
-def tune_distribution(distribution: Distribution, algorithm: str):
+def tune_distribution(distribution: Distribution, expands: tuple[str, ...]):
+    """`distribution` as a Tune sampler; a kind in `expands` becomes a grid (every value tried)."""
     from ray import tune
 
     kind = distribution.kind
-    if kind == "grid" or (algorithm == "grid" and kind == "choice"):
+    if kind in expands:
         return tune.grid_search(list(distribution.grid or distribution.choice))
     if kind == "uniform":
         return tune.uniform(*distribution.uniform)
