@@ -78,7 +78,9 @@ def main() -> int:
         for path in sorted(args.teachers[0].rglob("*.pt")):
             other = args.teachers[1] / path.relative_to(args.teachers[0])
             first, second = tensors(path), tensors(other)
-            assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first), path
+            assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first), (
+                path
+            )
             print(f"teacher {path.relative_to(args.teachers[0])}: {len(first)} tensors identical")
     return 0
 

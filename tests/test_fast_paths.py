@@ -41,8 +41,12 @@ def test_grouped_pointwise_run_dense_trains_as_the_grouped_network(datasets):  #
     # to about a percent, not to rounding; a wrong block layout would differ from the first batch on.
     trained = []
     plain = one_epoch(datasets, "ShuffleV1", Acceleration(), lr=0.005)
-    dense = one_epoch(datasets, "ShuffleV1", Acceleration(dense_grouped_pointwise=True), lr=0.005, trained=trained)
-    assert sum(isinstance(m, BlockDiagonalPointwise) for m in trained[0].modules()) > 0  # fit ran the dense form
+    dense = one_epoch(
+        datasets, "ShuffleV1", Acceleration(dense_grouped_pointwise=True), lr=0.005, trained=trained
+    )
+    assert (
+        sum(isinstance(m, BlockDiagonalPointwise) for m in trained[0].modules()) > 0
+    )  # fit ran the dense form
     assert dense["train_loss"] == pytest.approx(plain["train_loss"], rel=0.03)
     assert dense["test_loss"] == pytest.approx(plain["test_loss"], rel=0.05)
 

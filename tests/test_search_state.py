@@ -29,7 +29,9 @@ def test_a_search_state_reads_back_as_written(tmp_path):
     assert json.loads(written)["version"] == STATE_VERSION
     again = SearchState.load(tmp_path / "first")
     assert again.teachers["t"].gap.mean == 4.2 and again.parts_done == ["baseline-ce"]
-    again.save(tmp_path / "second")  # the gap's unmeasured fields are NaN, which no `==` equals: compare files
+    again.save(
+        tmp_path / "second"
+    )  # the gap's unmeasured fields are NaN, which no `==` equals: compare files
     assert (tmp_path / "second" / "state.json").read_text() == written
 
 
@@ -73,7 +75,9 @@ def test_a_state_dkd_tune_cannot_use_is_one_line_naming_the_file_and_key(tmp_pat
 
 
 def test_a_validation_state_reads_back_as_written(tmp_path):
-    state = ValidationState.new("v", "validate.yaml", "dkd-tune validate-beta validate.yaml", "sqlite:////x.db")
+    state = ValidationState.new(
+        "v", "validate.yaml", "dkd-tune validate-beta validate.yaml", "sqlite:////x.db"
+    )
     state.sessions.append({"started": "2026-12-05 01:00:00", "seconds": 3.0, "outcome": "done"})
     state.validation_run_id, state.status = "run", "done"
     state.save(tmp_path)

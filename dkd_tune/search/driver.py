@@ -229,10 +229,6 @@ def _search_phases(
 
 
 # ------------------------------------------------------------------------------------------------
-# Teachers: loaded or trained, gap measured, logit cache built, once per search
-
-
-# ------------------------------------------------------------------------------------------------
 # One part: a Ray Tune experiment over one teacher (or a baseline)
 
 
