@@ -18,6 +18,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from dkd_tune.core.checkpoint_file import read_checkpoint_file
+
 # Columns and metrics that measure the machine or name a place, not what was learnt.
 VARYING = ("wall_time_s", "checkpoint_path", "trial_id", "config_json", "sha256")
 TIMING_MARKERS = ("time", "_per_s", "_ms")
@@ -58,7 +60,7 @@ def tensors(checkpoint: Path) -> dict[str, object]:
         elif torch.is_tensor(value):
             flat[prefix] = value
 
-    walk(torch.load(checkpoint, map_location="cpu", weights_only=True), "")
+    walk(read_checkpoint_file(checkpoint), "")
     return flat
 
 

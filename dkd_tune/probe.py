@@ -32,8 +32,10 @@ from dkd_tune.core.errors import UserInputError
 from dkd_tune.core.progress import Progress
 from dkd_tune.data import EvalLoader, ImageDataset, load_stl10, load_tiny_imagenet
 from dkd_tune.data.dataset import CIFAR100_MEAN, CIFAR100_STD, IMAGENET_MEAN, IMAGENET_STD
+from dkd_tune.data.kinds import DATASET_KINDS
 from dkd_tune.engine.devices import training_device
 from dkd_tune.models import ImageClassifier, load_teacher, model_info, read_model_checkpoint
+from dkd_tune.models.registry import IMAGENET_MODELS
 
 # Probe dataset -> (training split, evaluation split) as the readers name them.
 PROBE_SPLITS = {"stl10": ("train", "test"), "tiny-imagenet": ("train", "val")}
@@ -131,10 +133,15 @@ def load_student(
     model = load_teacher(arch, checkpoint.path, device=device)  # strict load, frozen, eval mode
     info = model_info(arch)
     input_size = checkpoint.input_size or info.input_size
-    imagenet = info.family == "imagenet" or checkpoint.dataset == "imagenet"
-    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if imagenet else (CIFAR100_MEAN, CIFAR100_STD)
+    trained_on = DATASET_KINDS.get(checkpoint.dataset or "")
     if checkpoint.mean and checkpoint.std:  # dkd-tune checkpoints record what the network was trained with
         mean, std = checkpoint.mean, checkpoint.std
+    elif trained_on is not None and trained_on.mean is not None:
+        mean, std = trained_on.mean, trained_on.std
+    elif info.family == IMAGENET_MODELS:
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+    else:
+        mean, std = CIFAR100_MEAN, CIFAR100_STD
     return Student(model, arch, int(input_size), checkpoint.dataset or "", mean, std, checkpoint.path)
 
 

@@ -163,8 +163,8 @@ def _train(
         )  # fmt: skip
         log_epoch(None, result=result)
     settings.log(
-        f"dkd-tune {kind}: {result.status} after {result.epochs_completed} epochs; final test top-1 {result.final_test_acc:.2f}%, "
-        f"best {result.best_test_acc:.2f}%; kept (last epoch): {result.best_checkpoint}"
+        f"dkd-tune {kind}: {result.status} after {result.epochs_completed} epochs; final test top-1 {result.final_test_score:.2f}%, "
+        f"best {result.best_test_score:.2f}%; kept (last epoch): {result.best_checkpoint}"
     )
     return result
 
@@ -259,7 +259,7 @@ def _train_detector(
         log_epoch(None, result=result)
     settings.log(
         f"dkd-tune {kind}: {result.status} after {result.epochs_completed} epochs; final test AP "
-        f"{result.final_test_acc:.2f}, best {result.best_test_acc:.2f}; kept: {result.best_checkpoint}"
+        f"{result.final_test_score:.2f}, best {result.best_test_score:.2f}; kept: {result.best_checkpoint}"
     )
     return result
 

@@ -10,11 +10,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 from dkd_tune.data.cifar import CIFAR100_URL
-from dkd_tune.data.dataset import CIFAR100_MEAN, CIFAR100_STD
+from dkd_tune.data.dataset import CIFAR100_MEAN, CIFAR100_STD, IMAGENET_MEAN, IMAGENET_STD
 
 # How the files are laid out, hence which reader: CIFAR-100's pickles (decoded once into memory and
 # shared by every trial), an ImageFolder tree (read by each trial's workers), a COCO folder.
-Storage = Literal["cifar-pickle", "image-folder", "coco"]
+Storage = Literal["cifar-pickle", "image-folder", "coco-folder"]
 Task = Literal["classification", "detection"]
 
 SYNTHETIC_GENERATE_KEYS = (
@@ -69,14 +69,14 @@ DATASET_KINDS: dict[str, DatasetKind] = {
         DatasetKind(
             "imagenet", "classification", "imagenet", "image-folder", ("standard",),
             how_to_get="expected ImageFolder train/ and val/ under {root}",
-            validation_split=False,
+            validation_split=False, mean=IMAGENET_MEAN, std=IMAGENET_STD,
         ),
         DatasetKind(
-            "coco", "detection", "coco", "coco", ("standard", "none"),
+            "coco", "detection", "coco", "coco-folder", ("standard", "none"),
             how_to_get="download train2017, val2017 and annotations_trainval2017 from cocodataset.org into it",
         ),
         DatasetKind(
-            "synthetic-coco", "detection", "coco", "coco", ("standard", "none"),
+            "synthetic-coco", "detection", "coco", "coco-folder", ("standard", "none"),
             how_to_get="add generate: to the data spec",
             generate_keys=SYNTHETIC_COCO_GENERATE_KEYS,
         ),

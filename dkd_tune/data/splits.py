@@ -139,7 +139,7 @@ def dataset_problem(spec: DataSpec) -> str | None:
     if spec.download or spec.generate is not None:  # fetched or built when the search starts
         return None
     storage = spec.kind.storage
-    if storage == "coco":
+    if storage == "coco-folder":
         for name in ("instances_train2017.json", "instances_val2017.json"):
             if not (spec.root / "annotations" / name).is_file():
                 return (

@@ -150,8 +150,8 @@ def fit_detector(
     """Train detector `student` for `recipe.epochs` epochs (or until `stop_after_epochs`), reporting COCO AP each epoch.
 
     `evaluations` maps a split name ("test", and "val" when the data hold one out) to what scores
-    it; each epoch reports `<split>_ap`, `<split>_ap50`, ... The FitResult's `final_test_acc` and
-    `best_test_acc` hold the test AP. Under torch.distributed the student is wrapped in DDP, each
+    it; each epoch reports `<split>_ap`, `<split>_ap50`, ... The FitResult's `final_test_score` and
+    `best_test_score` hold the test AP. Under torch.distributed the student is wrapped in DDP, each
     rank takes its share of the images and only rank 0 writes checkpoints.
     """
     mode = checked_loss_mode(loss_mode, teacher)

@@ -71,8 +71,9 @@ class EpochReport:
 class FitResult:
     status: str  # "completed", "stopped" (at stop_after_epochs) or "diverged"
     epochs_completed: int
-    final_test_acc: float
-    best_test_acc: float
+    # The test split's score: top-1 % for a classifier, COCO AP for a detector (`history` names which).
+    final_test_score: float
+    best_test_score: float
     history: list[dict[str, float]] = field(default_factory=list)
     best_checkpoint: Path | None = None
     last_checkpoint: Path | None = None
@@ -246,12 +247,12 @@ class EpochRecorder:
         return metrics.get(self.chosen_by, -math.inf) > max(earlier, default=-math.inf)
 
     def result(self) -> FitResult:
-        """`final_test_acc` and `best_test_acc` hold the score (a detector's: test AP)."""
+        """`final_test_score` and `best_test_score` hold the score (a detector's: test AP)."""
         return FitResult(
             status=self.status if self.history else "completed",
             epochs_completed=self.history[-1]["epoch"] if self.history else self.start_epoch,
-            final_test_acc=self.history[-1].get(self.score, 0.0) if self.history else 0.0,
-            best_test_acc=max(self.best, 0.0),
+            final_test_score=self.history[-1].get(self.score, 0.0) if self.history else 0.0,
+            best_test_score=max(self.best, 0.0),
             history=self.history,
             best_checkpoint=existing_file(self.checkpoint_dir, BEST_CHECKPOINT),
             last_checkpoint=existing_file(self.checkpoint_dir, LAST_CHECKPOINT),

@@ -110,7 +110,7 @@ def shared_data(data_spec: DataSpec, space: SearchSpaceFile, options: SearchOpti
     from dkd_tune.trial import SharedDataset
 
     storage = data_spec.kind.storage
-    if storage == "coco":
+    if storage == "coco-folder":
         # Images are decoded by each trial's loader: in its own threads on a CPU, by workers beside a GPU.
         workers = max(1, int(space.resources.cpu)) if space.resources.gpu > 0 else 0
         options.log(f"dkd-tune: checking {data_spec.name} in {data_spec.root}")

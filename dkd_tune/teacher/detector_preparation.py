@@ -129,12 +129,12 @@ def train_detector_once(
             "augment": data.augment,
             "dataset": data.name,
             "epochs": result.epochs_completed,
-            "best_test_ap": result.best_test_acc,
-            "final_test_ap": result.final_test_acc,
+            "best_test_ap": result.best_test_score,
+            "final_test_ap": result.final_test_score,
             "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
         },
     )
     log(
-        f"dkd-tune: teacher {model}: trained, best test AP {result.best_test_acc:.2f} ({result.best_checkpoint})"
+        f"dkd-tune: teacher {model}: trained, best test AP {result.best_test_score:.2f} ({result.best_checkpoint})"
     )
     return result.best_checkpoint

@@ -275,12 +275,12 @@ def train_teacher_once(
             "augment": augment,
             "dataset": train_set.name,
             "epochs": result.epochs_completed,
-            "best_test_acc": result.best_test_acc,
-            "final_test_acc": result.final_test_acc,
+            "best_test_acc": result.best_test_score,
+            "final_test_acc": result.final_test_score,
             "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
         },
     )
     log(
-        f"dkd-tune: teacher {model}: trained, best test top-1 {result.best_test_acc:.2f}% ({result.best_checkpoint})"
+        f"dkd-tune: teacher {model}: trained, best test top-1 {result.best_test_score:.2f}% ({result.best_checkpoint})"
     )
     return result.best_checkpoint
