@@ -33,7 +33,10 @@ from dkd_tune.models.classifier import ImageClassifier
 
 # A model's family is its input size and default class count (not a dataset, nor an auto-beta family).
 CIFAR_MODELS, IMAGENET_MODELS = "cifar", "imagenet"
-FAMILIES = {CIFAR_MODELS: (32, 100), IMAGENET_MODELS: (224, 1000)}  # family -> (input size, number of classes)
+FAMILIES = {
+    CIFAR_MODELS: (32, 100),
+    IMAGENET_MODELS: (224, 1000),
+}  # family -> (input size, number of classes)
 
 
 @dataclass(frozen=True)

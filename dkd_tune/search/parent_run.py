@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dkd_tune.config.folders import (
     CONFIG_FILE,
@@ -17,6 +17,14 @@ from dkd_tune.config.schema import SearchSpaceFile
 from dkd_tune.config.search_state import SearchState
 from dkd_tune.search.options import SearchOptions
 from dkd_tune.search.tuner import trial_logger
+from dkd_tune.teacher.preparation import TeacherArtifacts
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from dkd_tune.data.spec import DataSpec
+    from dkd_tune.teacher.auto_beta import BetaPrior
+    from dkd_tune.tracking.mlflow_store import MlflowClient, Run
 
 
 def check_tracking_store(uri: str) -> None:
@@ -58,11 +66,11 @@ def search_tracking_uri(space: SearchSpaceFile, options: SearchOptions) -> str:
 
 
 def start_parent_run(
-    client,
+    client: MlflowClient,
     space: SearchSpaceFile,
     experiment_dir: Path,
     state: SearchState,
-    data_spec,
+    data_spec: DataSpec,
     nest_under: str | None,
 ) -> str:
     from dkd_tune.tracking import mlflow_store as tracking
@@ -88,7 +96,7 @@ def start_parent_run(
     return run.info.run_id
 
 
-def write_search_view(client, experiment_id: str, run_id: str, space: SearchSpaceFile) -> None:
+def write_search_view(client: MlflowClient, experiment_id: str, run_id: str, space: SearchSpaceFile) -> None:
     """The MLflow UI's view of this search: its trials with what was searched and how they scored."""
     from dkd_tune.tracking.runs_view import write_search_view as write_view
 
@@ -99,7 +107,9 @@ def write_search_view(client, experiment_id: str, run_id: str, space: SearchSpac
     write_view(client, experiment_id, run_id, parameters, space.metric, space.mode, reported)
 
 
-def tag_parent_with_teachers(client, run_id: str, teachers: dict[str, Any]) -> None:
+def tag_parent_with_teachers(
+    client: MlflowClient, run_id: str, teachers: Mapping[str, TeacherArtifacts]
+) -> None:
     """Teacher gap and auto-beta as tags of the search's run (per teacher, and plain when there is one)."""
     from dkd_tune.tracking import mlflow_store as tracking
 
@@ -126,7 +136,7 @@ def sync_trial_runs(
     state: SearchState,
     teachers: Mapping[str, Any],
     experiment_dir: Path,
-    frame,
+    frame: pd.DataFrame,
     options: SearchOptions,
 ) -> bool:
     """Bring MLflow in line with Ray's record of every trial; False (said in one line) if it is unreachable.
@@ -139,7 +149,7 @@ def sync_trial_runs(
 
     from analysis.results import read_trials, trial_histories
 
-    def sync(client) -> None:
+    def sync(client: MlflowClient) -> None:
         tag_parent_with_teachers(client, state.parent_run_id, teachers)
         for part_name, teacher in search_parts(space):
             part_dir = experiment_dir / part_name
@@ -160,12 +170,17 @@ def sync_trial_runs(
 
 
 def close_search_run(
-    state: SearchState, experiment_dir: Path, frame, best, space: SearchSpaceFile, options: SearchOptions
+    state: SearchState,
+    experiment_dir: Path,
+    frame: pd.DataFrame,
+    best: dict[str, Any] | None,
+    space: SearchSpaceFile,
+    options: SearchOptions,
 ) -> bool:
     """The search's MLflow run: results, analysis and best trial logged, then FINISHED."""
     from analysis.search_analysis import MLFLOW_ARTIFACT_DIR, log_analysis
 
-    def close(client) -> None:
+    def close(client: MlflowClient) -> None:
         if (experiment_dir / MLFLOW_ARTIFACT_DIR).is_dir():
             log_analysis(client, state.parent_run_id, experiment_dir / MLFLOW_ARTIFACT_DIR)
         if options.register_students:
@@ -194,7 +209,7 @@ def tracking_step(
     return True
 
 
-def child_runs(client, parent_run_id: str) -> list:
+def child_runs(client: MlflowClient, parent_run_id: str) -> list[Run]:
     """The search's trial runs (children of its parent run that carry a trial id)."""
     from dkd_tune.tracking import mlflow_store as tracking
 
@@ -206,7 +221,9 @@ def child_runs(client, parent_run_id: str) -> list:
     return [run for run in children if tracking.TAG_TRIAL_ID in run.data.tags]
 
 
-def reconcile_child_runs(client, state: SearchState, frame, histories: Mapping[str, list[dict]]) -> None:
+def reconcile_child_runs(
+    client: MlflowClient, state: SearchState, frame: pd.DataFrame, histories: Mapping[str, list[dict]]
+) -> None:
     """Make MLflow's trial runs match Ray's trials after an interruption.
 
     A run whose logged epochs are not its trial's history in Ray (the driver died after logging an
@@ -248,7 +265,11 @@ def reconcile_child_runs(client, state: SearchState, frame, histories: Mapping[s
 
 
 def log_best_students(
-    client, state: SearchState, frame, space: SearchSpaceFile, options: SearchOptions
+    client: MlflowClient,
+    state: SearchState,
+    frame: pd.DataFrame,
+    space: SearchSpaceFile,
+    options: SearchOptions,
 ) -> None:
     """Each teacher's best full-budget student (chosen on validation when there is one) as an MLflow model of
     its trial's run, registered as `<search>-<teacher>-student`, with its input example and normalisation."""
@@ -299,7 +320,14 @@ def student_for_serving(checkpoint: str, student: str):
     return model, example, metadata
 
 
-def finish_parent_run(client, run_id, experiment_dir, frame, best, space) -> None:
+def finish_parent_run(
+    client: MlflowClient,
+    run_id: str,
+    experiment_dir: Path,
+    frame: pd.DataFrame,
+    best: dict[str, Any] | None,
+    space: SearchSpaceFile,
+) -> None:
     from dkd_tune.tracking import mlflow_store as tracking
 
     client.log_artifact(run_id, str(experiment_dir / RESULTS_FILE))
@@ -327,7 +355,7 @@ def finish_parent_run(client, run_id, experiment_dir, frame, best, space) -> Non
 
 
 def announce_prior(
-    prior, label: str, state: SearchState, experiment_dir: Path, options: SearchOptions
+    prior: BetaPrior, label: str, state: SearchState, experiment_dir: Path, options: SearchOptions
 ) -> None:
     """Say the prior `beta: auto` starts from, and tag it on the search's MLflow run."""
     for warning in prior.suggestion.warnings:
@@ -343,7 +371,7 @@ def announce_prior(
         f"auto_beta.{label}.first_trial": f"{prior.centre:.4g}",
     }
 
-    def tag(client) -> None:
+    def tag(client: MlflowClient) -> None:
         from dkd_tune.tracking import mlflow_store as tracking
 
         tracking.set_tags(client, state.parent_run_id, tags)

@@ -14,12 +14,17 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from analysis.grid_curves import Curves
+from dkd_tune.config.schema import SearchSpaceFile
+
+if TYPE_CHECKING:
+    from ray.tune.schedulers import TrialScheduler
+    from ray.tune.search import SearchAlgorithm, Searcher
 
 
 def replay_trial(config: dict[str, Any], curves: Curves, teacher: str, seed_index: int) -> None:
@@ -51,7 +56,7 @@ class ReplayedSearch:
 
 
 def replay_search(
-    space,
+    space: SearchSpaceFile,
     curves: Curves,
     teacher: str,
     seed_index: int,
@@ -86,7 +91,7 @@ def replay_distribution(beta_range: tuple[float, float], prior: tuple[float, flo
     return Distribution(loguniform=[float(beta_range[0]), float(beta_range[1])], prior=belief)
 
 
-def replay_space(space, search_seed: int):
+def replay_space(space: SearchSpaceFile, search_seed: int) -> SearchSpaceFile:
     """The validation's search file as a replay runs it: chosen on val_acc, trials one at a time, the
     searcher's seed the file's plus `search_seed`."""
     return space.model_copy(
@@ -103,8 +108,8 @@ def run_replay(
     curves: Curves,
     teacher: str,
     seed_index: int,
-    searcher,
-    scheduler,
+    searcher: Searcher | SearchAlgorithm,
+    scheduler: TrialScheduler | None,
     num_samples: int,
     param_space: dict | None = None,
 ) -> ReplayedSearch:

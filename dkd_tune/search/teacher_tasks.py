@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dkd_tune.config.schema import SearchSpaceFile
+from dkd_tune.config.schema import SearchSpaceFile, TeacherConfig
 from dkd_tune.config.search_state import SearchState
 from dkd_tune.core.errors import UserInputError
 from dkd_tune.core.losses import LOSS_MODES
@@ -126,8 +126,16 @@ def shared_data(data_spec: DataSpec, space: SearchSpaceFile, options: SearchOpti
 
 
 def prepare_teacher_task(
-    teacher, student, data_spec, shared, teachers_dir, cache_dir, cache_note, cpus, verbosity=NORMAL
-):
+    teacher: TeacherConfig,
+    student: str,
+    data_spec: DataSpec,
+    shared: TrialData,
+    teachers_dir: str,
+    cache_dir: str | None,
+    cache_note: str,
+    cpus: int,
+    verbosity: int = NORMAL,
+) -> TeacherArtifacts:
     import torch
 
     from dkd_tune.core.recipes import resolve_recipe
@@ -193,7 +201,9 @@ def search_teachers_dir(experiment_dir: Path, options: SearchOptions) -> Path:
     return Path(options.teachers_dir) if options.teachers_dir else experiment_dir.parent / "teachers"
 
 
-def cache_decision(space: SearchSpaceFile, data_spec, experiment_dir: Path) -> tuple[str | None, str]:
+def cache_decision(
+    space: SearchSpaceFile, data_spec: DataSpec, experiment_dir: Path
+) -> tuple[str | None, str]:
     """Where to build the exact teacher-logit cache, or None, and why (for the log)."""
     from dkd_tune.data.train_loader import CIFAR_PADDING
     from dkd_tune.data.views import num_views
@@ -225,7 +235,7 @@ def cache_decision(space: SearchSpaceFile, data_spec, experiment_dir: Path) -> t
     return str(directory), f"on ({views} views per image, in {directory})"
 
 
-def predict_beta(prepared, data_spec, options) -> float | None:
+def predict_beta(prepared: TeacherArtifacts, data_spec: DataSpec, options: SearchOptions) -> float | None:
     from dkd_tune.teacher.auto_beta import default_calibration_or_none, suggest_beta
 
     calibration = default_calibration_or_none(data_spec.family)

@@ -11,6 +11,12 @@ from dkd_tune.config.search_state import SearchState
 from dkd_tune.config.searchers import SEARCHERS
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from ray.tune import RunConfig
+    from ray.tune.experiment import Trial
+
+    from dkd_tune.core.recipes import Recipe
     from dkd_tune.search.mlflow_trial_logger import MLflowTrialLogger
     from dkd_tune.teacher.auto_beta import BetaPrior
     from dkd_tune.trial import TrialPlan
@@ -42,8 +48,8 @@ def new_tuner(
     part_name: str,
     teacher: TeacherConfig | None,
     plan: TrialPlan,
-    trainable,
-    run_config,
+    trainable: Callable[..., Any],
+    run_config: RunConfig,
     *,
     study_storage: str | None = None,
     prior: BetaPrior | None = None,
@@ -96,7 +102,7 @@ class TrialName:
     def __init__(self, part_name: str):
         self.part_name = part_name
 
-    def __call__(self, trial) -> str:
+    def __call__(self, trial: Trial) -> str:
         return f"{self.part_name}-{trial.trial_id}"
 
 
@@ -152,7 +158,7 @@ def parameter_priors(searched: dict[str, Distribution]) -> dict[str, Any]:
     }
 
 
-def prior_centre(searched: dict[str, Distribution], base) -> dict[str, Any]:
+def prior_centre(searched: dict[str, Distribution], base: Recipe | None) -> dict[str, Any]:
     """The one enqueued first trial of a search with priors: each prior at its centre, the other searched
     values at the recipe's (or their range's low end when the recipe's lies outside)."""
     point = {}
@@ -198,7 +204,7 @@ def search_algorithm(
     *,
     max_epochs: int | None = None,
     study: tuple[str, str] | None = None,
-    base_recipe=None,
+    base_recipe: Recipe | None = None,
 ):
     """(search algorithm, Tuner param_space, num_samples) for one part, from `search.algorithm`'s row.
 
@@ -227,7 +233,7 @@ def optuna_searcher(
     *,
     max_epochs: int | None,
     study: tuple[str, str] | None,
-    base_recipe,
+    base_recipe: Recipe | None,
 ):
     """The `optuna` row: Ray's Optuna searcher with TPE, or the prior-guided sampler after the priors' centre."""
     import optuna
@@ -268,7 +274,7 @@ def variant_searcher(space: SearchSpaceFile, variable: dict[str, Distribution], 
     )
 
 
-def expected_trials(space: SearchSpaceFile, teacher) -> int:
+def expected_trials(space: SearchSpaceFile, teacher: TeacherConfig | None) -> int:
     """How many trials one part runs: 1 with nothing searched, else num_samples, times the grid's size
     where Tune expands grid dimensions (every grid point is repeated num_samples times)."""
     variable = [d for d in (space.space_for(teacher) if teacher else {}).values() if d.kind != "fixed"]

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -273,7 +273,7 @@ def logged_epochs_match(client: MlflowClient, run_id: str, history: list[Mapping
     )
 
 
-def rebuild_trial_run(client: MlflowClient, run: Any, history: list[Mapping[str, Any]]) -> str:
+def rebuild_trial_run(client: MlflowClient, run: Run, history: list[Mapping[str, Any]]) -> str:
     """A fresh run for a trial whose logged epochs are not Ray's: same tags and params, Ray's history.
 
     After the driver is killed, MLflow may hold epochs the resumed trial never reached again (Ray
