@@ -33,7 +33,7 @@ def test_open_runs_get_ray_s_status_and_runs_of_trials_ray_lost_are_trashed(tmp_
         {"trial_id": ["a", "b", "c"], "status": ["stopped", "errored", "completed"], "stop_epoch": [0, 0, 0]}
     )
 
-    reconcile_child_runs(client, {"parent_run_id": parent}, frame, histories={})
+    reconcile_child_runs(client, parent, frame, histories={})
 
     assert client.get_run(finished).info.status == "FINISHED"
     assert client.get_run(open_errored).info.status == "FAILED"
@@ -78,7 +78,7 @@ def test_runs_whose_logged_epochs_are_not_ray_s_history_are_rebuilt_from_it(tmp_
         {"trial_id": ["same", "longer", "replayed"], "status": ["stopped"] * 3, "stop_epoch": [2, 2, 2]}
     )
 
-    reconcile_child_runs(client, {"parent_run_id": parent}, frame, histories=ray_history)
+    reconcile_child_runs(client, parent, frame, histories=ray_history)
 
     visible = client.search_runs([experiment], filter_string=f"tags.`{tracking.TAG_PARENT}` = '{parent}'")
     by_trial = {run.data.tags[tracking.TAG_TRIAL_ID]: run for run in visible}

@@ -164,7 +164,7 @@ def sync_trial_runs(
                 logger.run_for(trial)
                 for result in record["history"]:
                     logger.log_result(trial, result)
-        reconcile_child_runs(client, state, frame, trial_histories(experiment_dir))
+        reconcile_child_runs(client, state.parent_run_id, frame, trial_histories(experiment_dir))
 
     return tracking_step(state, experiment_dir, options, sync)
 
@@ -222,9 +222,9 @@ def child_runs(client: MlflowClient, parent_run_id: str) -> list[Run]:
 
 
 def reconcile_child_runs(
-    client: MlflowClient, state: SearchState, frame: pd.DataFrame, histories: Mapping[str, list[dict]]
+    client: MlflowClient, parent_run_id: str, frame: pd.DataFrame, histories: Mapping[str, list[dict]]
 ) -> None:
-    """Make MLflow's trial runs match Ray's trials after an interruption.
+    """Make MLflow's trial runs (children of `parent_run_id`) match Ray's trials after an interruption.
 
     A run whose logged epochs are not its trial's history in Ray (the driver died after logging an
     epoch that the resumed trial never reached again) is rebuilt from that history. A run left open
@@ -237,7 +237,7 @@ def reconcile_child_runs(
 
     if frame.empty:
         return
-    children = child_runs(client, state.parent_run_id)
+    children = child_runs(client, parent_run_id)
     rows_by_trial = {row["trial_id"]: row for row in frame.to_dict("records")}
     for run in children:
         trial_id = run.data.tags.get(tracking.TAG_TRIAL_ID)
