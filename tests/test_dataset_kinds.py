@@ -24,7 +24,11 @@ def test_every_dataset_a_spec_can_name_has_one_row_and_the_spec_asks_it():
         assert (spec.family, spec.is_detection) == (kind.family, kind.task == "detection")
         assert kind.augmentations
         assert kind.is_detection or "{root}" in kind.how_to_get  # a classifier's hint names the folder
-    assert {kind.storage for kind in DATASET_KINDS.values()} == {"cifar-pickle", "image-folder", "coco-folder"}
+    assert {kind.storage for kind in DATASET_KINDS.values()} == {
+        "cifar-pickle",
+        "image-folder",
+        "coco-folder",
+    }
 
 
 def test_no_module_but_the_table_branches_on_a_dataset_name():
