@@ -11,7 +11,8 @@ from typing import Any
 from dkd_tune.core.errors import UserInputError
 from dkd_tune.data.kinds import DATASET_KINDS, DATASET_NAMES, DatasetKind, kinds_where
 
-AUGMENTATIONS = ("standard", "autoaugment", "none")
+# Every `augment:` value some dataset takes (each kind's own are in its row).
+AUGMENTATIONS = tuple(dict.fromkeys(value for kind in DATASET_KINDS.values() for value in kind.augmentations))
 SPEC_KEYS = ("name", "root", "download", "augment", "label_noise", "noise_seed", "generate", "validation")
 
 

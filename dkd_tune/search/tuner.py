@@ -212,16 +212,13 @@ def search_algorithm(
     With priors (`prior:` or `beta: auto`), the first trial is their centre (the other searched values
     at `base_recipe`'s) and the prior-guided sampler draws the rest.
     """
-    from ray.tune.search import BasicVariantGenerator
-
     variable = {name: d for name, d in searched.items() if d.kind != "fixed"}
     if any(d.kind == "auto" for d in variable.values()):
         raise ValueError(
             "beta: auto is resolved to a range and first trials (new_tuner) before the searcher is built"
         )
-    if not variable:
-        concurrency = space.search.max_concurrent_trials or 0
-        return BasicVariantGenerator(random_state=space.search.seed, max_concurrent=concurrency), {}, 1
+    if not variable:  # nothing to search: one trial of the fixed values
+        return variant_generator(space), {}, 1
     return SEARCHERS[space.search.algorithm].build(
         space, variable, max_epochs=max_epochs, study=study, base_recipe=base_recipe
     )
@@ -260,17 +257,19 @@ def optuna_searcher(
 
 def variant_searcher(space: SearchSpaceFile, variable: dict[str, Distribution], **_unused):
     """The `random` and `grid` rows: Ray Tune's variant generator over Tune distributions (grid values expanded)."""
+    expands = SEARCHERS[space.search.algorithm].expands
+    param_space = {name: tune_distribution(d, expands) for name, d in variable.items()}
+    return variant_generator(space), param_space, space.search.num_samples
+
+
+def variant_generator(space: SearchSpaceFile):
+    """Ray Tune's seeded variant generator; it limits concurrency itself (TuneConfig's limit only applies to
+    Searchers)."""
     from ray.tune.search import BasicVariantGenerator
 
     settings = space.search
-    expands = SEARCHERS[settings.algorithm].expands
-    param_space = {name: tune_distribution(d, expands) for name, d in variable.items()}
-    # BasicVariantGenerator limits concurrency itself (TuneConfig's limit only applies to Searchers).
-    concurrency = settings.max_concurrent_trials or 0
-    return (
-        BasicVariantGenerator(random_state=settings.seed, max_concurrent=concurrency),
-        param_space,
-        settings.num_samples,
+    return BasicVariantGenerator(
+        random_state=settings.seed, max_concurrent=settings.max_concurrent_trials or 0
     )
 
 
