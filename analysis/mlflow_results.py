@@ -15,14 +15,15 @@ import json
 import re
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from analysis.results import RECIPE_COLUMNS, empty_results, typed_results
 from dkd_tune.core.errors import UserInputError
-from dkd_tune.tracking import mlflow_store as tracking
+from dkd_tune.tracking import runs as tracking
+from dkd_tune.tracking.connect import open_store, resolve_tracking_uri
+from dkd_tune.tracking.store import RunRecord
 
 RUN_ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
 MAX_CHILD_RUNS = 50000
@@ -42,24 +43,13 @@ class ParentRun:
 
 def find_parent_run(tracking_uri: str | None, name_or_run_id: str) -> ParentRun:
     """The search run with this run id, or the only search run of this name in the store."""
-    uri = tracking.resolve_tracking_uri(tracking_uri)
-    client = tracking.client_for(uri)
-    run = None
-    if RUN_ID_PATTERN.match(name_or_run_id):
-        try:
-            run = client.get_run(name_or_run_id)
-        except Exception:  # MLflow raises its own exception types per store; an unknown id is not fatal here
-            run = None
+    uri = resolve_tracking_uri(tracking_uri)
+    store = open_store(uri)
+    run = store.run(name_or_run_id) if RUN_ID_PATTERN.match(name_or_run_id) else None
     if run is None:
-        experiments = [experiment.experiment_id for experiment in client.search_experiments()]
-        found = (
-            client.search_runs(
-                experiments,
-                filter_string=f"tags.`{tracking.TAG_KIND}` = 'search' and attributes.run_name = '{_quoted(name_or_run_id)}'",
-                max_results=100,
-            )
-            if experiments
-            else []
+        experiments = [experiment.experiment_id for experiment in store.experiments()]
+        found = store.find_runs(
+            experiments, tags={tracking.TAG_KIND: "search"}, name=name_or_run_id, limit=100
         )
         if not found:
             raise UserInputError(
@@ -67,36 +57,33 @@ def find_parent_run(tracking_uri: str | None, name_or_run_id: str) -> ParentRun:
                 f"in MLflow store {uri}; pass the search's folder, its run id, or --tracking-uri"
             )
         if len(found) > 1:
-            ids = ", ".join(f"{r.info.run_id} (experiment {r.info.experiment_id})" for r in found[:5])
+            ids = ", ".join(f"{r.run_id} (experiment {r.experiment_id})" for r in found[:5])
             raise UserInputError(
                 f"{name_or_run_id!r}: {len(found)} search runs of that name in {uri}: {ids}; pass a run id"
             )
         run = found[0]
-    if run.data.tags.get(tracking.TAG_KIND) != "search":
+    if run.tags.get(tracking.TAG_KIND) != "search":
         raise UserInputError(
-            f"run {run.info.run_id} in {uri} is a {run.data.tags.get(tracking.TAG_KIND, 'non-dkd-tune')!r} run, "
+            f"run {run.run_id} in {uri} is a {run.tags.get(tracking.TAG_KIND, 'non-dkd-tune')!r} run, "
             "not a search's parent run"
         )
     return ParentRun(
         tracking_uri=uri,
-        run_id=run.info.run_id,
-        experiment_id=run.info.experiment_id,
-        name=run.info.run_name or run.data.tags.get(tracking.TAG_SEARCH, run.info.run_id),
-        tags=dict(run.data.tags),
-        params=dict(run.data.params),
+        run_id=run.run_id,
+        experiment_id=run.experiment_id,
+        name=run.name or run.tags.get(tracking.TAG_SEARCH, run.run_id),
+        tags=dict(run.tags),
+        params=dict(run.params),
     )
 
 
-def trial_runs(parent: ParentRun) -> list[Any]:
+def trial_runs(parent: ParentRun) -> list[RunRecord]:
     """The parent's child runs that are trials, oldest first."""
-    client = tracking.client_for(parent.tracking_uri)
-    children = client.search_runs(
+    return open_store(parent.tracking_uri).find_runs(
         [parent.experiment_id],
-        filter_string=f"tags.`{tracking.TAG_PARENT}` = '{parent.run_id}' and tags.`{tracking.TAG_KIND}` = 'trial'",
-        max_results=MAX_CHILD_RUNS,
-        order_by=["attributes.start_time ASC"],
+        tags={tracking.TAG_PARENT: parent.run_id, tracking.TAG_KIND: "trial"},
+        limit=MAX_CHILD_RUNS,
     )
-    return list(children)
 
 
 def load_mlflow_results(tracking_uri: str | None, name_or_run_id: str) -> pd.DataFrame:
@@ -114,14 +101,14 @@ def load_mlflow_histories(
 ) -> pd.DataFrame:
     """Long format, one row per (trial, epoch): every metric (or `metrics`) from the runs' metric histories."""
     parent = find_parent_run(tracking_uri, name_or_run_id)
-    client = tracking.client_for(parent.tracking_uri)
+    store = open_store(parent.tracking_uri)
     rows: dict[tuple[str, str, int], dict[str, Any]] = {}
     for run in trial_runs(parent):
-        part = run.data.tags.get(tracking.TAG_TEACHER, "")
-        trial_id = run.data.tags.get(tracking.TAG_TRIAL_ID, run.info.run_id)
-        keys = sorted(run.data.metrics) if metrics is None else [k for k in metrics if k in run.data.metrics]
+        part = run.tags.get(tracking.TAG_TEACHER, "")
+        trial_id = run.tags.get(tracking.TAG_TRIAL_ID, run.run_id)
+        keys = sorted(run.metrics) if metrics is None else [k for k in metrics if k in run.metrics]
         for key in keys:
-            for point in client.get_metric_history(run.info.run_id, key):
+            for point in store.metric_history(run.run_id, key):
                 row = rows.setdefault(
                     (part, trial_id, point.step), {"part": part, "trial_id": trial_id, "epoch": point.step}
                 )
@@ -132,12 +119,12 @@ def load_mlflow_histories(
     return frame.sort_values(["part", "trial_id", "epoch"]).reset_index(drop=True)
 
 
-def _trial_row(parent: ParentRun, run: Any, searched: dict[str, list[str]]) -> dict[str, Any]:
-    params, tags, metrics = run.data.params, run.data.tags, run.data.metrics
+def _trial_row(parent: ParentRun, run: RunRecord, searched: dict[str, list[str]]) -> dict[str, Any]:
+    params, tags, metrics = run.params, run.tags, run.metrics
     part = tags.get(tracking.TAG_TEACHER, params.get("teacher", ""))
     teacher = params.get("teacher", "none")
     gap = parent.tags.get(tracking.tag_key(f"teacher_gap.{teacher}"), params.get("teacher_gap"))
-    duration = (run.info.end_time - run.info.start_time) / 1000 if run.info.end_time else None
+    duration = (run.end_time - run.start_time) / 1000 if run.end_time and run.start_time else None
     config = {name: _param_value(params[name]) for name in searched.get(part, []) if name in params}
     stop_epoch = tags.get(tracking.TAG_STOP_EPOCH)
     return {
@@ -151,7 +138,7 @@ def _trial_row(parent: ParentRun, run: Any, searched: dict[str, list[str]]) -> d
         "dataset_family": parent.tags.get("dataset_family"),
         "student": params.get("student", parent.tags.get("student")),
         "loss": params.get("loss"),
-        "trial_id": tags.get(tracking.TAG_TRIAL_ID, run.info.run_id),
+        "trial_id": tags.get(tracking.TAG_TRIAL_ID, run.run_id),
         "status": tags.get(tracking.TAG_STATUS, "running"),
         "stop_epoch": stop_epoch if stop_epoch is not None else metrics.get("epoch", 0),
         "max_epochs": params.get("max_epochs"),
@@ -177,10 +164,10 @@ def _searched_names(parent: ParentRun) -> dict[str, list[str]]:
     from dkd_tune.config.plan import search_parts
     from dkd_tune.config.schema import SearchSpaceFile
 
-    client = tracking.client_for(parent.tracking_uri)
+    store = open_store(parent.tracking_uri)
     with tempfile.TemporaryDirectory(prefix="dkd-analysis-") as folder:
         try:
-            path = Path(client.download_artifacts(parent.run_id, "search.yaml", folder))
+            path = store.download_artifact(parent.run_id, "search.yaml", folder)
         except Exception as error:  # the artifact store may be unreachable or pruned
             raise UserInputError(
                 f"run {parent.run_id}: cannot download its search.yaml artifact ({_first_line(error)})"
@@ -199,10 +186,6 @@ def _param_value(text: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError:
         return text
-
-
-def _quoted(value: str) -> str:
-    return value.replace("'", "\\'")
 
 
 def _first_line(error: BaseException) -> str:

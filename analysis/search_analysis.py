@@ -16,6 +16,7 @@ from analysis.results import write_results
 from analysis.tables import beta_pivot, markdown_table, teacher_summary
 from dkd_tune.core.errors import UserInputError
 from dkd_tune.core.files import atomic_path, atomic_write_text
+from dkd_tune.tracking.store import TrackingStore
 
 RESULTS_FILE = "results.parquet"
 HISTORIES_FILE = "histories.parquet"
@@ -116,7 +117,7 @@ def analyze_search(
     log_to_mlflow: bool = True,
 ) -> AnalysisOutputs:
     """Analyse a search given by its folder (or name under `storage`), else by its MLflow parent run's name or id."""
-    from dkd_tune.tracking import mlflow_store as tracking
+    from dkd_tune.tracking.connect import open_store, resolve_tracking_uri
 
     folder = _search_folder(name_or_path, storage)
     if folder is not None:
@@ -141,20 +142,20 @@ def analyze_search(
     outputs = write_analysis(frame, histories, Path(out) if out else default_out, title=f"Search {name}")
     if log_to_mlflow and run_id:
         try:
-            log_analysis(tracking.client_for(uri), run_id, outputs.out_dir)
+            log_analysis(open_store(uri), run_id, outputs.out_dir)
         except Exception as error:  # an unreachable store, or a run it does not hold
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise UserInputError(
                 f"wrote {outputs.out_dir} but cannot log it to MLflow run {run_id} in "
-                f"{tracking.resolve_tracking_uri(uri)} ({reason}); pass --tracking-uri or --no-mlflow"
+                f"{resolve_tracking_uri(uri)} ({reason}); pass --tracking-uri or --no-mlflow"
             ) from None
-        outputs.logged_to = f"run {run_id} in {tracking.resolve_tracking_uri(uri)}"
+        outputs.logged_to = f"run {run_id} in {resolve_tracking_uri(uri)}"
     return outputs
 
 
-def log_analysis(client, run_id: str, out_dir: Path) -> None:
+def log_analysis(store: TrackingStore, run_id: str, out_dir: Path) -> None:
     """Log the analysis folder's files to the run under `analysis/`."""
-    client.log_artifacts(run_id, str(out_dir), artifact_path=MLFLOW_ARTIFACT_DIR)
+    store.log_artifacts(run_id, out_dir, folder=MLFLOW_ARTIFACT_DIR)
 
 
 def _search_folder(name_or_path: str, storage: str | None) -> Path | None:

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from dkd_tune.tracking.mlflow_store import TAG_KIND, TAG_PARENT, TAG_STATUS, TAG_TEACHER, TAG_TRIAL_ID
+from dkd_tune.tracking.runs import TAG_KIND, TAG_PARENT, TAG_STATUS, TAG_TEACHER, TAG_TRIAL_ID
 from tests.test_search_e2e import cli, tiny_space
 
 pytestmark = pytest.mark.slow
@@ -116,7 +116,7 @@ def test_single_runs_are_logged(mlflow_ui, tmp_path):
 
 def test_a_trial_run_never_ends_before_it_starts():
     """Ray's result timestamp is whole seconds; the run's start is the driver's clock in ms."""
-    from dkd_tune.tracking.mlflow_store import trial_end_ms
+    from dkd_tune.tracking.runs import trial_end_ms
 
     started = 1_796_400_000_700  # 0.7 s into a second
     assert trial_end_ms({"timestamp": 1_796_400_000}, started) == started  # a sub-second trial: 0 s, not -0.7
@@ -127,7 +127,7 @@ def test_logging_a_student_model_into_a_finished_trial_run_keeps_its_end_and_pri
     import numpy as np
     import torch
 
-    from dkd_tune.tracking.mlflow_store import log_student_model
+    from dkd_tune.tracking.connect import open_store
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
@@ -136,8 +136,8 @@ def test_logging_a_student_model_into_a_finished_trial_run_keeps_its_end_and_pri
     capfd.readouterr()
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3)).eval()
     example = np.zeros((1, 3, 2, 2), dtype=np.float32)
-    uri_of_model = log_student_model(
-        uri, run_id, model, name="best_student", registered_name="search-t-student", input_example=example,
+    uri_of_model = open_store(uri).log_model(
+        run_id, model, name="best_student", registered_name="search-t-student", input_example=example,
         metadata={"teacher": "t"},
     )  # fmt: skip
     info = client.get_run(run_id).info

@@ -58,11 +58,12 @@ def test_run_ui_execs_the_argument_list_itself_not_a_shell(exec_calls, monkeypat
 def test_run_ui_prints_each_experiments_model_training_link(exec_calls, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
-    from dkd_tune.tracking.mlflow_store import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND, experiment_id
+    from dkd_tune.tracking.connect import open_store
+    from dkd_tune.tracking.mlflow_store import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND
 
     store_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=store_uri)
-    identifier = experiment_id(client, "demo")
+    identifier = open_store(store_uri).experiment("demo")
     assert client.get_experiment(identifier).tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING_KIND
     mlflow_ui.run_ui(store_uri, port=5123)
     printed = capsys.readouterr().out
@@ -83,14 +84,15 @@ def test_a_search_gets_a_view_of_its_trials_sorted_by_its_metric(exec_calls, tmp
     from mlflow.tracking import MlflowClient
 
     from dkd_tune.config.loading import load_search_space
-    from dkd_tune.search.parent_run import write_search_view
-    from dkd_tune.tracking.mlflow_store import experiment_id
+    from dkd_tune.search.parent_run import save_search_view
+    from dkd_tune.tracking.connect import open_store
     from dkd_tune.tracking.runs_view import SHARED_VIEW_TAG_PREFIX, TAG_VIEW
 
     store_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=store_uri)
+    store = open_store(store_uri)
     space = load_search_space(ROOT / "search_spaces" / "demo.yaml")
-    identifier = experiment_id(client, space.name)
+    identifier = store.experiment(space.name)
     search = client.create_run(identifier, run_name="demo-1")
     trials = [
         client.create_run(identifier, run_name=f"t{i}", tags={"mlflow.parentRunId": search.info.run_id})
@@ -99,7 +101,7 @@ def test_a_search_gets_a_view_of_its_trials_sorted_by_its_metric(exec_calls, tmp
     for trial, val_acc in zip(trials, [40.0, 60.0, 50.0], strict=True):
         client.log_metric(trial.info.run_id, "val_acc", val_acc)
     client.create_run(identifier, run_name="other search's trial", tags={"mlflow.parentRunId": "x"})
-    write_search_view(client, identifier, search.info.run_id, space)
+    save_search_view(store, identifier, search.info.run_id, space)
 
     key = client.get_run(search.info.run_id).data.tags[TAG_VIEW]
     state = json.loads(client.get_experiment(identifier).tags[SHARED_VIEW_TAG_PREFIX + key])

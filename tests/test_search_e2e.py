@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from ray.tune import ExperimentAnalysis
 
 from analysis.results import RESULT_COLUMNS
-from dkd_tune.tracking.mlflow_store import TAG_KIND, TAG_PARENT, TAG_STATUS, TAG_TRIAL_ID
+from dkd_tune.tracking.runs import TAG_KIND, TAG_PARENT, TAG_STATUS, TAG_TRIAL_ID
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

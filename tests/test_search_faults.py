@@ -23,7 +23,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from dkd_tune.tracking.mlflow_store import TAG_PARENT, TAG_STATUS, TAG_TRIAL_ID
+from dkd_tune.tracking.runs import TAG_PARENT, TAG_STATUS, TAG_TRIAL_ID
 from tests.listening_sockets import listening_sockets
 from tests.test_search_e2e import tiny_data
 

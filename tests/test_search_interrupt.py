@@ -22,7 +22,7 @@ import pytest
 from ray.tune import ExperimentAnalysis
 
 from dkd_tune.search.interruption import SearchInterrupted
-from dkd_tune.tracking.mlflow_store import TAG_STATUS, TAG_TRIAL_ID
+from dkd_tune.tracking.runs import TAG_STATUS, TAG_TRIAL_ID
 from tests.test_search_e2e import (
     ROOT,
     cli,

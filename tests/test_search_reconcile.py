@@ -6,12 +6,14 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from dkd_tune.search.parent_run import reconcile_child_runs
-from dkd_tune.tracking import mlflow_store as tracking
+from dkd_tune.tracking import runs as tracking
+from dkd_tune.tracking.connect import open_store
 
 
 def new_search(tmp_path):
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    experiment = tracking.experiment_id(client, "search")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = open_store(uri).experiment("search")
     parent = client.create_run(experiment, tags=tracking.standard_tags("search")).info.run_id
     return client, experiment, parent
 
@@ -33,7 +35,7 @@ def test_open_runs_get_ray_s_status_and_runs_of_trials_ray_lost_are_trashed(tmp_
         {"trial_id": ["a", "b", "c"], "status": ["stopped", "errored", "completed"], "stop_epoch": [0, 0, 0]}
     )
 
-    reconcile_child_runs(client, parent, frame, histories={})
+    reconcile_child_runs(open_store(client.tracking_uri), parent, frame, histories={})
 
     assert client.get_run(finished).info.status == "FINISHED"
     assert client.get_run(open_errored).info.status == "FAILED"
@@ -69,16 +71,16 @@ def test_runs_whose_logged_epochs_are_not_ray_s_history_are_rebuilt_from_it(tmp_
             experiment, run_name=f"t-{trial_id}", tags={**tags, tracking.TAG_TRIAL_ID: trial_id}
         )
         old_ids[trial_id] = run.info.run_id
-        tracking.log_params(client, run.info.run_id, {"beta": 2.0, "temperature": 4})
+        open_store(client.tracking_uri).log_params(run.info.run_id, {"beta": 2.0, "temperature": 4})
         for point in results:
             step, metrics, timestamp_ms = tracking.epoch_metrics(point)
-            tracking.log_metrics(client, run.info.run_id, metrics, step, timestamp_ms)
+            open_store(client.tracking_uri).log_metrics(run.info.run_id, metrics, step, timestamp_ms)
     client.set_terminated(old_ids["same"], status="FINISHED")
     frame = pd.DataFrame(
         {"trial_id": ["same", "longer", "replayed"], "status": ["stopped"] * 3, "stop_epoch": [2, 2, 2]}
     )
 
-    reconcile_child_runs(client, parent, frame, histories=ray_history)
+    reconcile_child_runs(open_store(client.tracking_uri), parent, frame, histories=ray_history)
 
     visible = client.search_runs([experiment], filter_string=f"tags.`{tracking.TAG_PARENT}` = '{parent}'")
     by_trial = {run.data.tags[tracking.TAG_TRIAL_ID]: run for run in visible}

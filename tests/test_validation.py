@@ -28,7 +28,7 @@ from dkd_tune.commands.validate import check_validation_space, grid_space
 from dkd_tune.config.loading import load_search_space
 from dkd_tune.core.errors import UserInputError
 from dkd_tune.teacher.auto_beta import ModelCalibration, read_calibration
-from dkd_tune.tracking.mlflow_store import TAG_KIND, TAG_PARENT
+from dkd_tune.tracking.runs import TAG_KIND, TAG_PARENT
 from tests.test_search_e2e import cli, tiny_space
 
 BETAS = np.array([0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0])

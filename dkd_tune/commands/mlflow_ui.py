@@ -31,7 +31,7 @@ def resolve_store_uri(tracking_uri: str | None = None) -> str:
     if tracking_uri:
         uri, source = tracking_uri, "--tracking-uri"
     else:
-        from dkd_tune.tracking.mlflow_store import resolve_tracking_uri
+        from dkd_tune.tracking.connect import resolve_tracking_uri
 
         uri, source = resolve_tracking_uri(None), "MLFLOW_TRACKING_URI"
     if urlsplit(uri).scheme in ("http", "https"):
@@ -73,21 +73,18 @@ def _experiments(store_uri: str) -> list[tuple[str, str, list[tuple[str, str]]]]
     if store_uri.startswith("sqlite:///") and not os.path.exists(store_uri.removeprefix("sqlite:///")):
         return []
     try:
-        from dkd_tune.tracking.mlflow_store import client_for
+        from dkd_tune.tracking.connect import open_store
         from dkd_tune.tracking.runs_view import TAG_VIEW
 
-        client = client_for(store_uri)
+        store = open_store(store_uri)
         listed = []
-        for experiment in client.search_experiments(max_results=20):
+        for experiment in store.experiments(limit=20):
             if experiment.name == "Default":
                 continue
-            searches = client.search_runs(
-                [experiment.experiment_id],
-                filter_string=f"tags.`{TAG_VIEW}` != ''",
-                order_by=["attributes.start_time DESC"],
-                max_results=SEARCHES_LISTED,
+            searches = store.find_runs(
+                [experiment.experiment_id], with_tag=TAG_VIEW, newest_first=True, limit=SEARCHES_LISTED
             )
-            views = [(run.info.run_name, run.data.tags[TAG_VIEW]) for run in searches]
+            views = [(run.name, run.tags[TAG_VIEW]) for run in searches]
             listed.append((experiment.name, experiment.experiment_id, views))
     except Exception:  # the UI still starts; the links are a convenience
         return []

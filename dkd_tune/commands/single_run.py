@@ -273,26 +273,17 @@ def _tracked_run(
     if not uri:
         yield lambda *args, **kwargs: None
         return
-    from dkd_tune.tracking import mlflow_store as tracking
+    from dkd_tune.tracking.runs import TAG_STATUS, command_run, now_ms, numeric_metrics
 
-    with tracking.command_run(kind, settings.experiment or kind, uri, run_name=f"{kind}-{model}") as (
-        client,
-        run_id,
-    ):
-        tracking.log_params(client, run_id, params)
+    with command_run(kind, settings.experiment or kind, uri, run_name=f"{kind}-{model}") as (store, run_id):
+        store.log_params(run_id, params)
 
         def log_epoch(epoch_report, result=None) -> None:
             if epoch_report is not None:
-                tracking.log_metrics(
-                    client,
-                    run_id,
-                    tracking.numeric_metrics(epoch_report.metrics),
-                    epoch_report.epoch,
-                    tracking.now_ms(),
-                )
+                store.log_metrics(run_id, numeric_metrics(epoch_report.metrics), epoch_report.epoch, now_ms())
             elif result is not None:
-                tracking.set_tags(client, run_id, {tracking.TAG_STATUS: result.status})
+                store.set_tags(run_id, {TAG_STATUS: result.status})
                 if result.best_checkpoint:
-                    client.log_artifact(run_id, str(result.best_checkpoint))
+                    store.log_artifact(run_id, result.best_checkpoint)
 
         yield log_epoch

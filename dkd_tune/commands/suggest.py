@@ -153,14 +153,14 @@ def suggest_beta(
 def _log_to_mlflow(report: BetaReport, uri: str) -> BetaReport:
     import dataclasses
 
-    from dkd_tune.tracking import mlflow_store as tracking
+    from dkd_tune.tracking.runs import command_run, now_ms, numeric_metrics
 
     suggestion, gap = report.suggestion, report.gap
-    with tracking.command_run(
-        "suggest-beta", EXPERIMENT, uri, run_name=f"suggest-beta-{report.teacher_model}"
-    ) as (client, run_id):
-        tracking.log_params(
-            client,
+    with command_run("suggest-beta", EXPERIMENT, uri, run_name=f"suggest-beta-{report.teacher_model}") as (
+        store,
+        run_id,
+    ):
+        store.log_params(
             run_id,
             {
                 "teacher_model": report.teacher_model,
@@ -184,9 +184,8 @@ def _log_to_mlflow(report: BetaReport, uri: str) -> BetaReport:
             "beta_high": high,
             "beta_spread_octaves": suggestion.spread,
         }
-        tracking.log_metrics(client, run_id, tracking.numeric_metrics(metrics), 0, tracking.now_ms())
-        tracking.set_tags(
-            client,
+        store.log_metrics(run_id, numeric_metrics(metrics), 0, now_ms())
+        store.set_tags(
             run_id,
             {
                 "teacher": report.teacher_model,
@@ -197,6 +196,6 @@ def _log_to_mlflow(report: BetaReport, uri: str) -> BetaReport:
             },
         )
         report = dataclasses.replace(report, mlflow_run_id=run_id)
-        client.log_text(run_id, suggestion.search_space_yaml(report.beta_range), "search_space_beta.yaml")
-        client.log_text(run_id, report.to_json() + "\n", "suggest_beta.json")
+        store.log_text(run_id, suggestion.search_space_yaml(report.beta_range), "search_space_beta.yaml")
+        store.log_text(run_id, report.to_json() + "\n", "suggest_beta.json")
     return report

@@ -36,6 +36,7 @@ from dkd_tune.core.errors import UserInputError
 from dkd_tune.core.files import atomic_write_text
 from dkd_tune.search.interruption import SearchInterrupted, as_interruption, interruption_guard
 from dkd_tune.teacher.preparation import TeacherArtifacts
+from dkd_tune.tracking.store import TrackingStore
 
 CONFIG_FILE = "validate.yaml"
 GRID_CONFIG_FILE = "grid.yaml"
@@ -121,7 +122,8 @@ def check_validation_space(space: SearchSpaceFile, source: Path) -> None:
 
 def validate_beta(space: SearchSpaceFile, source: Path, options: ValidationOptions) -> ValidationOutcome:
     """Run (or resume) the validation described by `space` and write its report."""
-    from dkd_tune.tracking import mlflow_store as tracking
+    from dkd_tune.tracking.connect import open_store
+    from dkd_tune.tracking.store import FAILED, KILLED
 
     check_validation_space(space, source)
     name = options.name or space.name
@@ -129,8 +131,8 @@ def validate_beta(space: SearchSpaceFile, source: Path, options: ValidationOptio
     state = _open_state(folder, space, source, name, options)
     started = time.time()
     load_start = os.getloadavg()[0]
-    client = tracking.client_for(state.tracking_uri)
-    run_id = _validation_run(client, space, state, folder)
+    store = open_store(state.tracking_uri)
+    run_id = _validation_run(store, space, state, folder)
     try:
         with interruption_guard(options.log):
             outcome = _execute(space, folder, state, run_id, options, started, load_start)
@@ -139,22 +141,22 @@ def validate_beta(space: SearchSpaceFile, source: Path, options: ValidationOptio
         state.status = "interrupted"
         state.sessions.append(_session(started, "interrupted"))
         state.save(folder)
-        _terminate_quietly(client, run_id, "KILLED", options)
+        _terminate_quietly(store, run_id, KILLED, options)
         # The same command resumes the validation (and the search inside it).
         interruption.resume_command = options.command or f"dkd-tune validate-beta {source}"
         raise interruption from None
     except BaseException:
         state.sessions.append(_session(started, "failed"))
         state.save(folder)
-        _terminate_quietly(client, run_id, "FAILED", options)
+        _terminate_quietly(store, run_id, FAILED, options)
         raise
     return outcome
 
 
-def _terminate_quietly(client, run_id: str, status: str, options) -> None:
+def _terminate_quietly(store: TrackingStore, run_id: str, status: str, options: ValidationOptions) -> None:
     """End the validation's MLflow run; an unreachable store is reported, not raised over the real error."""
     try:
-        client.set_terminated(run_id, status=status)
+        store.end_run(run_id, status)
     except Exception as error:
         options.log(f"dkd-tune: warning: MLflow run {run_id} not marked {status} ({type(error).__name__})")
 
@@ -163,7 +165,9 @@ def _execute(space, folder, state, run_id, options, started, load_start) -> Vali
     from analysis.beta_ground_truth import grid_from_results
     from analysis.results import load_trial_histories
     from analysis.validation_report import ValidationContext, analyse, write_validation_outputs
-    from dkd_tune.tracking import mlflow_store as tracking
+    from dkd_tune.tracking.connect import open_store
+    from dkd_tune.tracking.runs import now_ms
+    from dkd_tune.tracking.store import FINISHED
 
     name = state.name
     grid_path = folder / GRID_CONFIG_FILE
@@ -218,13 +222,13 @@ def _execute(space, folder, state, run_id, options, started, load_start) -> Vali
         seed=space.search.seed,
     )
     outcome = write_validation_outputs(context, grid, analysis, replays, folder, curves)
-    client = tracking.client_for(state.tracking_uri)
-    tracking.log_metrics(client, run_id, outcome_metrics(analysis), 0, tracking.now_ms())
+    store = open_store(state.tracking_uri)
+    store.log_metrics(run_id, outcome_metrics(analysis), 0, now_ms())
     for path in [outcome.report_path, outcome.comparison_path, outcome.calibration_path, *outcome.figures]:
-        client.log_artifact(run_id, str(path))
+        store.log_artifact(run_id, path)
     for path in (folder / CURVES_FILE, folder / REPLAYS_FILE, grid_dir / "results.parquet"):
-        client.log_artifact(run_id, str(path), artifact_path="grid")
-    client.set_terminated(run_id, status="FINISHED")
+        store.log_artifact(run_id, path, folder="grid")
+    store.end_run(run_id, FINISHED)
     state.status = "done"
     state.sessions.append(this_session)
     state.save(folder)
@@ -371,7 +375,7 @@ def _open_state(folder: Path, space: SearchSpaceFile, source: Path, name: str, o
         )
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(folder / CONFIG_FILE, config)
-    from dkd_tune.tracking.mlflow_store import absolute_tracking_uri
+    from dkd_tune.tracking.connect import absolute_tracking_uri
 
     state = ValidationState.new(
         name, source, options.command, absolute_tracking_uri(options.tracking_uri or space.tracking_uri)
@@ -381,27 +385,27 @@ def _open_state(folder: Path, space: SearchSpaceFile, source: Path, name: str, o
     return state
 
 
-def _validation_run(client, space: SearchSpaceFile, state: ValidationState, folder: Path) -> str:
-    from dkd_tune.tracking import mlflow_store as tracking
+def _validation_run(
+    store: TrackingStore, space: SearchSpaceFile, state: ValidationState, folder: Path
+) -> str:
+    from dkd_tune.tracking.runs import TAG_SEARCH, standard_tags
 
     run_id = state.validation_run_id
     if run_id:
-        client.update_run(run_id, status="RUNNING")
+        store.reopen(run_id)
         return run_id
     tags = {
-        **tracking.standard_tags("validate-beta"),
-        tracking.TAG_SEARCH: state.name,
+        **standard_tags("validate-beta"),
+        TAG_SEARCH: state.name,
         "student": space.student,
         "teachers": ", ".join(teacher.label for teacher in space.teachers),
     }
-    run = client.create_run(tracking.experiment_id(client, space.name), run_name=state.name, tags=tags)
-    tracking.log_params(
-        client, run.info.run_id, space.model_dump(mode="json", by_alias=True, exclude_none=True)
-    )
-    client.log_artifact(run.info.run_id, str(folder / CONFIG_FILE))
-    state.validation_run_id = run.info.run_id
+    run_id = store.start_run(store.experiment(space.name), name=state.name, tags=tags)
+    store.log_params(run_id, space.model_dump(mode="json", by_alias=True, exclude_none=True))
+    store.log_artifact(run_id, folder / CONFIG_FILE)
+    state.validation_run_id = run_id
     state.save(folder)
-    return run.info.run_id
+    return run_id
 
 
 def _finished_search(space, folder: Path, name: str, source: Path, run_id: str, state, options) -> Path:

@@ -56,7 +56,7 @@ if TYPE_CHECKING:
     import ray
 
     from dkd_tune.data.spec import DataSpec
-    from dkd_tune.tracking.mlflow_store import MlflowClient
+    from dkd_tune.tracking.store import TrackingStore
     from dkd_tune.trial import TrialData
 
 # ------------------------------------------------------------------------------------------------
@@ -162,7 +162,7 @@ def _search_phases(
     import ray
 
     from analysis.results import load_search_results, results_table, write_results
-    from dkd_tune.tracking import mlflow_store as tracking
+    from dkd_tune.tracking.connect import open_store
 
     state.status = "running"
     save_state()
@@ -174,23 +174,23 @@ def _search_phases(
         space, data_spec, shared_ref, experiment_dir, state, options, baseline_cpus
     )
 
-    client = tracking.client_for(state.tracking_uri)
+    store = open_store(state.tracking_uri, short_retries=True)
     if state.parent_run_id is None:
         state.parent_run_id = start_parent_run(
-            client, space, experiment_dir, state, data_spec, options.parent_run_id
+            store, space, experiment_dir, state, data_spec, options.parent_run_id
         )
         save_state()
     else:
-        client.update_run(state.parent_run_id, status="RUNNING")
+        store.reopen(state.parent_run_id)
 
     teachers: dict[str, TeacherArtifacts] | None = None
     for part_name, teacher in search_parts(space):
         if teacher is not None and teachers is None:
             teachers = collect_teachers(space, pending, data_spec, state, save_state, options)
             try:
-                tag_parent_with_teachers(client, state.parent_run_id, teachers)
+                tag_parent_with_teachers(store, state.parent_run_id, teachers)
             except Exception as error:  # an unreachable store: tagged when the search's runs are synced
-                if not tracking.store_unreachable(error):
+                if not store.unreachable(error):
                     raise
         if part_name in state.parts_done:
             options.log(f"dkd-tune: part '{part_name}' already finished, kept as is")
@@ -208,7 +208,7 @@ def _search_phases(
     tracked = sync_trial_runs(space, state, teachers, experiment_dir, frame, options)
     if space.probe is not None and not state.probes_done:
         if tracked:  # probe runs nest under the trials' runs
-            _probe_best_trials(space, frame, client, experiment_dir, state, options)
+            _probe_best_trials(space, frame, store, experiment_dir, state, options)
             state.probes_done = True
         else:
             options.log(f"dkd-tune: the probes wait for MLflow: {resume_command(experiment_dir)} runs them")
@@ -335,10 +335,7 @@ def sync_search(name_or_path: str, options: SearchOptions) -> bool:
     """`dkd-tune sync`: fill MLflow from a finished search's folder (after the store was unreachable)."""
     import pandas as pd
 
-    from dkd_tune.tracking import mlflow_store as tracking
-
     check_tracking_uri(options.tracking_uri, "--tracking-uri")
-    tracking.keep_http_retries_short()
     experiment_dir = locate_search(name_or_path, options.storage)
     state = SearchState.load(experiment_dir)
     if state.status != "done" or not (experiment_dir / RESULTS_FILE).is_file():
@@ -362,19 +359,16 @@ def sync_search(name_or_path: str, options: SearchOptions) -> bool:
 def _probe_best_trials(
     space: SearchSpaceFile,
     frame: pd.DataFrame,
-    client: MlflowClient,
+    store: TrackingStore,
     experiment_dir: Path,
     state: SearchState,
     options: SearchOptions,
 ) -> None:
     """Linear probes of the best trials (Ray tasks), each logged under its trial's run; probes.parquet."""
     from dkd_tune.search.transfer_probes import probe_best_trials
-    from dkd_tune.tracking import mlflow_store as tracking
+    from dkd_tune.tracking.runs import TAG_TRIAL_ID
 
-    child_run_ids = {
-        run.data.tags[tracking.TAG_TRIAL_ID]: run.info.run_id
-        for run in child_runs(client, state.parent_run_id)
-    }
+    child_run_ids = {run.tags[TAG_TRIAL_ID]: run.run_id for run in child_runs(store, state.parent_run_id)}
     probes = probe_best_trials(
         frame,
         space.probe,
@@ -387,7 +381,7 @@ def _probe_best_trials(
     path = experiment_dir / PROBES_FILE
     with atomic_path(path) as tmp:
         probes.to_parquet(tmp, index=False)
-    client.log_artifact(state.parent_run_id, str(path))
+    store.log_artifact(state.parent_run_id, path)
 
 
 def _write_analysis(

@@ -1,4 +1,4 @@
-"""The Ray Tune callback that logs every trial as a child MLflow run of its search, epoch by epoch."""
+"""The Ray Tune callback that logs every trial as a child run of its search in the tracking store, epoch by epoch."""
 
 from __future__ import annotations
 
@@ -8,27 +8,23 @@ from typing import Any
 
 from ray.tune import Callback
 
-from dkd_tune.tracking.mlflow_store import (
+from dkd_tune.tracking.connect import open_store
+from dkd_tune.tracking.runs import (
     RETRY_INTERVAL_S,
+    TAG_ERROR,
     TAG_PARENT,
     TAG_STATUS,
     TAG_STOP_EPOCH,
     TAG_TEACHER,
     TAG_TRIAL_ID,
-    MlflowClient,
-    client_for,
     epoch_metrics,
-    experiment_id,
-    log_metrics,
-    log_params,
     now_ms,
-    set_tags,
     standard_tags,
-    store_unreachable,
     trial_end_ms,
     trial_error_text,
 )
 from dkd_tune.tracking.status import trial_status
+from dkd_tune.tracking.store import FAILED, FINISHED, RUNNING, TrackingStore
 
 
 class MLflowTrialLogger(Callback):
@@ -52,7 +48,7 @@ class MLflowTrialLogger(Callback):
         self.max_epochs = max_epochs
         self.fixed_params = dict(fixed_params)
         self.extra_tags = dict(extra_tags or {})
-        self._client: MlflowClient | None = None
+        self._store: TrackingStore | None = None
         self._experiment_id: str | None = None
         self._run_ids: dict[str, str] = {}
         self._last_step: dict[str, int] = {}
@@ -60,11 +56,11 @@ class MLflowTrialLogger(Callback):
         self._unreachable_since: float | None = None
         self._last_attempt = 0.0
 
-    # Ray pickles callbacks with the experiment state: keep the client out of it.
+    # Ray pickles callbacks with the experiment state: keep the store's connection out of it.
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state.update(
-            _client=None,
+            _store=None,
             _experiment_id=None,
             _run_ids={},
             _last_step={},
@@ -74,11 +70,16 @@ class MLflowTrialLogger(Callback):
         return state
 
     @property
-    def client(self) -> MlflowClient:
-        if self._client is None:
-            self._client = client_for(self.tracking_uri)
-            self._experiment_id = experiment_id(self._client, self.experiment_name)
-        return self._client
+    def store(self) -> TrackingStore:
+        if self._store is None:  # opening contacts nothing: the first call does
+            self._store = open_store(self.tracking_uri, short_retries=True)
+        return self._store
+
+    @property
+    def experiment_id(self) -> str:
+        if self._experiment_id is None:
+            self._experiment_id = self.store.experiment(self.experiment_name)
+        return self._experiment_id
 
     def run_for(self, trial: Any, start_ms: int | None = None) -> str:
         """The child run of `trial`, created on first sight (starting at `start_ms`, the trial's start,
@@ -86,18 +87,16 @@ class MLflowTrialLogger(Callback):
         trial_id = str(trial.trial_id)
         if trial_id in self._run_ids:
             return self._run_ids[trial_id]
-        client = self.client
-        found = client.search_runs(
-            [self._experiment_id],
-            filter_string=f"tags.`{TAG_TRIAL_ID}` = '{trial_id}' and tags.`{TAG_PARENT}` = '{self.parent_run_id}'",
-            max_results=1,
+        store = self.store
+        found = store.find_runs(
+            [self.experiment_id], tags={TAG_TRIAL_ID: trial_id, TAG_PARENT: self.parent_run_id}, limit=1
         )
         if found:
-            run_id = found[0].info.run_id
-            history = client.get_metric_history(run_id, "epoch")
+            run_id = found[0].run_id
+            history = store.metric_history(run_id, "epoch")
             self._last_step[run_id] = max((point.step for point in history), default=0)
-            if found[0].info.status != "RUNNING":
-                client.update_run(run_id, status="RUNNING")
+            if found[0].status != RUNNING:
+                store.reopen(run_id)
         else:
             tags = {
                 **standard_tags("trial"),
@@ -107,14 +106,10 @@ class MLflowTrialLogger(Callback):
                 TAG_TEACHER: self.teacher_label,
                 TAG_STATUS: "running",
             }
-            run = client.create_run(
-                self._experiment_id,
-                run_name=f"{self.teacher_label}-{trial_id}",
-                tags=tags,
-                start_time=start_ms,
+            run_id = store.start_run(
+                self.experiment_id, name=f"{self.teacher_label}-{trial_id}", tags=tags, start_time=start_ms
             )
-            run_id = run.info.run_id
-            log_params(client, run_id, {**self.fixed_params, **dict(trial.config)})
+            store.log_params(run_id, {**self.fixed_params, **dict(trial.config)})
             self._last_step[run_id] = 0
         self._run_ids[trial_id] = run_id
         return run_id
@@ -160,7 +155,7 @@ class MLflowTrialLogger(Callback):
                 else:
                     self.finish(trial, errored=payload)
             except Exception as error:
-                if not store_unreachable(error):
+                if not self.store.unreachable(error):
                     raise
                 if self._unreachable_since is None:
                     self._unreachable_since = time.monotonic()
@@ -182,7 +177,7 @@ class MLflowTrialLogger(Callback):
         step, metrics, timestamp_ms = epoch_metrics(result)
         if step <= self._last_step.get(run_id, 0):
             return  # already logged before an interruption: a resumed trial replays from its checkpoint
-        log_metrics(self.client, run_id, metrics, step, timestamp_ms)
+        self.store.log_metrics(run_id, metrics, step, timestamp_ms)
         self._last_step[run_id] = step
 
     def finish(self, trial: Any, *, errored: bool) -> None:
@@ -191,12 +186,13 @@ class MLflowTrialLogger(Callback):
         status = trial_status(trial.last_result, self.max_epochs, errored=errored, error_text=error_text)
         tags = {TAG_STATUS: status, TAG_STOP_EPOCH: int((trial.last_result or {}).get("epoch", 0) or 0)}
         if error_text:
-            tags["dkd_tune.error"] = error_text[-4000:]
-        set_tags(self.client, run_id, tags)
+            tags[TAG_ERROR] = error_text[-4000:]
+        self.store.set_tags(run_id, tags)
         # The trial's own end (its last result's time), not the time this event is delivered: after an
         # outage, a resume or a slow store, MLflow's duration is still the trial's.
-        self.client.set_terminated(
+        run = self.store.run(run_id)
+        self.store.end_run(
             run_id,
-            status="FAILED" if errored else "FINISHED",
-            end_time=trial_end_ms(trial.last_result or {}, self.client.get_run(run_id).info.start_time),
+            FAILED if errored else FINISHED,
+            end_time=trial_end_ms(trial.last_result or {}, run.start_time if run else None),
         )

@@ -1,4 +1,4 @@
-"""A search's MLflow parent run: created, tagged, kept in step with Ray's results (child runs reconciled) and closed."""
+"""A search's parent run in the tracking store: created, tagged, kept in step with Ray's results (child runs reconciled) and closed."""
 
 from __future__ import annotations
 
@@ -24,15 +24,14 @@ if TYPE_CHECKING:
 
     from dkd_tune.data.spec import DataSpec
     from dkd_tune.teacher.auto_beta import BetaPrior
-    from dkd_tune.tracking.mlflow_store import MlflowClient, Run
+    from dkd_tune.tracking.store import RunRecord, TrackingStore
 
 
 def check_tracking_store(uri: str) -> None:
     """The store must answer when a search starts (its run is created first); later it may come and go."""
-    from dkd_tune.tracking import mlflow_store as tracking
+    from dkd_tune.tracking.connect import open_store
 
-    tracking.keep_http_retries_short()
-    tracking.check_reachable(uri)
+    open_store(uri, short_retries=True).check_reachable()
 
 
 def close_interrupted_runs(state: SearchState, options: SearchOptions) -> None:
@@ -43,15 +42,17 @@ def close_interrupted_runs(state: SearchState, options: SearchOptions) -> None:
     """
     if state.parent_run_id is None:
         return
-    from dkd_tune.tracking import mlflow_store as tracking
+    from dkd_tune.tracking.connect import open_store
+    from dkd_tune.tracking.runs import TAG_STATUS
+    from dkd_tune.tracking.store import KILLED, RUNNING
 
     try:
-        client = tracking.client_for(state.tracking_uri)
-        for run in child_runs(client, state.parent_run_id):
-            if run.info.status == "RUNNING":
-                tracking.set_tags(client, run.info.run_id, {tracking.TAG_STATUS: "interrupted"})
-                client.set_terminated(run.info.run_id, status="KILLED")
-        client.set_terminated(state.parent_run_id, status="KILLED")
+        store = open_store(state.tracking_uri, short_retries=True)
+        for run in child_runs(store, state.parent_run_id):
+            if run.status == RUNNING:
+                store.set_tags(run.run_id, {TAG_STATUS: "interrupted"})
+                store.end_run(run.run_id, KILLED)
+        store.end_run(state.parent_run_id, KILLED)
     except Exception as error:
         options.log(
             f"dkd-tune: warning: MLflow runs not marked as interrupted ({type(error).__name__}: {error})"
@@ -59,25 +60,25 @@ def close_interrupted_runs(state: SearchState, options: SearchOptions) -> None:
 
 
 def search_tracking_uri(space: SearchSpaceFile, options: SearchOptions) -> str:
-    from dkd_tune.tracking.mlflow_store import absolute_tracking_uri
+    from dkd_tune.tracking.connect import absolute_tracking_uri
 
     # A relative SQLite path would change meaning if `resume` ran from another directory.
     return absolute_tracking_uri(options.tracking_uri or space.tracking_uri)
 
 
 def start_parent_run(
-    client: MlflowClient,
+    store: TrackingStore,
     space: SearchSpaceFile,
     experiment_dir: Path,
     state: SearchState,
     data_spec: DataSpec,
     nest_under: str | None,
 ) -> str:
-    from dkd_tune.tracking import mlflow_store as tracking
+    from dkd_tune.tracking import runs
 
     tags = {
-        **tracking.standard_tags("search"),
-        tracking.TAG_SEARCH: state.name,
+        **runs.standard_tags("search"),
+        runs.TAG_SEARCH: state.name,
         "student": space.student,
         "dataset": data_spec.name,
         "dataset_family": data_spec.family,
@@ -85,34 +86,28 @@ def start_parent_run(
         "loss": space.loss,
     }
     if nest_under:
-        tags[tracking.TAG_PARENT] = nest_under
-    experiment = tracking.experiment_id(client, space.name)
-    run = client.create_run(experiment, run_name=state.name, tags=tags)
-    tracking.log_params(
-        client, run.info.run_id, space.model_dump(mode="json", by_alias=True, exclude_none=True)
-    )
-    client.log_artifact(run.info.run_id, str(experiment_dir / CONFIG_FILE))
-    write_search_view(client, experiment, run.info.run_id, space)
-    return run.info.run_id
+        tags[runs.TAG_PARENT] = nest_under
+    experiment = store.experiment(space.name)
+    run_id = store.start_run(experiment, name=state.name, tags=tags)
+    store.log_params(run_id, space.model_dump(mode="json", by_alias=True, exclude_none=True))
+    store.log_artifact(run_id, experiment_dir / CONFIG_FILE)
+    save_search_view(store, experiment, run_id, space)
+    return run_id
 
 
-def write_search_view(client: MlflowClient, experiment_id: str, run_id: str, space: SearchSpaceFile) -> None:
-    """The MLflow UI's view of this search: its trials with what was searched and how they scored."""
-    from dkd_tune.tracking.runs_view import write_search_view as write_view
-
+def save_search_view(store: TrackingStore, experiment_id: str, run_id: str, space: SearchSpaceFile) -> None:
+    """The store's view of this search: its trials with what was searched and how they scored."""
     parameters = (["teacher"] if len(space.teachers) > 1 else []) + (["loss"] if space.baselines else [])
     parameters += list(dict.fromkeys([*space.space, *(key for t in space.teachers for key in t.space)]))
     # Chosen on validation, reported on test: both columns when the search's metric is a validation one.
     reported = [space.metric.replace("val_", "test_", 1)] if space.metric.startswith("val_") else []
-    write_view(client, experiment_id, run_id, parameters, space.metric, space.mode, reported)
+    store.save_search_view(experiment_id, run_id, parameters, space.metric, space.mode, reported)
 
 
 def tag_parent_with_teachers(
-    client: MlflowClient, run_id: str, teachers: Mapping[str, TeacherArtifacts]
+    store: TrackingStore, run_id: str, teachers: Mapping[str, TeacherArtifacts]
 ) -> None:
     """Teacher gap and auto-beta as tags of the search's run (per teacher, and plain when there is one)."""
-    from dkd_tune.tracking import mlflow_store as tracking
-
     tags = {}
     for label, artifact in teachers.items():
         if artifact.gap is not None:
@@ -128,7 +123,7 @@ def tag_parent_with_teachers(
             tags["teacher_gap"] = f"{only.gap.mean:.4f}"
         if only.predicted_beta is not None:
             tags["predicted_beta"] = f"{only.predicted_beta:.3f}"
-    tracking.set_tags(client, run_id, tags)
+    store.set_tags(run_id, tags)
 
 
 def sync_trial_runs(
@@ -149,8 +144,8 @@ def sync_trial_runs(
 
     from analysis.results import read_trials, trial_histories
 
-    def sync(client: MlflowClient) -> None:
-        tag_parent_with_teachers(client, state.parent_run_id, teachers)
+    def sync(store: TrackingStore) -> None:
+        tag_parent_with_teachers(store, state.parent_run_id, teachers)
         for part_name, teacher in search_parts(space):
             part_dir = experiment_dir / part_name
             if not part_dir.is_dir():
@@ -164,7 +159,7 @@ def sync_trial_runs(
                 logger.run_for(trial)
                 for result in record["history"]:
                     logger.log_result(trial, result)
-        reconcile_child_runs(client, state.parent_run_id, frame, trial_histories(experiment_dir))
+        reconcile_child_runs(store, state.parent_run_id, frame, trial_histories(experiment_dir))
 
     return tracking_step(state, experiment_dir, options, sync)
 
@@ -180,26 +175,27 @@ def close_search_run(
     """The search's MLflow run: results, analysis and best trial logged, then FINISHED."""
     from analysis.search_analysis import MLFLOW_ARTIFACT_DIR, log_analysis
 
-    def close(client: MlflowClient) -> None:
+    def close(store: TrackingStore) -> None:
         if (experiment_dir / MLFLOW_ARTIFACT_DIR).is_dir():
-            log_analysis(client, state.parent_run_id, experiment_dir / MLFLOW_ARTIFACT_DIR)
+            log_analysis(store, state.parent_run_id, experiment_dir / MLFLOW_ARTIFACT_DIR)
         if options.register_students:
-            log_best_students(client, state, frame, space, options)
-        finish_parent_run(client, state.parent_run_id, experiment_dir, frame, best, space)
+            log_best_students(store, state, frame, space, options)
+        finish_parent_run(store, state.parent_run_id, experiment_dir, frame, best, space)
 
     return tracking_step(state, experiment_dir, options, close)
 
 
 def tracking_step(
-    state: SearchState, experiment_dir: Path, options: SearchOptions, step: Callable[[Any], None]
+    state: SearchState, experiment_dir: Path, options: SearchOptions, step: Callable[[TrackingStore], None]
 ) -> bool:
-    """Run `step(client)` on the search's MLflow store; False, said in one line, if the store is unreachable."""
-    from dkd_tune.tracking import mlflow_store as tracking
+    """Run `step(store)` on the search's tracking store; False, said in one line, if it is unreachable."""
+    from dkd_tune.tracking.connect import open_store
 
+    store = open_store(state.tracking_uri, short_retries=True)
     try:
-        step(tracking.client_for(state.tracking_uri))
+        step(store)
     except Exception as error:
-        if not tracking.store_unreachable(error):
+        if not store.unreachable(error):
             raise
         options.log(
             f"dkd-tune: MLflow store {state.tracking_uri} unreachable ({type(error).__name__}): the results "
@@ -209,20 +205,19 @@ def tracking_step(
     return True
 
 
-def child_runs(client: MlflowClient, parent_run_id: str) -> list[Run]:
+def child_runs(store: TrackingStore, parent_run_id: str) -> list[RunRecord]:
     """The search's trial runs (children of its parent run that carry a trial id)."""
-    from dkd_tune.tracking import mlflow_store as tracking
+    from dkd_tune.tracking.runs import TAG_PARENT, TAG_TRIAL_ID
 
-    children = client.search_runs(
-        [client.get_run(parent_run_id).info.experiment_id],
-        filter_string=f"tags.`{tracking.TAG_PARENT}` = '{parent_run_id}'",
-        max_results=50000,
-    )
-    return [run for run in children if tracking.TAG_TRIAL_ID in run.data.tags]
+    parent = store.run(parent_run_id)
+    if parent is None:
+        raise LookupError(f"the search's run {parent_run_id} is not in the tracking store {store.uri}")
+    children = store.find_runs([parent.experiment_id], tags={TAG_PARENT: parent_run_id})
+    return [run for run in children if TAG_TRIAL_ID in run.tags]
 
 
 def reconcile_child_runs(
-    client: MlflowClient, parent_run_id: str, frame: pd.DataFrame, histories: Mapping[str, list[dict]]
+    store: TrackingStore, parent_run_id: str, frame: pd.DataFrame, histories: Mapping[str, list[dict]]
 ) -> None:
     """Make MLflow's trial runs (children of `parent_run_id`) match Ray's trials after an interruption.
 
@@ -233,39 +228,41 @@ def reconcile_child_runs(
     ended as KILLED, tagged "lost" and moved to MLflow's trash, where it stays until `mlflow gc`:
     the search then has one run per trial of its results, none twice.
     """
-    from dkd_tune.tracking import mlflow_store as tracking
+    from dkd_tune.tracking import runs
+    from dkd_tune.tracking.store import FAILED, FINISHED, KILLED, RUNNING
 
     if frame.empty:
         return
-    children = child_runs(client, parent_run_id)
+    children = child_runs(store, parent_run_id)
     rows_by_trial = {row["trial_id"]: row for row in frame.to_dict("records")}
     for run in children:
-        trial_id = run.data.tags.get(tracking.TAG_TRIAL_ID)
-        if trial_id is None or run.data.tags.get(tracking.TAG_KIND) != "trial":
+        trial_id = run.tags.get(runs.TAG_TRIAL_ID)
+        if trial_id is None or run.tags.get(runs.TAG_KIND) != "trial":
             continue  # not a trial's run (a probe run nests under its trial's run, not here)
         if trial_id not in rows_by_trial:
-            tracking.set_tags(client, run.info.run_id, {tracking.TAG_STATUS: "lost"})
-            if run.info.status == "RUNNING":
-                client.set_terminated(run.info.run_id, status="KILLED")
-            client.delete_run(run.info.run_id)
+            store.set_tags(run.run_id, {runs.TAG_STATUS: "lost"})
+            if run.status == RUNNING:
+                store.end_run(run.run_id, KILLED)
+            store.delete_run(run.run_id)
             continue
         history = histories.get(trial_id, [])
-        run_id, open_run = run.info.run_id, run.info.status == "RUNNING"
-        if not tracking.logged_epochs_match(client, run_id, history):
-            run_id, open_run = tracking.rebuild_trial_run(client, run, history), True
+        run_id, open_run = run.run_id, run.status == RUNNING
+        if not runs.logged_epochs_match(store, run_id, history):
+            run_id, open_run = runs.rebuild_trial_run(store, run, history), True
         if open_run:
             row = rows_by_trial[trial_id]
-            tags = {tracking.TAG_STATUS: row["status"], tracking.TAG_STOP_EPOCH: int(row["stop_epoch"])}
-            tracking.set_tags(client, run_id, tags)
-            client.set_terminated(
+            store.set_tags(
+                run_id, {runs.TAG_STATUS: row["status"], runs.TAG_STOP_EPOCH: int(row["stop_epoch"])}
+            )
+            store.end_run(
                 run_id,
-                status="FAILED" if row["status"] in ("errored", "oom") else "FINISHED",
-                end_time=tracking.trial_end_ms(history[-1] if history else {}, run.info.start_time),
+                FAILED if row["status"] in ("errored", "oom") else FINISHED,
+                end_time=runs.trial_end_ms(history[-1] if history else {}, run.start_time),
             )
 
 
 def log_best_students(
-    client: MlflowClient,
+    store: TrackingStore,
     state: SearchState,
     frame: pd.DataFrame,
     space: SearchSpaceFile,
@@ -274,12 +271,9 @@ def log_best_students(
     """Each teacher's best full-budget student (chosen on validation when there is one) as an MLflow model of
     its trial's run, registered as `<search>-<teacher>-student`, with its input example and normalisation."""
     from analysis.trial_choice import best_trials_per_teacher
-    from dkd_tune.tracking import mlflow_store as tracking
+    from dkd_tune.tracking.runs import TAG_TRIAL_ID, registered_model_name
 
-    children = {
-        run.data.tags.get(tracking.TAG_TRIAL_ID): run.info.run_id
-        for run in child_runs(client, state.parent_run_id)
-    }
+    children = {run.tags.get(TAG_TRIAL_ID): run.run_id for run in child_runs(store, state.parent_run_id)}
     for row in best_trials_per_teacher(frame).to_dict("records"):
         checkpoint, run_id = row.get("checkpoint_path"), children.get(row["trial_id"])
         if not checkpoint or not os.path.exists(checkpoint) or run_id is None:
@@ -287,9 +281,9 @@ def log_best_students(
         model, example, metadata = student_for_serving(checkpoint, space.student)
         if model is None:
             continue  # a detector: no single-tensor input to log it with
-        name = tracking.registered_model_name(state.name, row["teacher"])
-        tracking.log_student_model(
-            state.tracking_uri, run_id, model, name="best_student", registered_name=name,
+        name = registered_model_name(state.name, row["teacher"])
+        store.log_model(
+            run_id, model, name="best_student", registered_name=name,
             input_example=example, metadata={**metadata, "teacher": row["teacher"], "trial_id": row["trial_id"]},
         )  # fmt: skip
         options.log(f"dkd-tune: teacher '{row['teacher']}': best student registered in MLflow as {name!r}")
@@ -321,21 +315,21 @@ def student_for_serving(checkpoint: str, student: str):
 
 
 def finish_parent_run(
-    client: MlflowClient,
+    store: TrackingStore,
     run_id: str,
     experiment_dir: Path,
     frame: pd.DataFrame,
     best: dict[str, Any] | None,
     space: SearchSpaceFile,
 ) -> None:
-    from dkd_tune.tracking import mlflow_store as tracking
+    from dkd_tune.tracking.runs import now_ms, numeric_metrics
+    from dkd_tune.tracking.store import FINISHED
 
-    client.log_artifact(run_id, str(experiment_dir / RESULTS_FILE))
+    store.log_artifact(run_id, experiment_dir / RESULTS_FILE)
     if best is not None:
-        tracking.log_metrics(
-            client,
+        store.log_metrics(
             run_id,
-            tracking.numeric_metrics(
+            numeric_metrics(
                 {
                     "best_final_test_acc": best.get("final_test_acc"),
                     "best_final_test_ap": best.get("final_test_ap"),  # detection
@@ -343,15 +337,13 @@ def finish_parent_run(
                 }
             ),
             0,
-            tracking.now_ms(),
+            now_ms(),
         )
         checkpoint = best.get("checkpoint_path")
         if checkpoint and os.path.exists(checkpoint):
-            client.log_artifact(run_id, checkpoint, artifact_path="best_checkpoint")
-        tracking.set_tags(
-            client, run_id, {"best_trial_id": best.get("trial_id"), "best_teacher": best.get("teacher")}
-        )
-    client.set_terminated(run_id, status="FINISHED")
+            store.log_artifact(run_id, checkpoint, folder="best_checkpoint")
+        store.set_tags(run_id, {"best_trial_id": best.get("trial_id"), "best_teacher": best.get("teacher")})
+    store.end_run(run_id, FINISHED)
 
 
 def announce_prior(
@@ -371,9 +363,7 @@ def announce_prior(
         f"auto_beta.{label}.first_trial": f"{prior.centre:.4g}",
     }
 
-    def tag(client: MlflowClient) -> None:
-        from dkd_tune.tracking import mlflow_store as tracking
-
-        tracking.set_tags(client, state.parent_run_id, tags)
+    def tag(store: TrackingStore) -> None:
+        store.set_tags(state.parent_run_id, tags)
 
     tracking_step(state, experiment_dir, options, tag)

@@ -124,14 +124,13 @@ def _check_device(device: str | None) -> None:
 
 
 def _run_experiment_name(uri: str, run_id: str) -> str:
-    from dkd_tune.tracking import mlflow_store as tracking
+    from dkd_tune.tracking.connect import open_store
 
-    client = tracking.client_for(uri)
-    try:
-        run = client.get_run(run_id)
-    except tracking.MlflowException:
-        raise UserInputError(f"--parent-run-id {run_id}: no such run in the MLflow store {uri}") from None
-    return client.get_experiment(run.info.experiment_id).name
+    store = open_store(uri)
+    run = store.run(run_id)
+    if run is None:
+        raise UserInputError(f"--parent-run-id {run_id}: no such run in the MLflow store {uri}")
+    return store.experiment_name(run.experiment_id)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -147,20 +146,20 @@ def log_probe_run(
     tags: Mapping[str, Any] | None = None,
 ) -> str:
     """One finished probe as an MLflow run, nested under and tagged with the student's run; returns its id."""
-    from dkd_tune.tracking import mlflow_store as tracking
+    from dkd_tune.tracking.runs import command_run, now_ms, numeric_metrics
 
     run_tags = {TAG_PROBE_DATASET: result.dataset, **(tags or {})}
     if student_run_id:
         run_tags[TAG_STUDENT_RUN] = student_run_id
-    with tracking.command_run(
+    with command_run(
         "probe",
         experiment_name,
         tracking_uri,
         run_name=f"probe-{result.dataset}-{result.arch or 'student'}",
         parent_run_id=student_run_id,
         tags=run_tags,
-    ) as (client, run_id):
-        tracking.log_params(client, run_id, probe_params(result))
+    ) as (store, run_id):
+        store.log_params(run_id, probe_params(result))
         for epoch in result.history:
             metrics = {
                 "train_loss": epoch.train_loss,
@@ -168,20 +167,18 @@ def log_probe_run(
                 "test_acc": epoch.test_acc,
                 "lr": epoch.lr,
             }
-            tracking.log_metrics(
-                client, run_id, tracking.numeric_metrics(metrics), epoch.epoch, tracking.now_ms()
-            )
+            store.log_metrics(run_id, numeric_metrics(metrics), epoch.epoch, now_ms())
         final = {
             "final_train_acc": result.train_acc,
             "final_test_acc": result.test_acc,
             "extract_s": result.extract_seconds,
             "train_s": result.train_seconds,
         }
-        tracking.log_metrics(client, run_id, final, result.protocol.epochs, tracking.now_ms())
+        store.log_metrics(run_id, final, result.protocol.epochs, now_ms())
         if student_run_id:
             prefix = f"probe_{result.dataset.replace('-', '_')}"
             summary = {f"{prefix}_train_acc": result.train_acc, f"{prefix}_test_acc": result.test_acc}
-            tracking.log_metrics(client, student_run_id, summary, 0, tracking.now_ms())
+            store.log_metrics(student_run_id, summary, 0, now_ms())
     return run_id
 
 
@@ -195,22 +192,22 @@ def log_failed_probe(
     tags: Mapping[str, Any],
 ) -> str:
     """A probe that could not run, as a FAILED run with the reason in `dkd_tune.error`."""
-    from dkd_tune.tracking import mlflow_store as tracking
+    from dkd_tune.tracking import runs
+    from dkd_tune.tracking.connect import open_store
+    from dkd_tune.tracking.store import FAILED
 
-    client = tracking.client_for(tracking_uri)
+    store = open_store(tracking_uri)
     run_tags = {
-        **tracking.standard_tags("probe"),
+        **runs.standard_tags("probe"),
         **tags,
         TAG_PROBE_DATASET: dataset,
         "dkd_tune.error": error[-4000:],
     }
     if student_run_id:
-        run_tags.update({tracking.TAG_PARENT: student_run_id, TAG_STUDENT_RUN: student_run_id})
-    run = client.create_run(
-        tracking.experiment_id(client, experiment_name), run_name=f"probe-{dataset}", tags=run_tags
-    )
-    client.set_terminated(run.info.run_id, status="FAILED")
-    return run.info.run_id
+        run_tags.update({runs.TAG_PARENT: student_run_id, TAG_STUDENT_RUN: student_run_id})
+    run_id = store.start_run(store.experiment(experiment_name), name=f"probe-{dataset}", tags=run_tags)
+    store.end_run(run_id, FAILED)
+    return run_id
 
 
 def probe_params(result: ProbeResult) -> dict[str, Any]:
@@ -258,7 +255,7 @@ def probe_best_trials(
     in this process, without Ray. Returns one row per (trial, dataset) (schema: PROBE_COLUMNS);
     a probe that fails is an "errored" row and a FAILED run, and does not stop the others.
     """
-    from dkd_tune.tracking import mlflow_store as tracking
+    from dkd_tune.tracking.runs import TAG_TEACHER
 
     chosen = best_trials(results, probe_config.top_k)
     if chosen.empty:
@@ -314,7 +311,7 @@ def probe_best_trials(
         row = rows[(trial_id, dataset)]
         tags = {TAG_STUDENT_TRIAL: trial_id}
         if row["teacher"] is not None:
-            tags[tracking.TAG_TEACHER] = row["teacher"]
+            tags[TAG_TEACHER] = row["teacher"]
         if isinstance(outcome, ProbeResult):
             student = students[trial_id]
             result = dataclasses.replace(outcome, arch=student.arch, checkpoint=str(student.path))
@@ -463,32 +460,29 @@ def _restored(fields: Mapping[str, Any]) -> ImageDataset:
 
 def _reuse_finished_probes(rows: dict[tuple[str, str], dict[str, Any]], tracking_uri: str) -> None:
     """Fill the rows whose trial already has a FINISHED probe run for that dataset (a resumed search)."""
-    from dkd_tune.tracking import mlflow_store as tracking
+    from dkd_tune.tracking.connect import open_store
+    from dkd_tune.tracking.runs import TAG_KIND, TAG_PARENT
+    from dkd_tune.tracking.store import FINISHED
 
     linked = [row for row in rows.values() if row["student_run_id"]]
     if not linked:
         return
-    client = tracking.client_for(tracking_uri)
+    store = open_store(tracking_uri)
     for row in linked:
-        try:
-            experiment = client.get_run(row["student_run_id"]).info.experiment_id
-        except tracking.MlflowException:
+        student_run = store.run(row["student_run_id"])
+        if student_run is None:
             continue  # the trial's run is gone: probe it again, unlinked runs are not matched
-        found = client.search_runs(
-            [experiment],
-            filter_string=(
-                f"tags.`{tracking.TAG_PARENT}` = '{row['student_run_id']}' "
-                f"and tags.`{tracking.TAG_KIND}` = 'probe' "
-                f"and tags.`{TAG_PROBE_DATASET}` = '{row['dataset']}' "
-                "and attributes.status = 'FINISHED'"
-            ),
-            order_by=["attributes.start_time DESC"],
-            max_results=1,
+        found = store.find_runs(
+            [student_run.experiment_id],
+            tags={TAG_PARENT: row["student_run_id"], TAG_KIND: "probe", TAG_PROBE_DATASET: row["dataset"]},
+            status=FINISHED,
+            newest_first=True,
+            limit=1,
         )
         if not found:
             continue
         run = found[0]
-        metrics, params = run.data.metrics, run.data.params
+        metrics, params = run.metrics, run.params
         row.update(
             status="completed",
             probe_train_acc=metrics.get("final_train_acc"),
@@ -498,7 +492,7 @@ def _reuse_finished_probes(rows: dict[tuple[str, str], dict[str, Any]], tracking
             num_test=params.get("num_test"),
             extract_s=metrics.get("extract_s"),
             train_s=metrics.get("train_s"),
-            probe_run_id=run.info.run_id,
+            probe_run_id=run.run_id,
         )
 
 

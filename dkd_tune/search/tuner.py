@@ -28,9 +28,9 @@ MIN_STARTUP_TRIALS, MAX_STARTUP_TRIALS = 2, 10
 def trial_logger(
     space: SearchSpaceFile, part_name: str, teacher: TeacherConfig | None, plan: TrialPlan, state: SearchState
 ) -> MLflowTrialLogger:
-    """The MLflow callback of one part: a child run per trial under the search's run."""
+    """The tracking callback of one part: a child run per trial under the search's run."""
     from dkd_tune.search.mlflow_trial_logger import MLflowTrialLogger
-    from dkd_tune.tracking import mlflow_store as tracking
+    from dkd_tune.tracking.runs import TAG_SEARCH
 
     return MLflowTrialLogger(
         state.tracking_uri,
@@ -39,7 +39,7 @@ def trial_logger(
         teacher_label=teacher.label if teacher else part_name,
         max_epochs=plan.max_epochs,
         fixed_params=trial_fixed_params(space, plan, teacher),
-        extra_tags={tracking.TAG_SEARCH: state.name},
+        extra_tags={TAG_SEARCH: state.name},
     )
 
 

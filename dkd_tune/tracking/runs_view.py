@@ -1,11 +1,10 @@
-"""A search's view in the MLflow UI: its trials, with the searched parameters and the metric as columns, best first."""
+"""A search's view in the MLflow UI: its trials, with the searched parameters and the metric as columns, best first.
+
+The view's state and link only; `mlflow_store.MlflowStore.save_search_view` stores it."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-
-from mlflow.tracking import MlflowClient
 
 # MLflow 3's runs page takes its columns from the browser's storage or from a shared view, never
 # from the URL: a shared view is an experiment tag under this prefix, opened by the URL parameter.
@@ -62,23 +61,6 @@ def search_view_state(
         "selectedColumns": [column("params", p) for p in parameters]
         + [column("metrics", m) for m in metrics],
     }
-
-
-def write_search_view(
-    client: MlflowClient,
-    experiment_id: str,
-    search_run_id: str,
-    parameters: Sequence[str],
-    metric: str,
-    mode: str,
-    also_metrics: Sequence[str] = (),
-) -> str:
-    """Store the search's view on its experiment and name it on the search's run; returns its key."""
-    key = view_key(search_run_id)
-    state = search_view_state(search_run_id, parameters, metric, mode, also_metrics)
-    client.set_experiment_tag(experiment_id, SHARED_VIEW_TAG_PREFIX + key, json.dumps(state))
-    client.set_tag(search_run_id, TAG_VIEW, key)
-    return key
 
 
 def view_url(base: str, experiment_id: str, key: str) -> str:
