@@ -1,1 +1,1 @@
-"""Floor 5, tracking: MLflow naming, tags and client calls, and run statuses; no Ray."""
+"""Floor 5, tracking: one interface to the tracking store (store.py), dkd-tune's runs on it (runs.py), run statuses, and MLflow as its implementation; no Ray."""
