@@ -1,4 +1,5 @@
-"""The searchers table: `search.algorithm`'s values are its rows, and a search builds whatever its row names."""
+"""The searchers table: `search.algorithm`'s values are its rows, and a search builds whatever its row names;
+the Optuna searcher's samplers are rows too."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import importlib
 import typing
 
 from dkd_tune.config.schema import Distribution, SearchAlgorithm
-from dkd_tune.config.searchers import SEARCHERS
+from dkd_tune.config.searchers import OPTUNA_SAMPLERS, SEARCHERS
 from dkd_tune.search import tuner
 from tests.test_search_spaces import demo_part, with_search
 
@@ -42,3 +43,23 @@ def test_what_a_row_expands_sets_the_trial_count(tmp_path):
     for algorithm, trials in (("optuna", 1), ("random", 1), ("grid", 3)):
         searched = with_search(space, algorithm=algorithm, num_samples=1)
         assert tuner.expected_trials(searched, teacher) == trials, algorithm
+
+
+def test_each_sampler_row_resolves_and_one_serves_each_case():
+    for row in OPTUNA_SAMPLERS.values():
+        module, _, function = row.builder.partition(":")
+        assert callable(getattr(importlib.import_module(module), function)), row.name
+    assert sorted(row.for_priors for row in OPTUNA_SAMPLERS.values()) == [False, True]
+
+
+def test_a_part_with_priors_draws_with_the_prior_row_and_one_without_with_the_other(monkeypatch, tmp_path):
+    from dkd_tune.search.prior_sampler import ParameterPrior, PriorGuidedSampler
+
+    space = demo_part(tmp_path)[0]
+    priors = {"beta": ParameterPrior(2.0, 1.0)}
+    assert isinstance(tuner.optuna_sampler(space, priors, enqueued=1), PriorGuidedSampler)
+    assert type(tuner.optuna_sampler(space, {})).__name__ == "TPESampler"
+    row = dataclasses.replace(OPTUNA_SAMPLERS["tpe"], builder=f"{__name__}:calls_builder")
+    monkeypatch.setitem(OPTUNA_SAMPLERS, "tpe", row)
+    built, args, _ = tuner.optuna_sampler(space, {}, enqueued=1)
+    assert built == "built" and args[:2] == (space, {}) and args[2] >= 3  # start-up counts the enqueued trial

@@ -2,7 +2,8 @@
 
 A row names its builder as "module:function" (resolved when a search starts, like an entry point),
 so this table sits on the config floor while the builders, which import Ray and Optuna, sit in
-`search/`. Adding a searcher is a row here and its builder there.
+`search/`. Adding a searcher is a row here and its builder there. The Optuna searcher's samplers
+are rows of their own (`OPTUNA_SAMPLERS`), chosen by whether a searched value has a prior.
 """
 
 from __future__ import annotations
@@ -63,6 +64,44 @@ SEARCHERS: dict[str, SearcherKind] = {
 }
 
 SEARCHER_NAMES = tuple(SEARCHERS)
+
+
+@dataclass(frozen=True)
+class SamplerKind:
+    """One Optuna sampler the `optuna` searcher can draw trials with."""
+
+    name: str
+    description: str
+    for_priors: bool  # used when some searched value has a prior (`prior:` or `beta: auto`), else not
+    builder: str  # "module:function" -> builder(space, priors, startup_trials) -> optuna sampler
+
+    def build(self, *args: Any, **kwargs: Any):
+        module, _, function = self.builder.partition(":")
+        return getattr(importlib.import_module(module), function)(*args, **kwargs)
+
+
+OPTUNA_SAMPLERS: dict[str, SamplerKind] = {
+    row.name: row
+    for row in (
+        SamplerKind(
+            "tpe",
+            "Optuna's multivariate TPE",
+            for_priors=False,
+            builder="dkd_tune.search.tuner:tpe_sampler",
+        ),
+        SamplerKind(
+            "prior-guided",
+            "uniform, prior and TPE proposals, the prior's share decaying as results come in",
+            for_priors=True,
+            builder="dkd_tune.search.prior_sampler:prior_guided_sampler",
+        ),
+    )
+}
+
+
+def optuna_sampler_kind(has_priors: bool) -> SamplerKind:
+    """The sampler row for a part with (or without) priors."""
+    return next(row for row in OPTUNA_SAMPLERS.values() if row.for_priors == has_priors)
 
 
 def searchers_taking(kind: str) -> list[str]:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import optuna
@@ -35,6 +35,9 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from optuna.samplers import BaseSampler, RandomSampler, TPESampler
 from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, TrialState
+
+if TYPE_CHECKING:
+    from dkd_tune.config.schema import SearchSpaceFile
 
 COMPONENT_ATTR = "prior_component"
 COMPONENTS = ("uniform", "prior", "model", "enqueued")
@@ -286,3 +289,13 @@ def _phi_inverse(p: float) -> float:
         else:
             high = middle
     return 0.5 * (low + high)
+
+
+def prior_guided_sampler(space: SearchSpaceFile, priors: Mapping[str, ParameterPrior], startup_trials: int):
+    """The `prior-guided` sampler row: its top fraction is what ASHA keeps at a rung (1 / eta)."""
+    return PriorGuidedSampler(
+        priors,
+        seed=space.search.seed,
+        n_startup_trials=startup_trials,
+        top_fraction=1.0 / space.scheduler.reduction_factor,
+    )

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from dkd_tune.config.plan import BASELINE_PREFIX
 from dkd_tune.config.schema import Distribution, SearchSpaceFile, TeacherConfig
 from dkd_tune.config.search_state import SearchState
-from dkd_tune.config.searchers import SEARCHERS
+from dkd_tune.config.searchers import SEARCHERS, optuna_sampler_kind
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -180,22 +180,19 @@ def prior_centre(searched: dict[str, Distribution], base: Recipe | None) -> dict
 
 
 def optuna_sampler(space: SearchSpaceFile, priors: dict[str, Any], *, enqueued: int = 0):
-    """TPE, or the prior-guided sampler when some parameter has a prior; TPE's start-up counts only drawn
-    trials (`enqueued` trials, the prior's centre, are not TPE's draws)."""
+    """The sampler row's sampler: TPE, or the prior-guided one when some parameter has a prior. TPE's
+    start-up counts only drawn trials (`enqueued` trials, the prior's centre, are not TPE's draws)."""
+    startup = max(MIN_STARTUP_TRIALS, min(MAX_STARTUP_TRIALS, space.search.num_samples // 3)) + enqueued
+    return optuna_sampler_kind(bool(priors)).build(space, priors, startup)
+
+
+def tpe_sampler(space: SearchSpaceFile, priors: dict[str, Any], startup_trials: int):
+    """The `tpe` sampler row."""
     import optuna
 
-    from dkd_tune.search.prior_sampler import PriorGuidedSampler
-
-    settings = space.search
-    startup = max(MIN_STARTUP_TRIALS, min(MAX_STARTUP_TRIALS, settings.num_samples // 3)) + enqueued
-    if priors:
-        return PriorGuidedSampler(
-            priors,
-            seed=settings.seed,
-            n_startup_trials=startup,
-            top_fraction=1.0 / space.scheduler.reduction_factor,
-        )
-    return optuna.samplers.TPESampler(seed=settings.seed, n_startup_trials=startup, multivariate=True)
+    return optuna.samplers.TPESampler(
+        seed=space.search.seed, n_startup_trials=startup_trials, multivariate=True
+    )
 
 
 def search_algorithm(
