@@ -67,8 +67,9 @@ def worker(rank: int, setup: PackingSetup, tasks, results, barriers) -> None:
 
     from benchmarks.workloads import random_image_dataset
     from dkd_tune.core.recipes import resolve_recipe
+    from dkd_tune.data.shared import SharedDataset
     from dkd_tune.teacher.preparation import TeacherArtifacts
-    from dkd_tune.trial import SharedDataset, TrialPlan, run_trial
+    from dkd_tune.trial import TrialPlan, run_trial
 
     torch.set_num_threads(setup.threads)
     if setup.compile is not False:

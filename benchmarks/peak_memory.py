@@ -97,8 +97,9 @@ def child_trial(config: dict) -> dict:
 
     from benchmarks.workloads import random_image_dataset
     from dkd_tune.core.recipes import resolve_recipe
+    from dkd_tune.data.shared import SharedDataset
     from dkd_tune.teacher.preparation import TeacherArtifacts
-    from dkd_tune.trial import SharedDataset, TrialPlan, run_trial
+    from dkd_tune.trial import TrialPlan, run_trial
 
     torch.set_num_threads(config["threads"])
     device = torch.device(config["device"])

@@ -112,8 +112,9 @@ def run_direct(space_path: Path) -> dict[str, float]:
     from dkd_tune.config.loading import load_search_space
     from dkd_tune.config.plan import trial_plan
     from dkd_tune.data import load_train_test
+    from dkd_tune.data.shared import SharedDataset
     from dkd_tune.teacher.preparation import TeacherArtifacts
-    from dkd_tune.trial import SharedDataset, run_trial
+    from dkd_tune.trial import run_trial
 
     space = load_search_space(space_path)
     teacher = space.teachers[0]

@@ -16,8 +16,9 @@ from typing import Any
 import torch
 from ray import tune
 
+from dkd_tune.data.shared import SharedDataset
 from dkd_tune.engine.loop import EpochReport
-from dkd_tune.trial import SharedDataset, TrialPlan, run_trial
+from dkd_tune.trial import TrialPlan, run_trial
 from trainables.distill import report_to_tune, restore_from_tune
 
 FAULT_EPOCH = 2  # faults strike after this epoch's report and checkpoint, before the next epoch's report

@@ -25,6 +25,7 @@ from dkd_tune.engine.checkpoints import LAST_CHECKPOINT
 from dkd_tune.engine.loop import LiveTeacher, fit
 from dkd_tune.engine.run_setup import RunIdentity
 from dkd_tune.models import create_model, save_model
+from dkd_tune.tasks import teacher_logit_source
 from dkd_tune.teacher.logit_cache import (
     CACHE_DATA_FILE,
     CACHE_META_FILE,
@@ -32,7 +33,6 @@ from dkd_tune.teacher.logit_cache import (
     TeacherLogitCache,
 )
 from dkd_tune.teacher.preparation import TeacherArtifacts
-from dkd_tune.trial import teacher_logit_source
 from tests.damaged_files import flip_tensor_byte
 from tests.test_logit_cache import ForwardCounter, build, random_dataset, teacher_for
 

@@ -18,13 +18,13 @@ from dkd_tune.engine.checkpoints import LAST_CHECKPOINT
 from dkd_tune.engine.loop import LiveTeacher, fit
 from dkd_tune.engine.run_setup import RunIdentity
 from dkd_tune.models import create_model, load_teacher
+from dkd_tune.tasks import teacher_logit_source
 from dkd_tune.teacher import preparation as teacher_module
 from dkd_tune.teacher.auto_beta import default_calibration_or_none
 from dkd_tune.teacher.gap import LogitGapStats, measure_logit_gap
 from dkd_tune.teacher.logit_cache import TeacherLogitCache, augmentation_views, dataset_fingerprint
 from dkd_tune.teacher.logit_interventions import IntervenedTeacher, LogitIntervention, permute_non_target
 from dkd_tune.teacher.preparation import TeacherArtifacts, prepare_teacher, teacher_training_dir
-from dkd_tune.trial import teacher_logit_source
 
 # One torch thread: small models, and results that do not depend on the machine's core count.
 pytestmark = pytest.mark.usefixtures("single_torch_thread")

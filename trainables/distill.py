@@ -9,9 +9,10 @@ from typing import Any
 
 from ray import tune
 
+from dkd_tune.data.shared import SharedDataset
 from dkd_tune.engine.checkpoints import BEST_CHECKPOINT
 from dkd_tune.engine.loop import EpochReport
-from dkd_tune.trial import SharedDataset, TrialPlan, run_trial
+from dkd_tune.trial import TrialPlan, run_trial
 from trainables.checkpoint_files import link_or_copy, restore_checkpoint_files
 
 

@@ -19,8 +19,9 @@ import ray.train.torch
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from dkd_tune.data.shared import SharedDataset
 from dkd_tune.engine.loop import EpochReport
-from dkd_tune.trial import SharedDataset, TrialPlan, run_trial
+from dkd_tune.trial import TrialPlan, run_trial
 from trainables.checkpoint_files import link_or_copy, restore_checkpoint_files
 
 

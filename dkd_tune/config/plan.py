@@ -37,6 +37,7 @@ def trial_plan(space: SearchSpaceFile, teacher: TeacherConfig | None, artifacts,
         max_epochs=space.max_epochs(),
         compile=space.compile,
         cpus_per_trial=space.resources.cpu,
+        task=data_spec.kind.task,
     )
 
 

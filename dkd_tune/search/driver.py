@@ -55,9 +55,9 @@ if TYPE_CHECKING:
     import pandas as pd
     import ray
 
+    from dkd_tune.data.shared import TrialData
     from dkd_tune.data.spec import DataSpec
     from dkd_tune.tracking.store import TrackingStore
-    from dkd_tune.trial import TrialData
 
 # ------------------------------------------------------------------------------------------------
 # Entry points

@@ -18,8 +18,8 @@ from dkd_tune.teacher.preparation import TeacherArtifacts
 if TYPE_CHECKING:
     import ray
 
+    from dkd_tune.data.shared import TrialData
     from dkd_tune.data.spec import DataSpec
-    from dkd_tune.trial import TrialData
 
 
 def load_data(space: SearchSpaceFile, options: SearchOptions) -> tuple[DataSpec, TrialData]:
@@ -107,7 +107,7 @@ def collect_teachers(
 def shared_data(data_spec: DataSpec, space: SearchSpaceFile, options: SearchOptions) -> TrialData:
     """What the trials share: the decoded dataset (read once, here), or for ImageNet its folders."""
     from dkd_tune.data import ImageFolderData, dataset_num_classes, load_coco_data, load_splits
-    from dkd_tune.trial import SharedDataset
+    from dkd_tune.data.shared import SharedDataset
 
     storage = data_spec.kind.storage
     if storage == "coco-folder":
@@ -139,10 +139,8 @@ def prepare_teacher_task(
     import torch
 
     from dkd_tune.core.recipes import resolve_recipe
-    from dkd_tune.data import CocoData, ImageFolderData
     from dkd_tune.engine.devices import training_device
-    from dkd_tune.teacher.detector_preparation import prepare_detection_teacher
-    from dkd_tune.teacher.preparation import prepare_folder_teacher, prepare_teacher
+    from dkd_tune.tasks import TeacherRequest, task_for
 
     torch.set_num_threads(cpus)
     train_recipe = None
@@ -150,37 +148,11 @@ def prepare_teacher_task(
         train_recipe = resolve_recipe(
             teacher.train.recipe, student=teacher.model, overrides=teacher.train.overrides
         )
-    if isinstance(shared, CocoData):
-        return prepare_detection_teacher(
-            label=teacher.label,
-            model=teacher.model,
-            checkpoint=teacher.checkpoint,
-            train_recipe=train_recipe,
-            data=shared,
-            teachers_dir=Path(teachers_dir),
-            device=training_device(),
-            log=print if verbosity > QUIET else _silent,
-        )
-    if isinstance(shared, ImageFolderData):
-        return prepare_folder_teacher(
-            label=teacher.label,
-            model=teacher.model,
-            checkpoint=teacher.checkpoint,
-            data=shared,
-            device=training_device(),
-            log=print if verbosity > QUIET else _silent,
-        )
-    train_set, test_set = shared.datasets()
-    return prepare_teacher(
-        validation_set=shared.validation(),
-        intervention=teacher.intervention,
-        class_groups=shared.class_groups,
+    request = TeacherRequest(
         label=teacher.label,
         model=teacher.model,
         checkpoint=teacher.checkpoint,
         train_recipe=train_recipe,
-        train_set=train_set,
-        test_set=test_set,
         augment=data_spec.augment,
         teachers_dir=Path(teachers_dir),
         cache_dir=Path(cache_dir) if cache_dir else None,
@@ -188,7 +160,9 @@ def prepare_teacher_task(
         device=training_device(),
         log=print if verbosity > QUIET else _silent,
         progress=verbosity >= VERBOSE,
+        intervention=teacher.intervention,
     )
+    return task_for(data_spec.kind.task).prepare_teacher(request, shared)
 
 
 def _silent(line: str) -> None:
@@ -207,12 +181,12 @@ def cache_decision(
     """Where to build the exact teacher-logit cache, or None, and why (for the log)."""
     from dkd_tune.data.train_loader import CIFAR_PADDING
     from dkd_tune.data.views import num_views
+    from dkd_tune.tasks import task_for
 
     mode = space.cache.teacher_logits
-    if data_spec.is_detection:
-        from dkd_tune.teacher.detector_preparation import NO_CACHE
-
-        return None, NO_CACHE
+    no_cache = task_for(data_spec.kind.task).no_logit_cache
+    if no_cache is not None:
+        return None, no_cache
     if mode == "off":
         return None, "off (disabled in the file)"
     if data_spec.augment == "autoaugment":
