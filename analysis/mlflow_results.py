@@ -21,9 +21,9 @@ import pandas as pd
 
 from analysis.results import RECIPE_COLUMNS, empty_results, typed_results
 from dkd_tune.core.errors import UserInputError
-from dkd_tune.tracking import runs as tracking
+from dkd_tune.tracking import runs
 from dkd_tune.tracking.connect import open_store, resolve_tracking_uri
-from dkd_tune.tracking.store import RunRecord
+from dkd_tune.tracking.store import RunRecord, tag_key
 
 RUN_ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
 MAX_CHILD_RUNS = 50000
@@ -48,9 +48,7 @@ def find_parent_run(tracking_uri: str | None, name_or_run_id: str) -> ParentRun:
     run = store.run(name_or_run_id) if RUN_ID_PATTERN.match(name_or_run_id) else None
     if run is None:
         experiments = [experiment.experiment_id for experiment in store.experiments()]
-        found = store.find_runs(
-            experiments, tags={tracking.TAG_KIND: "search"}, name=name_or_run_id, limit=100
-        )
+        found = store.find_runs(experiments, tags={runs.TAG_KIND: "search"}, name=name_or_run_id, limit=100)
         if not found:
             raise UserInputError(
                 f"{name_or_run_id!r}: no search folder of that name and no search run of that name or id "
@@ -62,16 +60,16 @@ def find_parent_run(tracking_uri: str | None, name_or_run_id: str) -> ParentRun:
                 f"{name_or_run_id!r}: {len(found)} search runs of that name in {uri}: {ids}; pass a run id"
             )
         run = found[0]
-    if run.tags.get(tracking.TAG_KIND) != "search":
+    if run.tags.get(runs.TAG_KIND) != "search":
         raise UserInputError(
-            f"run {run.run_id} in {uri} is a {run.tags.get(tracking.TAG_KIND, 'non-dkd-tune')!r} run, "
+            f"run {run.run_id} in {uri} is a {run.tags.get(runs.TAG_KIND, 'non-dkd-tune')!r} run, "
             "not a search's parent run"
         )
     return ParentRun(
         tracking_uri=uri,
         run_id=run.run_id,
         experiment_id=run.experiment_id,
-        name=run.name or run.tags.get(tracking.TAG_SEARCH, run.run_id),
+        name=run.name or run.tags.get(runs.TAG_SEARCH, run.run_id),
         tags=dict(run.tags),
         params=dict(run.params),
     )
@@ -81,7 +79,7 @@ def trial_runs(parent: ParentRun) -> list[RunRecord]:
     """The parent's child runs that are trials, oldest first."""
     return open_store(parent.tracking_uri).find_runs(
         [parent.experiment_id],
-        tags={tracking.TAG_PARENT: parent.run_id, tracking.TAG_KIND: "trial"},
+        tags={runs.TAG_PARENT: parent.run_id, runs.TAG_KIND: "trial"},
         limit=MAX_CHILD_RUNS,
     )
 
@@ -104,8 +102,8 @@ def load_mlflow_histories(
     store = open_store(parent.tracking_uri)
     rows: dict[tuple[str, str, int], dict[str, Any]] = {}
     for run in trial_runs(parent):
-        part = run.tags.get(tracking.TAG_TEACHER, "")
-        trial_id = run.tags.get(tracking.TAG_TRIAL_ID, run.run_id)
+        part = run.tags.get(runs.TAG_TEACHER, "")
+        trial_id = run.tags.get(runs.TAG_TRIAL_ID, run.run_id)
         keys = sorted(run.metrics) if metrics is None else [k for k in metrics if k in run.metrics]
         for key in keys:
             for point in store.metric_history(run.run_id, key):
@@ -121,25 +119,25 @@ def load_mlflow_histories(
 
 def _trial_row(parent: ParentRun, run: RunRecord, searched: dict[str, list[str]]) -> dict[str, Any]:
     params, tags, metrics = run.params, run.tags, run.metrics
-    part = tags.get(tracking.TAG_TEACHER, params.get("teacher", ""))
+    part = tags.get(runs.TAG_TEACHER, params.get("teacher", ""))
     teacher = params.get("teacher", "none")
-    gap = parent.tags.get(tracking.tag_key(f"teacher_gap.{teacher}"), params.get("teacher_gap"))
+    gap = parent.tags.get(tag_key(f"teacher_gap.{teacher}"), params.get("teacher_gap"))
     duration = (run.end_time - run.start_time) / 1000 if run.end_time and run.start_time else None
     config = {name: _param_value(params[name]) for name in searched.get(part, []) if name in params}
-    stop_epoch = tags.get(tracking.TAG_STOP_EPOCH)
+    stop_epoch = tags.get(runs.TAG_STOP_EPOCH)
     return {
-        "search": tags.get(tracking.TAG_SEARCH, parent.name),
+        "search": tags.get(runs.TAG_SEARCH, parent.name),
         "part": part,
         "teacher": teacher,
         "teacher_model": params.get("teacher_model", "none"),
         "teacher_gap": gap if teacher != "none" else None,
-        "predicted_beta": parent.tags.get(tracking.tag_key(f"predicted_beta.{teacher}")),
+        "predicted_beta": parent.tags.get(tag_key(f"predicted_beta.{teacher}")),
         "dataset": params.get("dataset", parent.tags.get("dataset")),
         "dataset_family": parent.tags.get("dataset_family"),
         "student": params.get("student", parent.tags.get("student")),
         "loss": params.get("loss"),
-        "trial_id": tags.get(tracking.TAG_TRIAL_ID, run.run_id),
-        "status": tags.get(tracking.TAG_STATUS, "running"),
+        "trial_id": tags.get(runs.TAG_TRIAL_ID, run.run_id),
+        "status": tags.get(runs.TAG_STATUS, "running"),
         "stop_epoch": stop_epoch if stop_epoch is not None else metrics.get("epoch", 0),
         "max_epochs": params.get("max_epochs"),
         **{name: params.get(name) for name in RECIPE_COLUMNS},
@@ -152,7 +150,7 @@ def _trial_row(parent: ParentRun, run: RunRecord, searched: dict[str, list[str]]
         "final_train_loss": metrics.get("train_loss"),
         "wall_time_s": duration,
         "num_failures": 0,
-        "error": tags.get("dkd_tune.error"),
+        "error": tags.get(runs.TAG_ERROR),
         "checkpoint_path": None,
         "config_json": json.dumps(config, sort_keys=True, default=str),
     }

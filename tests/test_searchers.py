@@ -4,11 +4,10 @@ the Optuna searcher's samplers are rows too."""
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import typing
 
 from dkd_tune.config.schema import Distribution, SearchAlgorithm
-from dkd_tune.config.searchers import OPTUNA_SAMPLERS, SEARCHERS
+from dkd_tune.config.searchers import OPTUNA_SAMPLERS, SEARCHERS, resolve_builder
 from dkd_tune.search import tuner
 from tests.test_search_spaces import demo_part, with_search
 
@@ -17,8 +16,7 @@ def test_the_schema_takes_exactly_the_tables_searchers_and_each_builder_resolves
     annotation = SearchAlgorithm.model_fields["algorithm"].annotation
     assert typing.get_args(annotation) == tuple(SEARCHERS)
     for row in SEARCHERS.values():
-        module, _, function = row.builder.partition(":")
-        assert callable(getattr(importlib.import_module(module), function)), row.name
+        assert callable(resolve_builder(row.builder)), row.name
         assert set(row.expands) <= set(row.searches)
 
 
@@ -47,8 +45,7 @@ def test_what_a_row_expands_sets_the_trial_count(tmp_path):
 
 def test_each_sampler_row_resolves_and_one_serves_each_case():
     for row in OPTUNA_SAMPLERS.values():
-        module, _, function = row.builder.partition(":")
-        assert callable(getattr(importlib.import_module(module), function)), row.name
+        assert callable(resolve_builder(row.builder)), row.name
     assert sorted(row.for_priors for row in OPTUNA_SAMPLERS.values()) == [False, True]
 
 

@@ -9,10 +9,17 @@ are rows of their own (`OPTUNA_SAMPLERS`), chosen by whether a searched value ha
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 ALL_KINDS = ("uniform", "loguniform", "int", "choice", "grid", "fixed")
+
+
+def resolve_builder(path: str) -> Callable[..., Any]:
+    """The function a row names as "module:function" (imported when a search starts)."""
+    module, _, function = path.partition(":")
+    return getattr(importlib.import_module(module), function)
 
 
 @dataclass(frozen=True)
@@ -29,8 +36,7 @@ class SearcherKind:
     builder: str  # "module:function" -> (searcher, Tuner param_space, num_samples); see search/tuner.py
 
     def build(self, *args: Any, **kwargs: Any):
-        module, _, function = self.builder.partition(":")
-        return getattr(importlib.import_module(module), function)(*args, **kwargs)
+        return resolve_builder(self.builder)(*args, **kwargs)
 
 
 SEARCHERS: dict[str, SearcherKind] = {
@@ -76,8 +82,7 @@ class SamplerKind:
     builder: str  # "module:function" -> builder(space, priors, startup_trials) -> optuna sampler
 
     def build(self, *args: Any, **kwargs: Any):
-        module, _, function = self.builder.partition(":")
-        return getattr(importlib.import_module(module), function)(*args, **kwargs)
+        return resolve_builder(self.builder)(*args, **kwargs)
 
 
 OPTUNA_SAMPLERS: dict[str, SamplerKind] = {

@@ -212,8 +212,7 @@ def child_runs(store: TrackingStore, parent_run_id: str) -> list[RunRecord]:
     parent = store.run(parent_run_id)
     if parent is None:
         raise LookupError(f"the search's run {parent_run_id} is not in the tracking store {store.uri}")
-    children = store.find_runs([parent.experiment_id], tags={TAG_PARENT: parent_run_id})
-    return [run for run in children if TAG_TRIAL_ID in run.tags]
+    return store.find_runs([parent.experiment_id], tags={TAG_PARENT: parent_run_id}, with_tag=TAG_TRIAL_ID)
 
 
 def reconcile_child_runs(

@@ -201,7 +201,7 @@ def log_failed_probe(
         **runs.standard_tags("probe"),
         **tags,
         TAG_PROBE_DATASET: dataset,
-        "dkd_tune.error": error[-4000:],
+        runs.TAG_ERROR: error[-4000:],
     }
     if student_run_id:
         run_tags.update({runs.TAG_PARENT: student_run_id, TAG_STUDENT_RUN: student_run_id})
