@@ -129,8 +129,8 @@ def _execute(
 
     data_spec, shared = data
     try:
-        # The guard also covers the clean-up after a first signal, so a second one there is the
-        # "stop at once" the first one promised, not a bare KeyboardInterrupt.
+        # The guard also covers the clean-up after a first signal, Ray's shutdown included, so a
+        # second one there is the "stop at once" the first one promised, not a bare KeyboardInterrupt.
         with interruption_guard(options.log) as guard:
             try:
                 return _search_phases(space, experiment_dir, state, options, data_spec, shared, save_state)
@@ -143,11 +143,11 @@ def _execute(
                 save_state()
                 close_interrupted_runs(state, options)
                 raise interruption from None
+            finally:
+                ray.shutdown()
     except SearchInterrupted as interruption:
         interruption.resume_command = interruption.resume_command or resume_command(experiment_dir)
         raise
-    finally:
-        ray.shutdown()
 
 
 def _search_phases(
